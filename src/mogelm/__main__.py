@@ -1,0 +1,5 @@
+import sys
+
+from mogelm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The `mogelm` command: thin subcommands over library functions.
+
+Each subcommand lives in its own module, which exposes two functions:
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int | None      # exit status (None means 0)
+
+Modules are imported only when their subcommand runs, so `mogelm --help` and quick commands stay
+fast and optional dependencies (matplotlib, fastapi, triton) are needed only where used.
+A `UserError` becomes a one-line `error: ...` on stderr and exit status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mogelm.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mogelm.train", "train a MoGE (or top-k / dense) language model on text"),
+    "compare": ("mogelm.compare", "train MoGE and its top-k twin on the same data and write a report (the main job)"),
+    "eval": ("mogelm.evaluate", "loss, perplexity and routing statistics of a checkpoint on text"),
+    "generate": ("mogelm.generate", "sample text from a checkpoint through the KV cache"),
+    "serve": ("mogelm.inference.server", "OpenAI-compatible HTTP server on loopback"),
+    "bench": ("mogelm.bench", "benchmarks: `bench serve` load-tests a running server"),
+    "sim": ("mogelm.sim.cli", "system simulator: parallel layout, batch and throughput for given hardware"),
+    "imbalance": ("mogelm.analysis.imbalance_cli", "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
+    "info": ("mogelm.info", "show a preset or checkpoint: shapes and parameter counts"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
+    parser = argparse.ArgumentParser(
+        prog="mogelm",
+        description="Mixture of Grouped Experts (MoGE) language models: train, analyse, simulate, serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the module that will run
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.startswith("mogelm"):
+                    raise UserError(f"`mogelm {name}` is not available in this build ({e.name} is missing)") from None
+                raise UserError(
+                    f"`mogelm {name}` needs the Python package {e.name!r}; install it with "
+                    f"`pip install {e.name}` (or the matching mogelm extra)"
+                ) from None
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser, chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser, _ = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 0 if not argv else 2
+        status = args._run(args)
+        return int(status or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
