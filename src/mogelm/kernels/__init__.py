@@ -1,0 +1,1 @@
+"""Kernels for the MoE hot path. Import from `mogelm.kernels.ops` only; it picks the backend."""

@@ -1,0 +1,99 @@
+"""The one import surface for MoE kernels. Layers call these functions; the backend is chosen
+here, once, and never at call sites.
+
+Backends:
+    "torch"   readable PyTorch (torch._grouped_mm for the expert GEMMs); default on CPU
+    "loop"    PyTorch with one matmul pair per expert (slow; any dtype, any alignment)
+    "triton"  fused Triton kernels (mogelm.kernels.triton_moe); default on CUDA when available
+
+Choose with `use_backend("loop")` (a context manager, for tests and benchmarks),
+`set_backend(...)`, or the environment variable MOGELM_KERNEL_BACKEND.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+
+from torch import Tensor
+
+from mogelm.kernels import torch_impl
+
+BACKENDS = ("torch", "loop", "triton")
+_override: str | None = None
+
+
+@functools.cache
+def _triton_module():
+    """The Triton kernels module, or None when triton (or the module) is unavailable."""
+    try:
+        return importlib.import_module("mogelm.kernels.triton_moe")
+    except ImportError:
+        return None
+
+
+def triton_available() -> bool:
+    return _triton_module() is not None
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every call (None restores automatic choice)."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    if name == "triton" and not triton_available():
+        raise ValueError("the triton backend needs the `triton` package (pip install 'mogelm[triton]')")
+    _override = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def resolve_backend(x: Tensor) -> str:
+    """The backend a call on tensor `x` will use."""
+    name = _override or os.environ.get("MOGELM_KERNEL_BACKEND") or None
+    if name:
+        return name
+    if x.is_cuda and triton_available():
+        return "triton"
+    return "torch"
+
+
+def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor) -> Tensor:
+    """Routed SwiGLU experts with gate weights applied and rows combined back to token order.
+    x_TD [T, D]; weights_TK fp32 [T, K]; expert_ids_TK int64 [T, K] in [0, E);
+    gate_up_EFD [E, 2F, D]; down_EDF [E, D, F]. Returns y_TD [T, D] in x's dtype. Differentiable."""
+    backend = resolve_backend(x_TD)
+    if backend == "triton":
+        return _triton_module().routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+    return torch_impl.routed_experts(
+        x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF, use_loop=backend == "loop"
+    )
+
+
+def moge_route(
+    logits_TE: Tensor,
+    num_groups: int,
+    experts_per_group_per_tok: int,
+    router_scale_E: Tensor | None = None,
+    renormalize: bool = False,
+    expert_bias_E: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MoGE routing -> (weights_TK fp32, expert_ids_TK int64, probs_TE fp32). See torch_impl."""
+    if resolve_backend(logits_TE) == "triton" and hasattr(_triton_module(), "moge_route"):
+        return _triton_module().moge_route(
+            logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
+        )
+    return torch_impl.moge_route(
+        logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
+    )

@@ -1,0 +1,121 @@
+"""Readable PyTorch implementations of every kernel in `ops`: the twins the Triton kernels are
+tested against, and the backends used on CPU.
+
+Legend: T tokens, D hidden, F expert width, E experts, K experts per token, G expert groups,
+S = T*K routed rows (token copies sorted by expert).
+
+Weight layout (same as nn.Linear, [out, in], stacked over experts):
+    gate_up_EFD  [E, 2F, D]   rows 0..F-1 are gate_proj, rows F..2F-1 are up_proj
+    down_EDF     [E, D, F]
+Expert e computes  down_e( silu(gate_e x) * up_e x ).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def topk_stable(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along the last dim; equal scores keep the lower index first (so backends agree)."""
+    if k == 1:  # argmax returns the first maximal index: tie-stable and cheaper than a sort
+        idx = scores.argmax(dim=-1, keepdim=True)
+        return scores.gather(-1, idx), idx
+    _, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    idx = idx[..., :k]
+    return scores.gather(-1, idx), idx
+
+
+def moge_route(
+    logits_TE: Tensor,
+    num_groups: int,
+    experts_per_group_per_tok: int,
+    router_scale_E: Tensor | None,
+    renormalize: bool,
+    expert_bias_E: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MoGE routing: fp32 global softmax, top-K' inside each contiguous group, gate = prob
+    (optionally renormalised over the K kept) x router_scale[expert]. Returns
+    (weights_TK fp32, expert_ids_TK int64, probs_TE fp32); ids are ordered group by group."""
+    T, E = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    scores_TE = probs_TE if expert_bias_E is None else probs_TE + expert_bias_E.float()
+    per_group = E // num_groups
+    _, local_TGk = topk_stable(scores_TE.view(T, num_groups, per_group), experts_per_group_per_tok)
+    base_G1 = torch.arange(num_groups, device=logits_TE.device).unsqueeze(-1) * per_group
+    ids_TK = (local_TGk + base_G1).reshape(T, num_groups * experts_per_group_per_tok)
+    weights_TK = probs_TE.gather(-1, ids_TK)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    if router_scale_E is not None:
+        weights_TK = weights_TK * router_scale_E.float().reshape(-1)[ids_TK]
+    return weights_TK, ids_TK, probs_TE
+
+
+def expert_counts(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
+    """Rows per expert, int64 [E], without a host sync (bincount would sync on CUDA)."""
+    flat = expert_ids_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+def permute(expert_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort the T*K (token, slot) pairs by expert. Returns
+    order_S (flat index t*K+k of each sorted row), counts_E, offsets_E (int32 cumulative ends)."""
+    flat = expert_ids_TK.reshape(-1)
+    order_S = torch.argsort(flat, stable=True)
+    counts_E = expert_counts(expert_ids_TK, num_experts)
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    return order_S, counts_E, offsets_E
+
+
+def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
+    # torch._grouped_mm needs 16-byte aligned strides and a floating dtype it supports.
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    align = 16 // x.element_size()
+    return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+
+
+def grouped_swiglu(x_SD: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor, offsets_E: Tensor) -> Tensor:
+    """Expert MLPs over rows already sorted by expert (rows offsets[e-1]..offsets[e]-1 go to e)."""
+    if _grouped_mm_ok(x_SD, gate_up_EFD, down_EDF):
+        h_S2F = torch._grouped_mm(x_SD, gate_up_EFD.transpose(-2, -1), offs=offsets_E)
+        gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
+        return torch._grouped_mm((F.silu(gate_SF) * up_SF).contiguous(), down_EDF.transpose(-2, -1), offs=offsets_E)
+    return loop_swiglu(x_SD, gate_up_EFD, down_EDF, offsets_E)
+
+
+def loop_swiglu(x_SD: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor, offsets_E: Tensor) -> Tensor:
+    """Same contract as grouped_swiglu, one matmul pair per expert (any dtype, any alignment)."""
+    ends = offsets_E.tolist()
+    outs, start = [], 0
+    for e, end in enumerate(ends):
+        gate_SF, up_SF = (x_SD[start:end] @ gate_up_EFD[e].t()).chunk(2, dim=-1)
+        outs.append((F.silu(gate_SF) * up_SF) @ down_EDF[e].t())
+        start = end
+    return torch.cat(outs, 0) if outs else x_SD.new_zeros(0, down_EDF.shape[1])
+
+
+def routed_experts(
+    x_TD: Tensor,
+    weights_TK: Tensor,
+    expert_ids_TK: Tensor,
+    gate_up_EFD: Tensor,
+    down_EDF: Tensor,
+    *,
+    use_loop: bool = False,
+) -> Tensor:
+    """y[t] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]), by permute -> grouped GEMMs -> combine."""
+    T, D = x_TD.shape
+    K = expert_ids_TK.shape[-1]
+    E = gate_up_EFD.shape[0]
+    order_S, _, offsets_E = permute(expert_ids_TK, E)
+    token_S = order_S // K
+    x_SD = x_TD.index_select(0, token_S)
+    mlp = loop_swiglu if use_loop else grouped_swiglu
+    y_SD = mlp(x_SD, gate_up_EFD, down_EDF, offsets_E)
+    y_SD = y_SD * weights_TK.reshape(-1).index_select(0, order_S).unsqueeze(-1).to(y_SD.dtype)
+    return torch.zeros(T, D, dtype=y_SD.dtype, device=x_TD.device).index_add_(0, token_S, y_SD)

@@ -1,0 +1,215 @@
+"""The decoder-only transformer of Pangu Pro MoE (PAPER.md §3.2), with a preallocated KV cache.
+
+    h = x + o_proj(Attn(RoPE(q(RMSNorm(x))), RoPE(k(.)), v(.)))    GQA, causal, q/k/v/o biases
+    y = h + FFN(RMSNorm'(h))                                       FFN = MoGELayer (or dense SwiGLU)
+    logits = lm_head(RMSNorm_final(y_L))                           untied
+
+    model = Transformer(cfg)
+    logits = model(input_ids)                                      # [B, T, vocab]
+    out = model(input_ids, return_stats=True)                      # ModelOutput(logits, aux_loss, layer_stats)
+
+Incremental decoding: pass a KVCache and explicit positions; logits equal the full forward.
+
+Legend: B batch, T positions in this call, D hidden, H query heads, Hkv KV heads, hd head dim,
+L cache length, V vocab. Attribute names follow the HF/Pangu checkpoint (mogelm.checkpoint adds
+the `model.` prefix), so state_dict keys map one to one except the stacked routed experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mogelm.config import ModelConfig
+from mogelm.moe.experts import SwiGLU, output_std
+from mogelm.moe.layer import MoEStats, MoGELayer
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # [B, T, V]
+    aux_loss: Tensor  # scalar: sum over layers of balancing + z losses (already weighted)
+    layer_stats: list[MoEStats]  # one per MoE layer (empty for a dense model)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer.
+
+    Layout: k[l], v[l] are [B, Hkv, L_max, hd] (batch row = a sequence slot). Positions are
+    explicit: writing token at position p of row b fills k[l][b, :, p]. A query at position p
+    attends to keys at positions 0..p of its own row, so a slot can be reused by a new sequence
+    without clearing: stale keys beyond p are masked out.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE over the full head dim, angles computed for any positions."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions_BT: Tensor) -> tuple[Tensor, Tensor]:
+        freqs_BTh = positions_BT.float().unsqueeze(-1) * self.inv_freq
+        angles = torch.cat([freqs_BTh, freqs_BTh], dim=-1)  # [B, T, hd]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTd: Tensor, cos_BTd: Tensor, sin_BTd: Tensor) -> Tensor:
+    x1, x2 = x_BHTd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos_BTd.unsqueeze(1).to(x_BHTd.dtype), sin_BTd.unsqueeze(1).to(x_BHTd.dtype)
+    return x_BHTd * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(
+        self,
+        x_BTD: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions_BT: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k_cache, v_cache = kv
+            rows_BT = torch.arange(B, device=x_BTD.device).unsqueeze(1).expand(B, T)
+            k_cache[rows_BT, :, positions_BT] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, hd) slots
+            v_cache[rows_BT, :, positions_BT] = v.transpose(1, 2).to(v_cache.dtype)
+            L = kv_len if kv_len is not None else int(positions_BT.max()) + 1
+            keys_pos_L = torch.arange(L, device=x_BTD.device)
+            visible_B1TL = (keys_pos_L <= positions_BT.unsqueeze(-1)).unsqueeze(1)
+            out = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=visible_B1TL, enable_gqa=True
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MoGELayer(cfg) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x, cos, sin, positions_BT=None, kv=None, kv_len=None) -> tuple[Tensor, MoEStats | None]:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions_BT, kv, kv_len)
+        if isinstance(self.mlp, MoGELayer):
+            y, stats = self.mlp(self.post_attention_layernorm(h))
+            return h + y, stats
+        return h + self.mlp(self.post_attention_layernorm(h)), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.cfg
+        std, out_std = cfg.init_std, output_std(cfg.init_std, cfg.num_layers)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.layers:
+            attn = block.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                nn.init.normal_(proj.weight, std=out_std if proj is attn.o_proj else std)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
+            nn.init.ones_(block.input_layernorm.weight)
+            nn.init.ones_(block.post_attention_layernorm.weight)
+            block.mlp.reset_parameters(std, out_std)
+        nn.init.ones_(self.norm.weight)
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+        self.rotary.inv_freq = inv.float().to(self.rotary.inv_freq.device)
+
+    def forward(
+        self,
+        input_ids_BT: Tensor,
+        positions_BT: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        kv_len: int | None = None,
+        return_stats: bool = False,
+    ) -> Tensor | ModelOutput:
+        """input_ids [B, T] -> logits [B, T, V] (or ModelOutput with return_stats=True).
+
+        Without a cache, positions default to 0..T-1 and attention is causal over this call.
+        With a cache, `positions_BT` says where each token sits in its row; `kv_len` (optional)
+        bounds the keys attended to (default: max position + 1)."""
+        B, T = input_ids_BT.shape
+        if kv_cache is not None and positions_BT is None:
+            raise ValueError("positions_BT is required when decoding with a KV cache")
+        if positions_BT is None:
+            positions_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0).expand(B, T)
+        cos, sin = self.rotary(positions_BT)
+        x = self.embed_tokens(input_ids_BT)
+        stats: list[MoEStats] = []
+        for i, block in enumerate(self.layers):
+            kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            x, layer_stats = block(x, cos, sin, positions_BT if kv is not None else None, kv, kv_len)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.lm_head(self.norm(x))
+        if not return_stats:
+            return logits
+        aux = sum((s.aux_loss + s.z_loss for s in stats), logits.new_zeros((), dtype=torch.float32))
+        return ModelOutput(logits, aux, stats)
+
+    def moe_layers(self) -> list[MoGELayer]:
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoGELayer)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
