@@ -65,13 +65,17 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
+    """Rotary frequencies theta^(-2i/hd), computed in float64 for accuracy at theta = 1.6e7."""
+    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))).float().to(device)
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style (rotate-half) RoPE over the full head dim, angles computed for any positions."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
 
     def forward(self, positions_BT: Tensor) -> tuple[Tensor, Tensor]:
         freqs_BTh = positions_BT.float().unsqueeze(-1) * self.inv_freq
@@ -173,8 +177,7 @@ class Transformer(nn.Module):
             nn.init.ones_(block.post_attention_layernorm.weight)
             block.mlp.reset_parameters(std, out_std)
         nn.init.ones_(self.norm.weight)
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-        self.rotary.inv_freq = inv.float().to(self.rotary.inv_freq.device)
+        self.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.rotary.inv_freq.device)
 
     def forward(
         self,

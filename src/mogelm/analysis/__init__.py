@@ -1,0 +1,1 @@
+"""Load analysis: pure metrics (metrics.py) and plots (plots.py, the only matplotlib importer)."""

@@ -1,0 +1,120 @@
+"""Load-balance metrics on plain tensors (no model code).
+
+Legend: T tokens, K experts per token, E experts, P devices (expert-parallel ranks).
+
+Experts map to devices in contiguous blocks: expert e lives on device e // (E / P), which is
+exactly MoGE's group -> device placement when P equals the number of groups.
+
+    device_loads(expert_ids_TK, E, P)      -> [P] expert computations per device (T_i in Eq. 3)
+    imbalance_score(loads_P, T)            -> (max - min) / T                    (paper Eq. 3)
+    simulate_imbalance(...)                -> Monte-Carlo IS samples             (paper Eq. 4, Fig. 2b)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+
+def expert_loads(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
+    """Rows per expert, int64 [E]."""
+    return torch.bincount(expert_ids_TK.reshape(-1).cpu(), minlength=num_experts)
+
+
+def device_loads(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> Tensor:
+    """Expert computations per device, int64 [P], experts placed in contiguous blocks."""
+    if num_experts % num_devices:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_devices ({num_devices})")
+    return expert_loads(expert_ids_TK, num_experts).view(num_devices, -1).sum(-1)
+
+
+def imbalance_score(loads_P: Tensor, num_tokens: int) -> float:
+    """Paper Eq. 3: IS = (max_i T_i - min_i T_i) / |X|. 0 means perfectly balanced."""
+    return float(loads_P.max() - loads_P.min()) / num_tokens
+
+
+def max_over_mean(loads: Tensor) -> float:
+    """Busiest unit's load over the mean load: the slowdown a straggler causes (1.0 = balanced)."""
+    loads = loads.float()
+    return float(loads.max() / loads.mean()) if float(loads.mean()) > 0 else float("nan")
+
+
+def coactivation(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
+    """[E, E] empirical probability that experts i and j fire for the same token (diagonal: P(i))."""
+    T = expert_ids_TK.shape[0]
+    mask_TE = torch.zeros(T, num_experts)
+    mask_TE.scatter_(1, expert_ids_TK.cpu(), 1.0)
+    return (mask_TE.t() @ mask_TE) / max(T, 1)
+
+
+def simulate_imbalance(
+    num_experts: int,
+    num_devices: int,
+    top_k: int,
+    num_tokens: int,
+    trials: int,
+    routing: str = "topk",
+    seed: int = 0,
+    chunk: int = 4096,
+) -> Tensor:
+    """Monte-Carlo Imbalance Score samples (paper Eq. 4, Fig. 2b), float64 [trials].
+
+    topk: every token draws K distinct experts uniformly at random (the paper's setup).
+    moge: every token draws K/P distinct experts uniformly inside each device's group.
+    """
+    if num_experts % num_devices:
+        raise ValueError(f"experts ({num_experts}) must be divisible by groups/devices ({num_devices})")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top-k ({top_k}) must be in [1, experts={num_experts}]")
+    if routing == "moge" and top_k % num_devices:
+        raise ValueError(f"MoGE needs top-k ({top_k}) to be a multiple of groups ({num_devices})")
+    if num_tokens < 1 or trials < 1:
+        raise ValueError("tokens and trials must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    per_device = num_experts // num_devices
+    out = []
+    for start in range(0, trials, chunk):
+        n = min(chunk, trials - start)
+        if routing == "topk":
+            # K distinct uniform experts per token: the K smallest of E iid uniforms
+            ids = torch.rand(n, num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices
+        elif routing == "moge":
+            k_per = top_k // num_devices
+            local = torch.rand(n, num_tokens, num_devices, per_device, generator=gen).topk(k_per, dim=-1).indices
+            ids = (local + torch.arange(num_devices).view(1, 1, -1, 1) * per_device).flatten(2)
+        else:
+            raise ValueError(f"routing must be 'topk' or 'moge', got {routing!r}")
+        device_of = ids // per_device  # [n, T, K]
+        loads = torch.zeros(n, num_devices, dtype=torch.int64).scatter_add_(
+            1, device_of.flatten(1), torch.ones_like(device_of.flatten(1))
+        )
+        out.append((loads.max(1).values - loads.min(1).values).double() / num_tokens)
+    return torch.cat(out)
+
+
+@dataclass
+class ImbalanceSummary:
+    routing: str
+    mean: float
+    p_positive: float
+    p95: float
+    max: float
+    std: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(routing: str, samples: Tensor) -> ImbalanceSummary:
+    s = samples.double()
+    return ImbalanceSummary(
+        routing=routing,
+        mean=float(s.mean()),
+        p_positive=float((s > 0).double().mean()),
+        p95=float(torch.quantile(s, 0.95)) if s.numel() else math.nan,
+        max=float(s.max()),
+        std=float(s.std()) if s.numel() > 1 else 0.0,
+    )
