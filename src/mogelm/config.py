@@ -128,11 +128,6 @@ class ModelConfig:
                     f"MoGE needs num_experts_per_tok ({self.num_experts_per_tok}) to be a multiple of "
                     f"num_groups ({self.num_groups}): every token picks K' = K/M experts in every group"
                 )
-            if self.experts_per_group_per_tok > self.experts_per_group:
-                raise ValueError(
-                    f"K' = num_experts_per_tok/num_groups ({self.experts_per_group_per_tok}) exceeds the "
-                    f"experts in a group (num_experts/num_groups = {self.experts_per_group})"
-                )
         if self.routing == "group_limited":
             if not 1 <= self.topk_groups <= self.num_groups:
                 raise ValueError(f"topk_groups ({self.topk_groups}) must be in [1, num_groups={self.num_groups}]")

@@ -1,0 +1,65 @@
+"""Imbalance Score (paper Eq. 3-4) and load metrics, and the `mogelm imbalance` command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mogelm.analysis.metrics import (
+    coactivation,
+    device_loads,
+    imbalance_score,
+    max_over_mean,
+    simulate_imbalance,
+    summarize,
+)
+from mogelm.cli import main
+
+
+def test_imbalance_score_hand_computed():
+    # 4 tokens, 8 experts on 2 devices (experts 0-3 on device 0), top-2
+    ids = torch.tensor([[0, 1], [2, 4], [3, 0], [1, 2]])
+    loads = device_loads(ids, num_experts=8, num_devices=2)
+    assert loads.tolist() == [7, 1]
+    assert imbalance_score(loads, num_tokens=4) == pytest.approx(6 / 4)
+    assert max_over_mean(loads) == pytest.approx(7 / 4)
+    # the same selection counted on 4 devices (experts 0-1, 2-3, 4-5, 6-7)
+    assert device_loads(ids, 8, 4).tolist() == [4, 3, 1, 0]
+
+
+def test_coactivation():
+    ids = torch.tensor([[0, 1], [0, 2]])
+    c = coactivation(ids, 3)
+    assert c[0, 0] == 1.0 and c[0, 1] == 0.5 and c[1, 2] == 0.0 and torch.equal(c, c.t())
+
+
+def test_monte_carlo_matches_paper_setup():
+    # Fig. 2b: 64 experts, 8 devices, top-8, 16 tokens. PAPER.md's reproduction: mean 0.668.
+    topk = summarize("topk", simulate_imbalance(64, 8, 8, 16, trials=4000, routing="topk"))
+    moge = summarize("moge", simulate_imbalance(64, 8, 8, 16, trials=4000, routing="moge"))
+    assert abs(topk.mean - 0.668) < 0.02
+    assert topk.p_positive > 0.99
+    assert moge.mean == 0 and moge.p_positive == 0 and moge.max == 0
+
+
+def test_imbalance_shrinks_with_batch_size():
+    small = simulate_imbalance(64, 8, 8, 16, trials=1000).mean()
+    large = simulate_imbalance(64, 8, 8, 256, trials=1000).mean()
+    assert large < small / 2
+
+
+def test_imbalance_cli_json(capsys):
+    assert main(["imbalance", "--tokens", "16", "--trials", "2000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by = {r["routing"]: r for r in out["results"]}
+    assert by["moge"]["mean"] == 0 and by["topk"]["mean"] > 0.5
+
+
+def test_imbalance_cli_bad_input_is_one_line_error():
+    r = subprocess.run([sys.executable, "-m", "mogelm", "imbalance", "--experts", "10", "--groups", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
