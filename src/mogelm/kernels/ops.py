@@ -18,6 +18,7 @@ import importlib
 import os
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 from mogelm.kernels import torch_impl
@@ -97,3 +98,30 @@ def moge_route(
     return torch_impl.moge_route(
         logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
     )
+
+
+def quantize_experts_fp8(gate_up_EFD: Tensor, down_EDF: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """e4m3 expert weights with per-output-channel fp32 scales (w ~= q * scale[..., None]):
+    (gate_up_q [E, 2F, D], gate_up_scale [E, 2F], down_q [E, D, F], down_scale [E, D])."""
+
+    def per_row(w: Tensor) -> tuple[Tensor, Tensor]:
+        scale = w.float().abs().amax(-1).clamp_min(1e-12) / 448.0  # 448 = largest e4m3 value
+        return (w.float() / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+    return (*per_row(gate_up_EFD), *per_row(down_EDF))
+
+
+def routed_experts_fp8(
+    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_q: Tensor, gate_up_scale: Tensor,
+    down_q: Tensor, down_scale: Tensor, activations: str = "bf16",
+) -> Tensor:
+    """Inference-only routed experts with fp8 weights from quantize_experts_fp8. activations="bf16"
+    is weight-only; "fp8" also quantises activations per token (W8A8, Triton backend). The torch
+    twin dequantises the weights and runs routed_experts (activations stay in x's dtype)."""
+    if resolve_backend(x_TD) == "triton":
+        return _triton_module().routed_experts_fp8(
+            x_TD, weights_TK, expert_ids_TK, gate_up_q, gate_up_scale, down_q, down_scale, activations
+        )
+    gate_up = (gate_up_q.float() * gate_up_scale.unsqueeze(-1)).to(x_TD.dtype)
+    down = (down_q.float() * down_scale.unsqueeze(-1)).to(x_TD.dtype)
+    return torch_impl.routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up, down)

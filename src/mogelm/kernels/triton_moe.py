@@ -1,0 +1,665 @@
+"""Triton kernels for the MoGE layer: fused routing, block-aligned dispatch, grouped SwiGLU expert
+GEMMs (bf16 / fp32, fp8 e4m3 weight-only and W8A8), and the autograd wrapper `routed_experts`.
+
+Importing this module raises ImportError when triton is missing (ops.py reads that as "no triton").
+The readable twins are in torch_impl.py; the oracle is moe/reference.py. CPU tests run the same
+kernels through TRITON_INTERPRET=1 in fp32 (tests/test_triton_kernels.py).
+
+Legend: T tokens, D hidden, F expert width, E experts, K experts per token, G expert groups,
+S = T*K routed (token, slot) rows, flat index s = t*K + k; P padded rows (each expert's rows
+rounded up to BLOCK_M), NB = P / BLOCK_M row blocks.
+
+Pipeline (one expert per BLOCK_M row block, as in every sorted/padded fused-MoE kernel):
+
+    logits_TE --_moge_route_kernel--> weights_TK, ids_TK (+ counts_E)
+    ids_TK --_align_kernel (or _align_torch for large S)--> sorted_ids_P, block_expert_NB, num_rows_post_pad
+    x_TD --_gate_up_kernel (gathers rows of x, SiLU(gate)*up in the epilogue)--> h_PF
+    h_PF --_down_kernel (routed weight in the epilogue, rows written to slot order)--> y_SD
+    y_SD.view(T, K, D).sum(1) --> y_TD      (a view when K == 1)
+
+Nothing here reads a device value on the host, so the forward is CUDA-graph capturable; every
+launch grid is sized from S, E and the block size alone (programs past the used rows return).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F_
+import triton  # ImportError here when triton is missing: ops.py reads it as "no triton"
+import triton.language as tl
+from torch import Tensor
+
+from mogelm.kernels import torch_impl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_ALIGN_MAX_ROWS = 4096  # single-program align kernel up to this many routed rows; torch ops above
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Level 1: raw kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moge_route_kernel(
+    logits_ptr,  # [T, E] router logits, any float dtype, row stride stride_lt, unit column stride
+    scale_ptr,  # [E] router_scale (read only when HAS_SCALE)
+    bias_ptr,  # [E] expert bias for selection only (read only when HAS_BIAS)
+    weights_ptr,  # [T, K] fp32 out: gate weights
+    ids_ptr,  # [T, K] int64 out: expert ids, group by group
+    probs_ptr,  # [T, E] fp32 out: global softmax
+    counts_ptr,  # [E] int32 out (atomic adds, zeroed by the caller; only when COUNT)
+    T, E, stride_lt,  # sizes and the logits row stride
+    NUM_GROUPS: tl.constexpr,  # G contiguous expert groups
+    K_PER_GROUP: tl.constexpr,  # K' experts kept per group; K = G * K'
+    K_PAD: tl.constexpr,  # next power of two >= K
+    E_PAD: tl.constexpr,  # next power of two >= E
+    BLOCK_T: tl.constexpr,  # tokens per program
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    cols = tl.arange(0, E_PAD)  # [EP]
+    rmask = rows < T
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    logit = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :], mask=m2, other=-float("inf"))
+    logit = logit.to(tl.float32)
+    logit = tl.where(cmask[None, :], logit, -float("inf"))
+    row_max = tl.max(logit, axis=1)
+    row_max = tl.where(rmask, row_max, 0.0)  # padded rows: keep exp finite
+    p = tl.exp(logit - row_max[:, None])
+    p = tl.where(cmask[None, :], p, 0.0)
+    p = p / tl.where(rmask, tl.sum(p, axis=1), 1.0)[:, None]  # [BT, EP] fp32 global softmax
+    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=m2)
+
+    score = p
+    if HAS_BIAS:
+        score = score + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    score = tl.where(cmask[None, :], score, -float("inf"))
+    per_group = E // NUM_GROUPS
+    group_of_col = cols // per_group
+    kcols = tl.arange(0, K_PAD)
+    w_tile = tl.zeros((BLOCK_T, K_PAD), tl.float32)
+    id_tile = tl.zeros((BLOCK_T, K_PAD), tl.int32)
+    for g in tl.static_range(NUM_GROUPS):
+        s_g = tl.where((group_of_col == g)[None, :], score, -float("inf"))
+        for k in tl.static_range(K_PER_GROUP):
+            best = tl.max(s_g, axis=1)
+            # lowest expert id among equal scores (ties break toward the lower id, like torch_impl)
+            idx = tl.min(tl.where(s_g == best[:, None], cols[None, :], E_PAD), axis=1)
+            hit = cols[None, :] == idx[:, None]
+            w = tl.sum(tl.where(hit, p, 0.0), axis=1)  # weight is the prob, not the biased score
+            slot = (kcols == g * K_PER_GROUP + k)[None, :]
+            w_tile = tl.where(slot, w[:, None], w_tile)
+            id_tile = tl.where(slot, idx[:, None], id_tile)
+            s_g = tl.where(hit, -float("inf"), s_g)
+    kmask = rmask[:, None] & (kcols < NUM_GROUPS * K_PER_GROUP)[None, :]
+    if RENORM:
+        w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1e-20)[:, None]
+    if HAS_SCALE:
+        w_tile = w_tile * tl.load(scale_ptr + id_tile, mask=kmask, other=1.0).to(tl.float32)
+    out = rows[:, None] * (NUM_GROUPS * K_PER_GROUP) + kcols[None, :]
+    tl.store(weights_ptr + out, w_tile, mask=kmask)
+    tl.store(ids_ptr + out, id_tile.to(tl.int64), mask=kmask)
+    if COUNT:
+        tl.atomic_add(counts_ptr + id_tile, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=kmask)
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr,  # [S] int64 expert id of each routed row, flat order s = t*K + k
+    sorted_ids_ptr,  # [P_max] int32 out: flat row s for each padded row; S marks padding
+    block_expert_ptr,  # [NB_max] int32 out: expert of each BLOCK_M row block
+    num_post_pad_ptr,  # [1] int32 out: padded rows in use (sum of round_up(count_e, BLOCK_M))
+    counts_ptr,  # [E] int32 out: rows per expert
+    S, E, NB_MAX,  # routed rows, experts, length of block_expert
+    BLOCK_M: tl.constexpr,  # rows per GEMM block; every block holds rows of one expert
+    S_PAD: tl.constexpr,  # next power of two >= S (one program sees every row)
+    NB_PAD: tl.constexpr,  # next power of two >= NB_MAX
+):
+    # One program: a stable counting sort of S rows by expert. Each expert's rows keep their flat
+    # order (rank = running count of earlier equal ids), then its padding rows follow.
+    offs = tl.arange(0, S_PAD)
+    ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
+    blk = tl.arange(0, NB_PAD)
+    blk_expert = tl.zeros((NB_PAD,), tl.int32)
+    pad = tl.arange(0, BLOCK_M)
+    start = tl.program_id(0) * 0  # int32 scalar tensor (a loop-carried value must keep one type)
+    for e in range(E):
+        sel = (ids == e).to(tl.int32)
+        count = tl.sum(sel, axis=0)
+        rank = tl.cumsum(sel, axis=0) - 1
+        tl.store(sorted_ids_ptr + start + rank, offs, mask=sel > 0)
+        padded = tl.cdiv(count, BLOCK_M) * BLOCK_M
+        tl.store(sorted_ids_ptr + start + count + pad, tl.zeros((BLOCK_M,), tl.int32) + S, mask=pad < padded - count)
+        tl.store(counts_ptr + e, count)
+        start += padded
+        # a block whose first row lies at or past this expert's padded end belongs to a later expert
+        blk_expert += (blk * BLOCK_M >= start).to(tl.int32)
+    tl.store(block_expert_ptr + blk, tl.minimum(blk_expert, E - 1), mask=blk < NB_MAX)
+    tl.store(num_post_pad_ptr, start)
+
+
+@triton.jit
+def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # L2 swizzle: GROUP_M row blocks walk the N tiles together, so a weight tile and a row block
+    # are each re-read from L2 rather than HBM by the programs running at the same time.
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,  # [T, D] activations in token order (bf16/fp32, or fp8 for W8A8); rows gathered here
+    x_scale_ptr,  # [T] fp32 per-token activation scales (read only when X_SCALE)
+    w_ptr,  # [E, 2F, D] gate rows 0..F-1 then up rows F..2F-1 (bf16/fp32 or fp8 e4m3)
+    w_scale_ptr,  # [E, 2F] fp32 per-output-channel weight scales (read only when W_SCALE)
+    h_ptr,  # [P_max, F] out: silu(gate) * up in padded-sorted row order
+    sorted_ids_ptr,  # [P_max] int32 flat routed row s per padded row (S = padding)
+    block_expert_ptr,  # [NB_max] int32 expert of each row block
+    num_post_pad_ptr,  # [1] int32 padded rows in use; blocks past it return at once
+    S, F, D, NUM_PID_M,  # routed rows, expert width, hidden, row blocks in the grid
+    stride_xt, stride_we, stride_wn, stride_hp,  # x row, weight expert/row, h row strides (unit last dims)
+    TOP_K: tl.constexpr,  # K: token of flat row s is s // K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # D % BLOCK_K == 0: no masks in the reduction loop
+    X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32 (it mishandles bf16 tl.dot)
+    W_TO_X: tl.constexpr,  # weight-only fp8: convert weight tiles to x's dtype before the dot
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 tests, "tf32" otherwise)
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), NUM_PID_M, tl.cdiv(F, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    flat = tl.load(sorted_ids_ptr + offs_m)
+    valid = flat < S
+    # padding rows read token 0 (a real row) so the hot loop needs no row mask; never stored downstream
+    tok = tl.where(valid, flat // TOP_K, 0).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % F  # wrap: in-bounds loads, masked store
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    w_base = w_ptr + expert * stride_we
+    g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN] gate tile (transposed view)
+    u_ptrs = g_ptrs + F * stride_wn  # up rows follow the gate rows
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            kin = offs_k < D - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=kin[:, None], other=0.0)
+            bu = tl.load(u_ptrs, mask=kin[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        elif W_TO_X:
+            bg = bg.to(a.dtype)
+            bu = bu.to(a.dtype)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    if W_SCALE:
+        s_base = w_scale_ptr + expert * 2 * F
+        acc_g = acc_g * tl.load(s_base + offs_n)[None, :]
+        acc_u = acc_u * tl.load(s_base + F + offs_n)[None, :]
+    if X_SCALE:
+        xs = tl.load(x_scale_ptr + tok)[:, None]
+        acc_g = acc_g * xs
+        acc_u = acc_u * xs
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up, fp32
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hp + out_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(out_n < F)[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,  # [P_max, F] SwiGLU activations in padded-sorted row order (bf16/fp32, or fp8 for W8A8)
+    h_scale_ptr,  # [P_max] fp32 per-row activation scales (read only when X_SCALE)
+    w_ptr,  # [E, D, F] down projection (bf16/fp32 or fp8 e4m3)
+    w_scale_ptr,  # [E, D] fp32 per-output-channel weight scales (read only when W_SCALE)
+    route_w_ptr,  # [S] fp32 gate weight of each flat routed row (weights_TK flattened)
+    y_ptr,  # [S, D] out: weighted expert output of each routed row, flat (token, slot) order
+    sorted_ids_ptr,  # [P_max] int32 flat routed row per padded row (S = padding, not stored)
+    block_expert_ptr,  # [NB_max] int32 expert of each row block
+    num_post_pad_ptr,  # [1] int32 padded rows in use
+    S, D, F, NUM_PID_M,  # routed rows, hidden, expert width, row blocks in the grid
+    stride_hp, stride_we, stride_wn, stride_ys,  # h row, weight expert/row, y row strides
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # F % BLOCK_K == 0
+    X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, UPCAST: tl.constexpr, W_TO_X: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), NUM_PID_M, tl.cdiv(D, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    flat = tl.load(sorted_ids_ptr + offs_m)
+    valid = flat < S
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % D
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_k[None, :]
+    b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, tl.cdiv(F, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kin = offs_k < F - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kin[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        elif W_TO_X:
+            b = b.to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if W_SCALE:
+        acc = acc * tl.load(w_scale_ptr + expert * D + offs_n)[None, :]
+    if X_SCALE:
+        acc = acc * tl.load(h_scale_ptr + offs_m)[:, None]
+    rw = tl.load(route_w_ptr + flat, mask=valid, other=0.0)
+    acc = acc * rw[:, None]
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + flat[:, None].to(tl.int64) * stride_ys + out_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (out_n < D)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Level 2: launchers (shapes, configs, dispatch plan)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tile sizes for one (shape, T) point. gate_up and down share block_m: h rows are laid out
+    by the dispatch plan, whose blocks are block_m rows of one expert."""
+
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def __post_init__(self):
+        assert self.gate_up.block_m == self.down.block_m, "gate_up and down must share block_m"
+
+
+_CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@functools.cache
+def _config_table(device_name: str) -> dict:
+    """Tuned configs kept as data: configs/<device>.json =
+    {"bf16"|"fp8": {"E=..,F=..,D=..": {"<max routed rows S>": {"gate_up": {...}, "down": {...}}}}}.
+    An H100 (same SM count class, same Hopper SM) reads the H200 table when it has none of its own."""
+    slug = device_name.lower().replace("nvidia ", "").split()[0] if device_name != "cpu" else "cpu"
+    for name in (f"{slug}.json", "h200.json" if slug.startswith("h100") else ""):
+        path = _CONFIG_DIR / name
+        if name and path.exists():
+            return json.loads(path.read_text())
+    return {}
+
+
+def _device_name(x: Tensor) -> str:
+    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+
+
+def _heuristic_config(num_rows: int, D: int, F: int, E: int) -> MoEConfig:
+    """Defaults when the table has no entry. Decode (few rows per expert): BLOCK_M 16, narrow N
+    tiles so every SM streams weights; prefill: 128-row tiles for the tensor cores."""
+    rows_per_expert = num_rows / max(1, E)
+    if rows_per_expert <= 16:
+        gu = GemmConfig(16, 32, 128, 1, 4, 4)
+        dn = GemmConfig(16, 64, 128, 1, 4, 4)
+    elif rows_per_expert <= 64:
+        gu = GemmConfig(32, 64, 128, 4, 4, 4)
+        dn = GemmConfig(32, 64, 128, 4, 4, 4)
+    elif rows_per_expert <= 512:
+        gu = GemmConfig(64, 64, 64, 8, 4, 4)
+        dn = GemmConfig(64, 128, 64, 8, 4, 4)
+    else:
+        gu = GemmConfig(128, 128, 64, 8, 8, 3)
+        dn = GemmConfig(128, 128, 64, 8, 8, 3)
+    return MoEConfig(gu, dn)
+
+
+def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: str = "bf16") -> MoEConfig:
+    """Config for S = num_rows routed rows: the tuned entry with the smallest S bucket at or above
+    num_rows, else the heuristic."""
+    table = _config_table(device_name).get(kind, {}).get(f"E={E},F={F},D={D}")
+    if table:
+        buckets = sorted(int(k) for k in table)
+        pick = next((b for b in buckets if b >= num_rows), buckets[-1])
+        entry = table[str(pick)]
+        return MoEConfig(GemmConfig(**entry["gate_up"]), GemmConfig(**entry["down"]))
+    return _heuristic_config(num_rows, D, F, E)
+
+
+def _interpret_config(cfg: MoEConfig) -> MoEConfig:
+    # the interpreter runs programs one by one: small tiles keep CPU tests quick
+    gu = GemmConfig(16, 16, 16, 1, 1, 1)
+    return MoEConfig(gu, gu) if _INTERPRET else cfg
+
+
+@dataclass
+class DispatchPlan:
+    """Rows sorted by expert and padded to block_m; all device tensors, sizes from S, E only."""
+
+    sorted_ids_P: Tensor  # int32 [P_max] flat routed row per padded row, S = padding
+    block_expert_NB: Tensor  # int32 [NB_max]
+    num_post_pad: Tensor  # int32 [1]
+    counts_E: Tensor  # int32 [E]
+    block_m: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert_NB.numel()
+
+
+def _max_padded_rows(S: int, E: int, block_m: int) -> int:
+    # each non-empty expert (at most min(E, S)) adds at most block_m - 1 padding rows
+    return triton.cdiv(S + min(E, S) * (block_m - 1), block_m) * block_m
+
+
+def _align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
+    """Same plan as _align_kernel with sort/cumsum/searchsorted (large S); no host sync."""
+    S = ids_S.numel()
+    dev = ids_S.device
+    p_max = _max_padded_rows(S, E, block_m)
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, ids_S, torch.ones_like(ids_S))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(ids_S, stable=True)
+    sorted_e = ids_S[order]
+    dest = (pad_end - padded)[sorted_e] + torch.arange(S, device=dev) - start[sorted_e]
+    sorted_ids = torch.full((p_max,), S, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    blocks = torch.arange(p_max // block_m, device=dev) * block_m
+    block_expert = torch.searchsorted(pad_end, blocks, right=True).clamp_(max=E - 1).to(torch.int32)
+    return DispatchPlan(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), counts.to(torch.int32), block_m)
+
+
+def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
+    """Sort routed rows by expert and pad each expert to block_m rows, on the device."""
+    ids_S = expert_ids_TK.reshape(-1)
+    S = ids_S.numel()
+    if S > _ALIGN_MAX_ROWS:
+        return _align_torch(ids_S, E, block_m)
+    dev = ids_S.device
+    p_max = _max_padded_rows(S, E, block_m)
+    nb_max = p_max // block_m
+    sorted_ids = torch.empty(p_max, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
+    num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](
+        ids_S, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max,
+        BLOCK_M=block_m, S_PAD=triton.next_power_of_2(S), NB_PAD=triton.next_power_of_2(nb_max),
+        num_warps=4,
+    )
+    return DispatchPlan(sorted_ids, block_expert, num_post_pad, counts, block_m)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gate_up(
+    x_TD: Tensor, w_EFD: Tensor, plan: DispatchPlan, top_k: int, cfg: GemmConfig,
+    w_scale_EF: Tensor | None = None, x_scale_T: Tensor | None = None, out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """h_PF = silu(x_s @ gate_e^T) * (x_s @ up_e^T) for every padded row (garbage on padding rows)."""
+    T, D = x_TD.shape
+    E, F2, _ = w_EFD.shape
+    F = F2 // 2
+    S = T * top_k
+    out_dtype = out_dtype or x_TD.dtype
+    h = torch.empty(plan.sorted_ids_P.numel(), F, dtype=out_dtype, device=x_TD.device)
+    num_pid_m = plan.num_blocks
+    grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
+    dummy = plan.counts_E
+    _gate_up_kernel[grid](
+        x_TD, x_scale_T if x_scale_T is not None else dummy, w_EFD, w_scale_EF if w_scale_EF is not None else dummy,
+        h, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
+        S, F, D, num_pid_m, x_TD.stride(0), w_EFD.stride(0), w_EFD.stride(1), h.stride(0),
+        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=D % cfg.block_k == 0, X_SCALE=x_scale_T is not None, W_SCALE=w_scale_EF is not None,
+        UPCAST=_INTERPRET, W_TO_X=w_EFD.dtype != x_TD.dtype, PRECISION=_precision(x_TD.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h
+
+
+def down(
+    h_PF: Tensor, w_EDF: Tensor, weights_S: Tensor, plan: DispatchPlan, S: int, cfg: GemmConfig,
+    out_dtype: torch.dtype, w_scale_ED: Tensor | None = None, h_scale_P: Tensor | None = None,
+) -> Tensor:
+    """y_SD[s] = weights[s] * down_e(h[row of s]) in flat (token, slot) order."""
+    E, D, F = w_EDF.shape
+    y = torch.empty(S, D, dtype=out_dtype, device=h_PF.device)
+    num_pid_m = plan.num_blocks
+    grid = (num_pid_m * triton.cdiv(D, cfg.block_n),)
+    dummy = plan.counts_E
+    _down_kernel[grid](
+        h_PF, h_scale_P if h_scale_P is not None else dummy, w_EDF, w_scale_ED if w_scale_ED is not None else dummy,
+        weights_S, y, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
+        S, D, F, num_pid_m, h_PF.stride(0), w_EDF.stride(0), w_EDF.stride(1), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=F % cfg.block_k == 0, X_SCALE=h_scale_P is not None, W_SCALE=w_scale_ED is not None,
+        UPCAST=_INTERPRET, W_TO_X=w_EDF.dtype != h_PF.dtype, PRECISION=_precision(out_dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def moge_route_with_counts(
+    logits_TE: Tensor, num_groups: int, experts_per_group_per_tok: int, router_scale_E: Tensor | None = None,
+    renormalize: bool = False, expert_bias_E: Tensor | None = None, count: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Fused MoGE routing in one launch: (weights_TK fp32, ids_TK int64, probs_TE fp32, counts_E int32)."""
+    T, E = logits_TE.shape
+    if E % num_groups:
+        raise ValueError(f"num_experts ({E}) must be divisible by num_groups ({num_groups})")
+    K = num_groups * experts_per_group_per_tok
+    dev = logits_TE.device
+    logits_TE = logits_TE if logits_TE.stride(-1) == 1 else logits_TE.contiguous()
+    weights = torch.empty(T, K, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, K, dtype=torch.int64, device=dev)
+    probs = torch.empty(T, E, dtype=torch.float32, device=dev)
+    counts = torch.zeros(E, dtype=torch.int32, device=dev) if count else None
+    scale = router_scale_E.reshape(-1) if router_scale_E is not None else probs
+    bias = expert_bias_E.reshape(-1) if expert_bias_E is not None else probs
+    block_t = 16 if _INTERPRET else max(1, min(64, 4096 // triton.next_power_of_2(E)))
+    _moge_route_kernel[(triton.cdiv(T, block_t),)](
+        logits_TE, scale, bias, weights, ids, probs, counts if count else probs, T, E, logits_TE.stride(0),
+        NUM_GROUPS=num_groups, K_PER_GROUP=experts_per_group_per_tok, K_PAD=triton.next_power_of_2(K),
+        E_PAD=triton.next_power_of_2(E), BLOCK_T=block_t, HAS_SCALE=router_scale_E is not None,
+        HAS_BIAS=expert_bias_E is not None, RENORM=renormalize, COUNT=count, num_warps=4,
+    )
+    return weights, ids, probs, counts
+
+
+def moge_route(
+    logits_TE: Tensor, num_groups: int, experts_per_group_per_tok: int, router_scale_E: Tensor | None = None,
+    renormalize: bool = False, expert_bias_E: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ops.moge_route on the Triton backend (same contract as torch_impl.moge_route). No gradient
+    flows through it (router_scale / logits gradients need the torch backend)."""
+    if logits_TE.requires_grad or (router_scale_E is not None and router_scale_E.requires_grad):
+        return torch_impl.moge_route(
+            logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
+        )
+    w, ids, probs, _ = moge_route_with_counts(
+        logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E, count=False
+    )
+    return w, ids, probs
+
+
+def routed_experts_forward(
+    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor,
+    cfg: MoEConfig | None = None,
+) -> Tensor:
+    """Forward only (no autograd bookkeeping): align -> gate_up -> down -> sum over slots."""
+    T, D = x_TD.shape
+    K = expert_ids_TK.shape[-1]
+    E, F2, _ = gate_up_EFD.shape
+    S = T * K
+    if S == 0:
+        return x_TD.new_zeros(T, D)
+    cfg = _interpret_config(cfg or get_config(S, D, F2 // 2, E, _device_name(x_TD)))
+    x_TD = x_TD.contiguous()
+    plan = align(expert_ids_TK, E, cfg.gate_up.block_m)
+    h = gate_up(x_TD, gate_up_EFD, plan, K, cfg.gate_up)
+    y_SD = down(h, down_EDF, weights_TK.reshape(-1).float().contiguous(), plan, S, cfg.down, x_TD.dtype)
+    return y_SD.view(T, K, D).sum(1) if K > 1 else y_SD.view(T, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Level 3: autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped_mm(a_SK: Tensor, b_EKN: Tensor, offsets_E: Tensor) -> Tensor:
+    """out[s] = a[s] @ b[expert of s] for rows sorted by expert (torch._grouped_mm, loop fallback)."""
+    if torch_impl._grouped_mm_ok(a_SK, b_EKN) and (a_SK.dtype == torch.bfloat16 or not a_SK.is_cuda):
+        return torch._grouped_mm(a_SK, b_EKN, offs=offsets_E)
+    outs, start = [], 0
+    for e, end in enumerate(offsets_E.tolist()):
+        outs.append(a_SK[start:end] @ b_EKN[e])
+        start = end
+    return torch.cat(outs, 0)
+
+
+def _grouped_wgrad(a_SM: Tensor, b_SN: Tensor, offsets_E: Tensor, E: int) -> Tensor:
+    """dW[e] = a[rows of e]^T @ b[rows of e] -> [E, M, N] (one matmul per expert; syncs once)."""
+    out = a_SM.new_zeros(E, a_SM.shape[1], b_SN.shape[1])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            out[e] = a_SM[start:end].t() @ b_SN[start:end]
+        start = end
+    return out
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """Triton forward; backward in PyTorch over rows sorted by expert (dgrad with grouped GEMMs,
+    wgrad one matmul per expert), recomputing the gate/up activations instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF):
+        ctx.save_for_backward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+        return routed_experts_forward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, weights_TK, ids_TK, gate_up_EFD, down_EDF = ctx.saved_tensors
+        T, K = ids_TK.shape
+        E, F2, D = gate_up_EFD.shape
+        order_S, _, offsets_E = torch_impl.permute(ids_TK, E)
+        token_S = order_S // K
+        x_SD = x_TD.index_select(0, token_S)
+        dy_SD = dy_TD.index_select(0, token_S).to(x_TD.dtype)
+        w_S = weights_TK.reshape(-1).index_select(0, order_S)
+        gu_S2F = _grouped_mm(x_SD, gate_up_EFD.transpose(-2, -1), offsets_E)  # recompute
+        g_SF, u_SF = gu_S2F.float().chunk(2, dim=-1)
+        a_SF = F_.silu(g_SF) * u_SF
+        da_raw_SF = _grouped_mm(dy_SD, down_EDF, offsets_E).float()  # dy @ down_e, before the gate weight
+        dweights_S = (da_raw_SF * a_SF).sum(-1)  # d y / d w = <dy, down_e a> = <dy @ down_e, a>
+        da_SF = da_raw_SF * w_S.unsqueeze(-1)
+        sig = torch.sigmoid(g_SF)
+        dg_SF = da_SF * u_SF * sig * (1 + g_SF * (1 - sig))
+        du_SF = da_SF * g_SF * sig
+        dgu_S2F = torch.cat([dg_SF, du_SF], -1).to(x_TD.dtype)
+        dx_SD = _grouped_mm(dgu_S2F, gate_up_EFD, offsets_E)
+        dx_TD = torch.zeros_like(x_TD).index_add_(0, token_S, dx_SD)
+        dweights_TK = torch.zeros_like(weights_TK).reshape(-1)
+        dweights_TK = dweights_TK.index_copy(0, order_S, dweights_S.to(weights_TK.dtype)).view(T, K)
+        dy_w_SD = (dy_SD.float() * w_S.unsqueeze(-1)).to(x_TD.dtype)
+        d_down = _grouped_wgrad(dy_w_SD, a_SF.to(x_TD.dtype), offsets_E, E)  # [E, D, F]
+        d_gate_up = _grouped_wgrad(dgu_S2F, x_SD, offsets_E, E)  # [E, 2F, D]
+        return dx_TD, dweights_TK, None, d_gate_up, d_down
+
+
+def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor) -> Tensor:
+    """ops.routed_experts on the Triton backend. Differentiable in x, weights, gate_up and down."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, gate_up_EFD, down_EDF)):
+        return _RoutedExperts.apply(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+    return routed_experts_forward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 (e4m3) inference: weight-only (bf16 activations) and W8A8 (per-token activation scales)
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_rows_fp8(x_RC: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric e4m3 quantisation: (q [R, C] fp8, scale [R] fp32) with x ~= q * scale."""
+    amax = x_RC.float().abs().amax(-1).clamp_min(1e-12)
+    scale = amax / _FP8_MAX
+    q = (x_RC.float() / scale.unsqueeze(-1)).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8)
+    return q, scale
+
+
+def routed_experts_fp8(
+    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_q: Tensor, gate_up_scale: Tensor,
+    down_q: Tensor, down_scale: Tensor, activations: str = "bf16", cfg: MoEConfig | None = None,
+) -> Tensor:
+    """Inference forward with e4m3 expert weights and per-output-channel fp32 scales
+    (gate_up_scale [E, 2F], down_scale [E, D]). activations="bf16": weight-only (weights are
+    converted to x's dtype in registers); "fp8": W8A8 with per-token scales for x and for h."""
+    if activations not in ("bf16", "fp8"):
+        raise ValueError(f"activations must be 'bf16' or 'fp8', got {activations!r}")
+    T, D = x_TD.shape
+    K = expert_ids_TK.shape[-1]
+    E, F2, _ = gate_up_q.shape
+    S = T * K
+    if S == 0:
+        return x_TD.new_zeros(T, D)
+    cfg = _interpret_config(cfg or get_config(S, D, F2 // 2, E, _device_name(x_TD), "fp8"))
+    plan = align(expert_ids_TK, E, cfg.gate_up.block_m)
+    w_S = weights_TK.reshape(-1).float().contiguous()
+    if activations == "bf16":
+        h = gate_up(x_TD.contiguous(), gate_up_q, plan, K, cfg.gate_up, w_scale_EF=gate_up_scale)
+        y_SD = down(h, down_q, w_S, plan, S, cfg.down, x_TD.dtype, w_scale_ED=down_scale)
+    else:
+        x_q, x_s = quantize_rows_fp8(x_TD)
+        h = gate_up(x_q, gate_up_q, plan, K, cfg.gate_up, w_scale_EF=gate_up_scale, x_scale_T=x_s,
+                    out_dtype=x_TD.dtype)
+        h_q, h_s = quantize_rows_fp8(h)
+        y_SD = down(h_q, down_q, w_S, plan, S, cfg.down, x_TD.dtype, w_scale_ED=down_scale, h_scale_P=h_s)
+    return y_SD.view(T, K, D).sum(1) if K > 1 else y_SD.view(T, D)
