@@ -63,3 +63,14 @@ def test_imbalance_cli_bad_input_is_one_line_error():
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_load_summary():
+    from mogelm.analysis.metrics import load_summary
+
+    s = load_summary(torch.tensor([4, 4, 4, 4]), num_devices=2)
+    assert s["jain_fairness"] == pytest.approx(1.0) and s["dead_experts"] == 0 and s["expert_cv"] == 0
+    assert s["device_max_over_mean"] == pytest.approx(1.0)
+    s = load_summary(torch.tensor([8, 0, 0, 0]), num_devices=2)
+    assert s["jain_fairness"] == pytest.approx(0.25) and s["dead_experts"] == 3
+    assert s["expert_max_over_mean"] == pytest.approx(4.0) and s["device_max_over_mean"] == pytest.approx(2.0)

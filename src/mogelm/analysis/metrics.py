@@ -118,3 +118,26 @@ def summarize(routing: str, samples: Tensor) -> ImbalanceSummary:
         max=float(s.max()),
         std=float(s.std()) if s.numel() > 1 else 0.0,
     )
+
+
+def load_summary(counts_E: Tensor, num_devices: int | None = None) -> dict[str, float]:
+    """Per-layer load observability in one dict (what MoE users ask of vLLM/Megatron logs):
+    max/mean and min/mean of expert load, coefficient of variation, Jain's fairness index
+    (1 = perfectly even), dead experts (no rows), and, with `num_devices`, the device-level
+    max/mean and Imbalance Score for contiguous expert placement."""
+    c = counts_E.double().cpu()
+    mean = float(c.mean())
+    out = {
+        "expert_max_over_mean": float(c.max() / mean) if mean > 0 else float("nan"),
+        "expert_min_over_mean": float(c.min() / mean) if mean > 0 else float("nan"),
+        "expert_cv": float(c.std(unbiased=False) / mean) if mean > 0 else float("nan"),
+        "jain_fairness": float(c.sum() ** 2 / (len(c) * (c**2).sum())) if float(c.sum()) > 0 else float("nan"),
+        "dead_experts": int((c == 0).sum()),
+    }
+    if num_devices is not None:
+        dev = c.view(num_devices, -1).sum(-1)
+        rows = float(c.sum())
+        out["device_max_over_mean"] = float(dev.max() / dev.mean()) if rows > 0 else float("nan")
+        # IS needs the token count; with K rows per token, rows/K tokens: report per-row spread instead
+        out["device_spread_over_rows"] = float(dev.max() - dev.min()) / rows if rows > 0 else float("nan")
+    return out
