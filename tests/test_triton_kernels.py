@@ -66,7 +66,10 @@ def test_moge_route_matches_torch(T, E, G, kp, scale, bias, renorm):
     assert torch.equal(ids2, ids_ref) and torch.equal(w2, w)
 
 
-@pytest.mark.parametrize("T,E,K,block_m,skew", [(1, 8, 2, 16, False), (13, 8, 3, 16, False), (20, 6, 2, 16, True)])
+@pytest.mark.parametrize(
+    "T,E,K,block_m,skew",
+    [(1, 8, 2, 16, False), (13, 8, 3, 16, False), (20, 6, 2, 16, True), (150, 128, 4, 32, False)],  # last: 5 chunks
+)
 def test_align_kernel_and_torch_plan_agree(T, E, K, block_m, skew):
     _, ids = _routing(T, E, K, skew)
     plan = triton_moe.align(ids, E, block_m)

@@ -122,30 +122,43 @@ def _align_kernel(
     counts_ptr,  # [E] int32 out: rows per expert
     S, E, NB_MAX,  # routed rows, experts, length of block_expert
     BLOCK_M: tl.constexpr,  # rows per GEMM block; every block holds rows of one expert
-    S_PAD: tl.constexpr,  # next power of two >= S (one program sees every row)
-    NB_PAD: tl.constexpr,  # next power of two >= NB_MAX
+    E_PAD: tl.constexpr,  # next power of two >= E
+    CHUNK: tl.constexpr,  # rows per step: a [CHUNK, E_PAD] one-hot tile lives in registers
+    NB_CHUNK: tl.constexpr,  # row blocks per step when labelling blocks with their expert
 ):
-    # One program: a stable counting sort of S rows by expert. Each expert's rows keep their flat
-    # order (rank = running count of earlier equal ids), then its padding rows follow.
-    offs = tl.arange(0, S_PAD)
-    ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
-    blk = tl.arange(0, NB_PAD)
-    blk_expert = tl.zeros((NB_PAD,), tl.int32)
-    pad = tl.arange(0, BLOCK_M)
-    start = tl.program_id(0) * 0  # int32 scalar tensor (a loop-carried value must keep one type)
-    for e in range(E):
-        sel = (ids == e).to(tl.int32)
-        count = tl.sum(sel, axis=0)
-        rank = tl.cumsum(sel, axis=0) - 1
-        tl.store(sorted_ids_ptr + start + rank, offs, mask=sel > 0)
-        padded = tl.cdiv(count, BLOCK_M) * BLOCK_M
-        tl.store(sorted_ids_ptr + start + count + pad, tl.zeros((BLOCK_M,), tl.int32) + S, mask=pad < padded - count)
-        tl.store(counts_ptr + e, count)
-        start += padded
-        # a block whose first row lies at or past this expert's padded end belongs to a later expert
-        blk_expert += (blk * BLOCK_M >= start).to(tl.int32)
-    tl.store(block_expert_ptr + blk, tl.minimum(blk_expert, E - 1), mask=blk < NB_MAX)
-    tl.store(num_post_pad_ptr, start)
+    # One program: a stable counting sort of the S rows by expert, in two passes over one-hot
+    # tiles (counts, then each row's rank among the earlier rows of its expert).
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), tl.int32)
+    for c in range(0, tl.cdiv(S, CHUNK)):
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    tl.store(counts_ptr + experts, counts, mask=experts < E)
+    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
+    seen = tl.zeros((E_PAD,), tl.int32)  # rows of each expert placed by earlier chunks
+    for c in range(0, tl.cdiv(S, CHUNK)):
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
+        rank = tl.cumsum(onehot, axis=0) - onehot + seen[None, :]  # earlier rows of the same expert
+        dest = tl.sum(onehot * (pad_start[None, :] + rank), axis=1)
+        tl.store(sorted_ids_ptr + dest, offs, mask=offs < S)
+        seen += tl.sum(onehot, axis=0)
+    # padding rows after each expert's real rows (disjoint from the slots written above)
+    j = tl.arange(0, BLOCK_M)
+    pad_pos = (pad_start + counts)[:, None] + j[None, :]
+    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
+    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
+    # block b belongs to the number of experts whose padded rows end at or before its first row
+    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
+        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
+        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
+        owner = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
 
 
 @triton.jit
@@ -427,10 +440,11 @@ def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
     block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(E)
+    chunk = max(16, min(triton.next_power_of_2(S), 16384 // e_pad))
     _align_kernel[(1,)](
         ids_S, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max,
-        BLOCK_M=block_m, S_PAD=triton.next_power_of_2(S), NB_PAD=triton.next_power_of_2(nb_max),
-        num_warps=4,
+        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, NB_CHUNK=max(16, 8192 // e_pad), num_warps=8,
     )
     return DispatchPlan(sorted_ids, block_expert, num_post_pad, counts, block_m)
 
