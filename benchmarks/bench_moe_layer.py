@@ -171,9 +171,16 @@ def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, 
 
         t_layer, g = best_of(layer, T)
         gemms = t_gu + t_dn + t_router + t_shared
+        args_r = (logits, s["G"], s["kp"], None, s["renorm"], None)
+        t_route_torch, _ = best_of(lambda: torch_impl.moge_route(*args_r), T)
+        t_route_triton, _ = best_of(lambda: tm.moge_route(*args_r), T)
+        t_align, _ = best_of(lambda: tm.align(ids, E, cfg.gate_up.block_m), T)
         layer_rows.append(dict(common, layer_ms=t_layer, sum_of_gemms_ms=gemms, gate_up_ms=t_gu, down_ms=t_dn,
                                router_gemm_ms=t_router, shared_gemms_ms=t_shared, overhead=t_layer / gemms - 1,
-                               cuda_graph=g))
+                               cuda_graph=g, route_torch_ms=t_route_torch, route_triton_ms=t_route_triton,
+                               align_ms=t_align, config=repr(cfg)))
+        log(f"  {name:14s} T={T:6d} routing torch {t_route_torch:.4f} ms, triton {t_route_triton:.4f} ms, "
+            f"align {t_align:.4f} ms")
         log(f"  {name:14s} T={T:6d} layer {t_layer:.4f} ms vs GEMMs {gemms:.4f} ms "
             f"(gate_up {t_gu:.4f}, down {t_dn:.4f}, router {t_router:.4f}, shared {t_shared:.4f}): "
             f"{t_layer / gemms - 1:+.1%}")
