@@ -1,0 +1,212 @@
+"""ParallelContext: expert parallel x data parallel over torch.distributed, for the training loop.
+
+Launch with torchrun (`mogelm train --nproc N --ep E` does it for you):
+
+    torchrun --standalone --nproc-per-node 2 -m mogelm train --preset debug --ep 2
+
+and inside each process:
+
+    ctx = init_parallel(ep_size=2, device="cpu")         # gloo on CPU, NCCL on CUDA
+    model = ctx.parallelize(model)                       # before building the optimizer
+    loss(model(batch[ctx.rank::...])).backward()         # each rank: its slice of the global batch
+    ctx.sync_gradients(model); ctx.clip_grad_norm(model, 1.0); opt.step()
+
+Layout: world W = DP x EP. Ranks [d*EP, (d+1)*EP) form EP group d; EP rank r holds expert groups
+[r*M/EP, (r+1)*M/EP). Replicated (non-expert) parameters are averaged over all W ranks; expert
+shards over the W/EP ranks holding the same shard. Both divide by W, because each rank's loss
+is the mean over its own 1/W of the global batch, so the result equals the gradient of the
+global-batch mean loss in one process (tests/test_parallel.py checks this).
+
+Failures: every collective has the timeout given here (default 300 s, env MOGELM_DIST_TIMEOUT);
+a dead peer or disagreeing ranks end each rank with a CollectiveError naming the cause; an EP
+size that does not divide the world or the expert groups is refused before any collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mogelm.parallel.dispatchers import CollectiveError, _run
+from mogelm.parallel.expert_parallel import apply_expert_parallel, is_expert_sharded, validate_ep
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class ParallelContext:
+    """Process groups and the gradient/metric collectives the training loop needs."""
+
+    def __init__(self, ep_size: int, device: torch.device, dispatcher: str = "auto"):
+        if ep_size < 1 or dist.get_world_size() % ep_size:
+            raise ValueError(f"EP size {ep_size} must divide the world size {dist.get_world_size()}")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.ep_size = ep_size
+        self.dp_size = self.world_size // ep_size
+        self.ep_rank = self.rank % ep_size
+        self.device = device
+        self.dispatcher = dispatcher
+        self._check_agreement()  # before creating subgroups: disagreeing ranks would create different ones
+        # Every rank must create every group, in the same order.
+        self.ep_group = self._subgroups([list(range(d * ep_size, (d + 1) * ep_size)) for d in range(self.dp_size)])
+        self.expert_dp_group = self._subgroups(
+            [list(range(e, self.world_size, ep_size)) for e in range(ep_size)]
+        )
+
+    def _subgroups(self, rank_lists: list[list[int]]):
+        if len(rank_lists) == 1 and len(rank_lists[0]) == self.world_size:
+            return dist.group.WORLD
+        mine = None
+        for ranks in rank_lists:
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                mine = group
+        return mine
+
+    def _check_agreement(self, fingerprint: str = "") -> None:
+        """All ranks must agree on world size, EP size and (optionally) a config fingerprint."""
+        digest = int(hashlib.sha1(fingerprint.encode()).hexdigest()[:12], 16) if fingerprint else 0
+        mine = torch.tensor([self.world_size, self.ep_size, digest], dtype=torch.int64, device=self.device)
+        every = torch.empty(self.world_size * 3, dtype=torch.int64, device=self.device)
+        _run(lambda: dist.all_gather_into_tensor(every, mine), "agreement check", None)
+        rows = every.view(self.world_size, 3).tolist()
+        if any(r != rows[0] for r in rows):
+            raise CollectiveError(
+                "ranks disagree on the parallel setup (world size, EP size, model config fingerprint) "
+                f"per rank: {rows}; launch every rank with the same --nproc, --ep and model config"
+            )
+
+    # --- model -----------------------------------------------------------------------------------
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Move to the device, make every rank hold rank 0's weights, then shard the experts."""
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None:
+            validate_ep(cfg, self.ep_size)
+            self._check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+        model.to(self.device)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                _run(lambda t=t: dist.broadcast(t.data, src=0), "weight broadcast", None)
+        return apply_expert_parallel(model, self.ep_group, self.dispatcher)
+
+    def _grads(self, model: nn.Module, expert: bool) -> list[torch.Tensor]:
+        out = []
+        for p in model.parameters():
+            if p.requires_grad and is_expert_sharded(p) == expert:
+                if p.grad is None:  # unused on this rank this step: contribute zeros
+                    p.grad = torch.zeros_like(p)
+                out.append(p.grad)
+        return out
+
+    @torch.no_grad()
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Average gradients (see the module docstring): call after backward, before clipping."""
+        for grads, group, size in (
+            (self._grads(model, expert=False), None, self.world_size),
+            (self._grads(model, expert=True), self.expert_dp_group, self.dp_size),
+        ):
+            if not grads:
+                continue
+            flat = torch._utils._flatten_dense_tensors(grads)
+            if size > 1:
+                _run(lambda flat=flat, group=group: dist.all_reduce(flat, group=group), "gradient all_reduce", group)
+            flat.div_(self.world_size)
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+    @torch.no_grad()
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """Clip to a global L2 norm over the whole (sharded) model; returns the norm before clipping."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        expert_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        params = [p for p in model.parameters() if p.grad is not None]
+        for p in params:
+            s = p.grad.float().pow(2).sum()
+            if is_expert_sharded(p):
+                expert_sq += s
+            else:
+                sq += s
+        if self.ep_size > 1:  # replicated grads are equal everywhere; expert shards add up over EP
+            _run(lambda: dist.all_reduce(expert_sq, group=self.ep_group), "grad-norm all_reduce", self.ep_group)
+        total = math.sqrt((sq + expert_sq).item())
+        if max_norm > 0 and total > max_norm:
+            coef = max_norm / (total + 1e-6)
+            for p in params:
+                p.grad.mul_(coef)
+        return total
+
+    # --- metrics and control ---------------------------------------------------------------------
+    def all_reduce_mean(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        _run(lambda: dist.all_reduce(t), "metric all_reduce", None)
+        return t.item() / self.world_size
+
+    def barrier(self) -> None:
+        _run(lambda: dist.barrier(), "barrier", None)
+
+    def save_checkpoint(self, path: str, model: nn.Module, optimizer=None, extra: dict | None = None) -> None:
+        from mogelm.parallel.checkpoint import save_distributed
+
+        save_distributed(path, model, optimizer, extra)
+
+    def load_checkpoint(self, path: str, model: nn.Module, optimizer=None) -> dict:
+        from mogelm.parallel.checkpoint import load_distributed
+
+        return load_distributed(path, model, optimizer)
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK."""
+    local_rank = _env_int("LOCAL_RANK") or 0
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_parallel(
+    ep_size: int = 1,
+    device: str | torch.device | None = None,
+    dispatcher: str = "auto",
+    timeout_s: float | None = None,
+    backend: str | None = None,
+) -> ParallelContext:
+    """Join the torchrun job (env RANK/WORLD_SIZE/MASTER_ADDR) and build the ParallelContext."""
+    world = _env_int("WORLD_SIZE")
+    if world is None or _env_int("RANK") is None:
+        raise RuntimeError("init_parallel needs the torchrun environment (RANK, WORLD_SIZE); launch with torchrun")
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f"EP size {ep_size} must divide the world size {world} (DP = world / EP)")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    timeout_s = timeout_s or float(os.environ.get("MOGELM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as e:
+            raise CollectiveError(
+                f"could not join the process group as rank {os.environ.get('RANK')} of {world} within "
+                f"{timeout_s:.0f} s: a rank is missing or ranks disagree on WORLD_SIZE ({e})"
+            ) from e
+    return ParallelContext(ep_size, dev, dispatcher)
