@@ -1,0 +1,291 @@
+"""`mogelm sim`: parallel layout, batch and throughput of a MoGE model on given hardware.
+
+    mogelm sim --model pangu-pro-moe-72b --hardware ascend-800i-a2 --cards 4 --tpot-ms 100 \\
+               --context 2048 --quant w8a8 [--json]
+    mogelm sim search [--targets ascend-300i-duo:4:100,ascend-800i-a2:4:50] [--plot fig3.png] [--json]
+    mogelm sim validate [--json]
+    mogelm sim calibrate benchmarks/results/h200.json --out h200-measured.json
+    mogelm sim --hardware h200-measured.json ...           # a calibrated profile is a --hardware
+
+The first form searches every parallel layout for the largest decode batch within the TPOT limit
+and prints the best (layout, batch, TPOT, tokens/s per card, time and memory breakdown), plus the
+prefill time of --prefill-batch prompts of --context tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from mogelm.config import ModelConfig, from_name, preset_names
+from mogelm.errors import UserError
+from mogelm.sim.cost import QUANTS, Quant
+from mogelm.sim.hardware import HardwareProfile, load_profile, profile_names
+from mogelm.sim.layout import Layout, decode_plan_at, enumerate_layouts, plan_decode, plan_prefill, world_size
+
+ACTIONS = ("run", "search", "validate", "calibrate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.add_argument("action", nargs="?", default="run", choices=ACTIONS,
+                        help="run (default): plan one model; search: configuration search (paper Fig. 3); "
+                             "validate: predictions vs the paper's Tables 5-7 and our H200 measurements; "
+                             "calibrate: build a hardware profile from a benchmark JSON")
+    parser.add_argument("bench_json", nargs="?", help="calibrate: the benchmark results JSON to read")
+    parser.add_argument("--model", default="pangu-pro-moe-72b",
+                        help=f"preset ({', '.join(preset_names())}), a checkpoint directory or its config.json")
+    parser.add_argument("--hardware", default="ascend-800i-a2",
+                        help=f"built-in profile ({', '.join(profile_names())}) or a profile JSON path")
+    parser.add_argument("--cards", type=int, default=4, help="cards to deploy on (a 300I Duo card holds 2 chips)")
+    parser.add_argument("--tpot-ms", type=float, default=100.0, help="time-per-output-token limit for decode (ms)")
+    parser.add_argument("--context", type=int, default=2048, help="tokens per sequence (KV length; prompt length)")
+    parser.add_argument("--quant", default="w8a8", choices=sorted(QUANTS),
+                        help="weights/activations: bf16, w8a8 (int8 KV), w4a8 (int8 KV), fp8 (fp8 KV)")
+    parser.add_argument("--kv-bytes", type=float, default=None,
+                        help="override bytes per KV-cache element (e.g. 2 for a bf16 cache under w8a8)")
+    parser.add_argument("--routing", choices=["moge", "topk"], default=None,
+                        help="override the model's routing (top-k: busiest EP rank from the multinomial load)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="evaluate this decode batch instead of searching the largest one")
+    parser.add_argument("--layout", default=None,
+                        help="fix the layout as ATTN_DPxATTN_TP,EPxETP,SHARED_TP (the paper's H2P: 2x4,4x2,8)")
+    parser.add_argument("--prefill-batch", type=int, default=2,
+                        help="also report prefill TTFT for this many prompts of --context tokens (0: skip)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g = parser.add_argument_group("search")
+    g.add_argument("--targets", default="ascend-300i-duo:4:100,ascend-800i-a2:4:50",
+                   help="comma-separated HARDWARE:CARDS:TPOT_MS targets (default: the paper's objective)")
+    g.add_argument("--top", type=int, default=15, help="rows of the ranked table to print")
+    g.add_argument("--plot", default=None, help="write a Figure-3-style plot to this PNG path")
+    g.add_argument("--no-topk", action="store_true", help="skip planning each shape with top-k routing")
+    g.add_argument("--quick", action="store_true", help="a small search space (a few seconds), for smoke tests")
+    g = parser.add_argument_group("calibrate")
+    g.add_argument("--out", default=None, help="calibrate: where to write the profile JSON")
+    g.add_argument("--base", default=None,
+                   help="calibrate: profile supplying what a benchmark cannot measure (peak rates, memory, links); "
+                        "default: guessed from the benchmark's device name")
+    g.add_argument("--backend", default=None,
+                   help="calibrate: benchmark backend to take the grouped-GEMM curve from (default: the fastest)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "validate":
+            return _validate(args)
+        if args.action == "calibrate":
+            return _calibrate(args)
+        if args.action == "search":
+            return _search(args)
+        return _run(args)
+    except ValueError as e:  # boundary checks in the library raise ValueError; show them as user errors
+        raise UserError(str(e)) from None
+
+
+# Inputs ----------------------------------------------------------------------------------------
+
+
+def load_model(spec: str) -> ModelConfig:
+    """A preset name, a checkpoint directory, or a config.json (mogelm's or a PanguProMoE one)."""
+    if spec in preset_names():
+        return from_name(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model {spec!r} is neither a preset ({', '.join(preset_names())}) nor a config.json")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if "mogelm" in d:
+        return ModelConfig.from_dict({**d["mogelm"], "name": path.parent.name or "custom"})
+    if d.get("model_type") == "PanguProMoE":
+        # Pangu checkpoints have no group field: one group per activated expert (PAPER.md section 1.4).
+        return ModelConfig(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"],
+            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            num_experts=d["num_experts"], num_groups=d["num_experts_per_tok"],
+            num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
+            shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0),
+            tie_embeddings=d.get("tie_word_embeddings", False), name="PanguProMoE")
+    return ModelConfig.from_dict({**d, "name": d.get("name", path.parent.name or "custom")})
+
+
+def parse_layout(text: str, world: int) -> Layout:
+    try:
+        attn, ffn, shared = text.split(",")
+        dp, tp = (int(x) for x in attn.lower().split("x"))
+        ep, etp = (int(x) for x in ffn.lower().split("x"))
+        lo = Layout(attn_dp=dp, attn_tp=tp, ep=ep, etp=etp, shared_tp=int(shared))
+    except ValueError:
+        raise UserError(f"--layout {text!r} must look like 2x4,4x2,8 (attention DPxTP, experts EPxTP, shared TP)") \
+            from None
+    if lo.world != world or ep * etp != world or world % lo.shared_tp:
+        raise UserError(f"--layout {text} does not cover the {world} devices: DPxTP and EPxTP must equal {world} "
+                        "and the shared TP must divide it")
+    return lo
+
+
+def _quant(args, hw: HardwareProfile) -> Quant:
+    q = QUANTS[args.quant]
+    if not hw.supports(q.compute):
+        raise UserError(f"{hw.name} has no {q.compute} compute for --quant {q.name} "
+                        f"(it has {', '.join(sorted(hw.peak_tflops))})")
+    if args.kv_bytes is not None:
+        if args.kv_bytes <= 0:
+            raise UserError("--kv-bytes must be positive")
+        q = dataclasses.replace(q, kv_bytes=args.kv_bytes)
+    return q
+
+
+def _check_common(args) -> None:
+    if args.cards < 1:
+        raise UserError(f"--cards must be at least 1, got {args.cards}")
+    if args.context < 1:
+        raise UserError(f"--context must be at least 1, got {args.context}")
+    if not args.tpot_ms > 0:
+        raise UserError(f"--tpot-ms must be positive, got {args.tpot_ms}")
+
+
+# Actions ---------------------------------------------------------------------------------------
+
+
+def _run(args) -> int:
+    _check_common(args)
+    cfg = load_model(args.model)
+    hw = load_profile(args.hardware)
+    q = _quant(args, hw)
+    world = world_size(hw, args.cards)
+    if cfg.is_moe and args.routing:
+        cfg = cfg.replace(routing=args.routing)
+    layouts = [parse_layout(args.layout, world)] if args.layout else enumerate_layouts(cfg, world)
+    if not layouts:
+        raise UserError(f"--cards {args.cards} gives {world} devices, and no parallel layout of {cfg.name} fits them: "
+                        f"TP and EP degrees must be powers of two dividing the heads ({cfg.num_heads}), KV heads "
+                        f"({cfg.num_kv_heads}), expert width and experts; try a power-of-two card count")
+    if args.batch is not None:
+        if args.batch < 1:
+            raise UserError("--batch must be at least 1")
+        plans = [decode_plan_at(cfg, hw, q, lo, cards=args.cards, batch=args.batch, context=args.context)
+                 for lo in layouts]
+        fitting = [p for p in plans if p.memory.fits]
+        if not fitting:
+            raise UserError(f"batch {args.batch} at context {args.context} does not fit in memory in any layout")
+        decode = min(fitting, key=lambda p: p.step.total)
+    else:
+        decode = plan_decode(cfg, hw, q, cards=args.cards, tpot_ms=args.tpot_ms, context=args.context,
+                             layouts=layouts)
+    prefill = None
+    if args.prefill_batch:
+        try:
+            prefill = plan_prefill(cfg, hw, q, cards=args.cards, batch=args.prefill_batch, context=args.context)
+        except ValueError:
+            prefill = None  # a prefill that does not fit is reported as null, not an error
+    out = {
+        "model": cfg.name, "hardware": hw.name, "cards": args.cards, "devices": world, "quant": q.name,
+        "kv_bytes": q.kv_bytes, "routing": cfg.routing if cfg.is_moe else "dense", "context": args.context,
+        "tpot_limit_ms": None if args.batch is not None else args.tpot_ms,
+        "decode": decode.to_dict(), "prefill": prefill.to_dict() if prefill else None,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    d = out["decode"]
+    limit = f"TPOT <= {args.tpot_ms:g} ms" if args.batch is None else f"fixed batch {args.batch}"
+    print(f"{cfg.name} on {args.cards} x {hw.name} ({world} devices), {q.name}, context {args.context}, {limit}, "
+          f"routing {out['routing']}")
+    print(f"  layout          {d['layout_text']}")
+    why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)"}.get(d["limited_by"], "")
+    print(f"  decode batch    {d['batch']}{why}")
+    print(f"  TPOT            {d['tpot_ms']:.2f} ms")
+    print(f"  tokens/s/card   {d['tokens_per_s_per_card']:.1f}")
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["breakdown_ms"].items(), key=lambda kv: -kv[1]))
+    print(f"  step breakdown  {parts} (ms); weight reads {d['weight_read_share'] * 100:.0f} % of the step")
+    m = d["memory"]
+    print(f"  memory/device   weights {m['weights_GB']:.1f} + KV {m['kv_cache_GB']:.1f} + activations "
+          f"{m['activations_GB']:.2f} = {m['total_GB']:.1f} GB of {m['capacity_GB']:.1f} GB usable")
+    if prefill:
+        p = out["prefill"]
+        print(f"  prefill         {args.prefill_batch} x {args.context} tokens: TTFT {p['ttft_ms']:.1f} ms, "
+              f"{p['tokens_per_s_per_card']:.0f} tokens/s/card ({p['layout_text']})")
+    return 0
+
+
+def parse_targets(text: str):
+    from mogelm.sim.search import Target
+
+    targets = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise UserError(f"--targets item {item!r} must be HARDWARE:CARDS:TPOT_MS")
+        try:
+            cards, tpot = int(parts[1]), float(parts[2])
+        except ValueError:
+            raise UserError(f"--targets item {item!r}: CARDS must be an integer and TPOT_MS a number") from None
+        if cards < 1 or not tpot > 0 or math.isinf(tpot):
+            raise UserError(f"--targets item {item!r}: CARDS and TPOT_MS must be positive")
+        load_profile(parts[0])  # fail early on an unknown name
+        targets.append(Target(hardware=parts[0], cards=cards, tpot_ms=tpot))
+    return targets
+
+
+def _search(args) -> int:
+    from mogelm.sim.search import SearchSpace, format_ranking, plot_search, run_search
+
+    targets = parse_targets(args.targets)
+    space = SearchSpace()
+    if args.quick:
+        space = SearchSpace(hidden_sizes=(4096, 5120), kv_heads=(8,), layers=(40, 48), experts=(64,),
+                            expert_widths=(1344, 2048))
+    results = run_search(space, targets, quant=args.quant, context=args.context, compare_topk=not args.no_topk)
+    if args.plot:
+        plot_search(results, targets, args.plot)
+    if args.json:
+        print(json.dumps({"targets": [t.label for t in targets], "quant": args.quant, "context": args.context,
+                          "candidates": [c.to_dict() for c in results]}, indent=2))
+        return 0
+    print(f"{len(results)} candidates, {args.quant}, context {args.context}; decode tokens/s per card at the "
+          "TPOT limit, normalised to a random candidate; top-k/MoGE = same shape routed top-k")
+    print(format_ranking(results, targets, args.top))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _validate(args) -> int:
+    from mogelm.sim.validate import format_table, h200_full_model, run_checks
+
+    checks = run_checks()
+    forecast = h200_full_model()
+    if args.json:
+        print(json.dumps({"date": "2026-11-28", "checks": [c.to_dict() for c in checks],
+                          "h200_forecast": forecast}, indent=2))
+        return 0
+    print(format_table(checks))
+    print(f"\nForecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048: "
+          f"{forecast['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch {forecast['batch']} "
+          f"({forecast['layout_text']})")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from mogelm.sim.calibrate import calibrate_file
+
+    if not args.bench_json:
+        raise UserError("calibrate needs the benchmark JSON: mogelm sim calibrate BENCH_JSON --out PROFILE_JSON")
+    if not args.out:
+        raise UserError("calibrate needs --out PROFILE_JSON")
+    hw = calibrate_file(args.bench_json, base=args.base, backend=args.backend)
+    hw.save(args.out)
+    print(f"wrote {args.out}: {hw.description}")
+    print(f"  bandwidth {hw.memory_bandwidth_GBps:.0f} GB/s x {hw.mem_efficiency:.3f}, dense GEMM efficiency "
+          f"{hw.gemm_efficiency:.3f}, grouped-GEMM curve " +
+          ", ".join(f"{r:g} rows/expert: {e:.2f}" for r, e in hw.grouped_gemm_curve))
+    return 0
