@@ -1,0 +1,239 @@
+"""Tests for the system simulator (mogelm.sim): hand-computed cost-model cases, layouts and memory,
+MoGE vs top-k load, calibration, and the `mogelm sim` CLI (JSON output, one-line errors)."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mogelm.cli import main
+from mogelm.config import count_parameters, from_name
+from mogelm.sim.calibrate import calibrate_file
+from mogelm.sim.cost import (
+    QUANTS,
+    allgather_time,
+    allreduce_time,
+    elementwise_time,
+    gemm_time,
+    kv_bytes_per_token,
+    routed_experts_time,
+    routing_load,
+    step_cost,
+)
+from mogelm.sim.hardware import HardwareProfile, LinkLevel, load_profile
+from mogelm.sim.layout import H2P_8, Layout, enumerate_layouts, memory, plan_decode
+
+BENCH = Path(__file__).parent / "data" / "sim_bench_h200.json"
+
+
+def toy_hw(**changes) -> HardwareProfile:
+    """Round numbers so every expected time below can be worked out by hand."""
+    d = dict(name="toy", description="toy", peak_tflops={"bf16": 100.0, "int8": 200.0}, memory_GB=10.0,
+             memory_bandwidth_GBps=1000.0, mem_efficiency=1.0, gemm_efficiency=0.5, op_overhead_us=0.0,
+             links=[LinkLevel(name="sw", group_size=8, topology="switch", bandwidth_GBps=100.0, latency_us=10.0),
+                    LinkLevel(name="net", group_size=64, topology="switch", bandwidth_GBps=10.0, latency_us=50.0)])
+    d.update(changes)
+    return HardwareProfile(**d)
+
+
+# Operators -------------------------------------------------------------------------------------
+
+
+def test_gemm_roofline_memory_and_compute_bound():
+    hw, bf16 = toy_hw(), QUANTS["bf16"]
+    # m=1: bytes = W 1000*1000*2 + x 1000*2 + y 1000*2 = 2.004e6 at 1e12 B/s; flops 2e6 at 5e13 is far less.
+    assert gemm_time(1, 1000, 1000, hw, bf16) == pytest.approx(2.004e-6)
+    # 4096^3: flops 2*4096^3 = 1.374e11 at 0.5 * 100 TFLOP/s = 2.749 ms > bytes 3*4096^2*2 / 1e12 = 0.1 ms.
+    assert gemm_time(4096, 4096, 4096, hw, bf16) == pytest.approx(2 * 4096**3 / 50e12)
+    # A fixed time per kernel is added on top.
+    assert gemm_time(1, 1000, 1000, toy_hw(op_overhead_us=5.0), bf16) == pytest.approx(2.004e-6 + 5e-6)
+
+
+def test_gemm_int8_uses_int8_peak_and_pays_activation_quantisation():
+    hw, w8a8 = toy_hw(), QUANTS["w8a8"]
+    t = gemm_time(4096, 4096, 4096, hw, w8a8)
+    quantise = 4096 * 4096 * 3 / 1e12  # read bf16, write int8
+    assert t == pytest.approx(2 * 4096**3 / (0.5 * 200e12) + quantise)
+    assert elementwise_time(1e6, hw, 4.0) == pytest.approx(4e-6)
+
+
+def test_kv_bytes_per_token_pangu():
+    cfg = from_name("pangu-pro-moe-72b")
+    assert kv_bytes_per_token(cfg, 2) == 192 * 1024  # 48 layers * 2 (K,V) * 8 heads * 128 * 2 bytes
+    assert kv_bytes_per_token(cfg, 1) == 96 * 1024
+
+
+def test_collectives_alpha_beta():
+    hw = toy_hw()
+    # Ring over a switch: (p-1) * (alpha + n / (p * bw)) = 3 * (10 us + 4e6 / (4 * 100e9)) = 60 us.
+    assert allgather_time(4, 4e6, hw) == pytest.approx(60e-6)
+    assert allreduce_time(4, 4e6, hw) == pytest.approx(120e-6)
+    assert allgather_time(1, 4e6, hw) == 0.0
+    # 16 devices do not fit the 8-device level: the outer one (10 GB/s, 50 us) is used.
+    assert allgather_time(16, 16e6, hw) == pytest.approx(15 * (50e-6 + 16e6 / (16 * 10e9)))
+    # Full mesh: one step, p-1 links at once: alpha + (p-1)/p * n / ((p-1) * link) = 10 us + 40 us.
+    mesh = toy_hw(links=[LinkLevel(name="m", group_size=8, topology="mesh", bandwidth_GBps=25.0, latency_us=10.0)])
+    assert allgather_time(4, 4e6, mesh) == pytest.approx(50e-6)
+
+
+# Routing load: MoGE exactly balanced, top-k busier ---------------------------------------------
+
+
+def test_moge_exactly_balanced_topk_busier():
+    for tokens in (1, 16, 456):
+        rows_moge, _ = routing_load("moge", tokens, 64, 8, 8, 8)
+        rows_topk, _ = routing_load("topk", tokens, 64, 8, 8, 8)
+        assert rows_moge == tokens * 8 / 8  # exactly T*K/M on every device
+        assert rows_topk > rows_moge
+    # One token: MoGE touches one expert per device; top-k often puts 2-3 of its 8 on one device.
+    assert routing_load("moge", 1, 64, 8, 8, 8)[1] == 1.0
+    assert routing_load("topk", 1, 64, 8, 8, 8)[1] > 2.0
+    # Everything on one rank: all rows, and the expected number of distinct experts, 64(1-(7/8)^8)~42.
+    rows, touched = routing_load("moge", 8, 64, 8, 8, 1)
+    assert rows == 64 and touched == pytest.approx(64 * (1 - (7 / 8) ** 8), rel=0.05)
+
+
+def test_topk_decode_step_slower_than_moge_at_small_batch():
+    cfg = from_name("pangu-pro-moe-72b")
+    hw = dataclasses.replace(load_profile("nvidia-h200"), op_overhead_us=0.0)  # weight reads only
+    lo = Layout(attn_dp=8, attn_tp=1, ep=8, etp=1, shared_tp=8)
+    kw = dict(seqs=1, context=2048, phase="decode")
+    # One token: the busiest top-k device reads ~2.4 experts' weights, every MoGE device exactly one.
+    moge = step_cost(cfg, hw, QUANTS["bf16"], lo, routing="moge", tokens=1, **kw)
+    topk = step_cost(cfg, hw, QUANTS["bf16"], lo, routing="topk", tokens=1, **kw)
+    assert topk.parts["routed_experts"] == pytest.approx(2.38 * moge.parts["routed_experts"], rel=0.05)
+    assert topk.total > moge.total
+
+
+def test_routed_experts_memory_bound_at_one_token():
+    hw = toy_hw()
+    # 8 experts of 3*64*32 bf16 weights + rows*(2*64*2 + 3*32*2) activation bytes, all over 1e12 B/s.
+    t = routed_experts_time(8, 8, 8, 64, 32, hw, QUANTS["bf16"])
+    assert t == pytest.approx((8 * 3 * 64 * 32 * 2 + 8 * (2 * 64 * 2 + 3 * 32 * 2)) / 1e12)
+
+
+# Layouts, memory, batch search -----------------------------------------------------------------
+
+
+def test_layouts_cover_world_and_include_h2p():
+    cfg = from_name("pangu-pro-moe-72b")
+    layouts = enumerate_layouts(cfg, 8)
+    assert H2P_8 in layouts
+    for lo in layouts:
+        assert lo.world == 8 and lo.ep * lo.etp == 8 and 8 % lo.shared_tp == 0
+    assert enumerate_layouts(cfg, 3) == []  # EP x TP = 3 is no power of two
+
+
+def test_memory_feasibility():
+    cfg, hw, q = from_name("pangu-pro-moe-72b"), load_profile("ascend-800i-a2"), QUANTS["w8a8"]
+    total, _ = count_parameters(cfg)
+    one = Layout(attn_dp=1, attn_tp=1, ep=1, etp=1, shared_tp=1)
+    m1 = memory(cfg, hw, q, one, tokens=1, seqs=1, context=2048)
+    # One device holds every weight: 1 byte per parameter, plus a second byte for the bf16 embedding
+    # and head (2*V*d parameters) and the bf16 router; norms and biases are left out (< 0.01 %).
+    router = cfg.num_layers * cfg.hidden_size * cfg.num_experts
+    assert m1.weights == pytest.approx(total + 2 * cfg.vocab_size * cfg.hidden_size + router, rel=1e-3)
+    assert not m1.fits  # 73 GB > 57.6 GB usable
+    four = Layout(attn_dp=2, attn_tp=2, ep=4, etp=1, shared_tp=4)
+    m4 = memory(cfg, hw, q, four, tokens=8, seqs=8, context=1000)
+    assert m4.kv_cache == 48 * 4 * 1000 * 2 * 4 * 128 * 1  # 4 seqs per DP group, 8/2 KV heads, int8
+    assert m4.fits
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_decode(cfg, hw, q, cards=1, tpot_ms=100, context=2048)
+
+
+def test_decode_step_grows_with_batch_and_batch_search_respects_limits():
+    cfg, hw, q = from_name("pangu-pro-moe-72b"), load_profile("ascend-300i-duo"), QUANTS["w8a8"]
+    times = [step_cost(cfg, hw, q, H2P_8, tokens=b, seqs=b, context=2048, phase="decode").total
+             for b in (2, 16, 64, 128)]
+    assert times == sorted(times)
+    plan = plan_decode(cfg, hw, q, cards=4, tpot_ms=100, context=2048)
+    assert plan.step_ms <= 100 and plan.memory.fits and plan.limited_by in ("tpot", "memory")
+    assert plan.tokens_per_s_per_card == pytest.approx(plan.batch / plan.step.total / 4)
+    with pytest.raises(ValueError, match="impossible"):
+        plan_decode(cfg, hw, q, cards=4, tpot_ms=1, context=2048)
+
+
+# Calibration -----------------------------------------------------------------------------------
+
+
+def test_calibrate_reproduces_measured_points(tmp_path):
+    out = tmp_path / "h200.json"
+    assert main(["sim", "calibrate", str(BENCH), "--out", str(out)]) == 0
+    hw = load_profile(str(out))
+    assert hw.mem_efficiency == pytest.approx(4250 / 4800)
+    assert hw.gemm_efficiency == pytest.approx(672 / 989)
+    assert len(hw.grouped_gemm_curve) == 5  # the fastest backend (triton) has 5 points
+    for tokens, ms in ((1, 0.106), (8192, 5.8)):
+        _, touched = routing_load("moge", tokens, 64, 8, 8, 1)
+        pred = routed_experts_time(tokens * 8, touched, 64, 5120, 1344, hw, QUANTS["bf16"]) * 1e3
+        assert pred == pytest.approx(ms, rel=1e-3)
+    gmm = calibrate_file(str(BENCH), backend="grouped_mm")
+    assert len(gmm.grouped_gemm_curve) == 8
+    with pytest.raises(ValueError, match="backend"):
+        calibrate_file(str(BENCH), backend="nope")
+
+
+# CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_json_output(capsys):
+    argv = ["sim", "--model", "pangu-pro-moe-72b", "--hardware", "ascend-800i-a2", "--cards", "4",
+            "--tpot-ms", "100", "--context", "2048", "--quant", "w8a8", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    d = out["decode"]
+    assert out["hardware"] == "ascend-800i-a2" and out["devices"] == 4
+    assert 0 < d["tpot_ms"] <= 100 and d["batch"] >= 1
+    assert d["tokens_per_s_per_card"] == pytest.approx(d["batch"] / d["tpot_ms"] * 1e3 / 4, rel=1e-3)
+    assert out["prefill"]["ttft_ms"] > 0 and set(d["layout"]) == {"attn_dp", "attn_tp", "ep", "etp", "shared_tp"}
+
+
+def test_cli_fixed_layout_and_text(capsys):
+    assert main(["sim", "--hardware", "ascend-300i-duo", "--layout", "2x4,4x2,8", "--batch", "80",
+                 "--prefill-batch", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "attention DP2xTP4, routed experts EP4xTP2, shared TP8" in text and "TPOT" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hardware", "no-such-npu"], "unknown hardware"),
+    (["--cards", "3"], "no parallel layout"),
+    (["--tpot-ms", "1"], "impossible"),
+    (["--hardware", "ascend-800i-a2", "--quant", "fp8"], "no fp8"),
+    (["--layout", "2x2,4x1,4", "--cards", "8"], "does not cover"),
+    (["search", "--targets", "ascend-800i-a2:four:50"], "CARDS must be an integer"),
+])
+def test_cli_bad_input_one_line_exit_2(capsys, argv, message):
+    assert main(["sim", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# Search and validation -------------------------------------------------------------------------
+
+
+def test_search_ranks_and_plots(tmp_path):
+    from mogelm.sim.search import SearchSpace, Target, plot_search, run_search
+
+    space = SearchSpace(hidden_sizes=(5120,), kv_heads=(8,), layers=(40, 48), experts=(64,), expert_widths=(1344,))
+    targets = [Target(hardware="ascend-800i-a2", cards=4, tpot_ms=50.0)]
+    res = run_search(space, targets)
+    assert len(res) == 2 and res[0].score >= res[1].score
+    assert any(c.is_pangu for c in res)
+    label = targets[0].label
+    assert all(0 < c.topk[label] <= c.moge[label] * 1.001 for c in res)  # top-k never beats MoGE
+    png = tmp_path / "fig3.png"
+    plot_search(res, targets, str(png))
+    assert png.stat().st_size > 1000
+
+
+def test_validate_rows_have_errors():
+    from mogelm.sim.validate import run_checks
+
+    checks = run_checks()
+    assert len(checks) > 30 and all(math.isfinite(c.error) for c in checks)
+    tpot = next(c for c in checks if "MoE decode TPOT at batch 456" in c.what)
+    assert tpot.measured == 99.31 and abs(tpot.error) <= 0.25
