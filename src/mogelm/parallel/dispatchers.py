@@ -41,10 +41,24 @@ class CollectiveError(RuntimeError):
     """A collective failed: a peer rank died, timed out, or disagrees on shapes."""
 
 
+_comm_timer = None  # benchmarks: an object with begin(what) / end(what) around every collective
+
+
+def set_comm_timer(timer) -> None:
+    """Install (or with None remove) a timer called around every collective of this module."""
+    global _comm_timer
+    _comm_timer = timer
+
+
 def _run(fn, what: str, process_group) -> None:
     """Run one collective, turning backend errors into a message that names the cause."""
     try:
-        fn()
+        if _comm_timer is None:
+            fn()
+        else:
+            _comm_timer.begin(what)
+            fn()
+            _comm_timer.end(what)
     except CollectiveError:
         raise
     except (RuntimeError, dist.DistError) as e:
