@@ -266,6 +266,33 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
     }
 
 
+def nccl_equality_check(device) -> dict:
+    """EP layer (every dispatcher) vs the full layer in one process, fp32, forward and input grad."""
+    import copy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for routing, disp in (("moge", "moge_a2a"), ("moge", "moge_agrs"), ("topk", "topk_a2a")):
+        cfg = from_name("debug", routing=routing)
+        torch.manual_seed(0)
+        with torch.device(device):
+            full = MoGELayer(cfg)
+            full.reset_parameters()
+            x_all = torch.randn(2 * 64 * world, cfg.hidden_size, generator=torch.Generator(device).manual_seed(1), device=device)
+        ep = copy.deepcopy(full)
+        apply_expert_parallel(layer_holder(ep), dist.group.WORLD, disp)
+        xa = x_all.clone().requires_grad_()
+        y_ref, _ = full(xa)
+        y_ref.square().sum().backward()
+        rows = slice(rank * 128, (rank + 1) * 128)
+        x = x_all[rows].clone().requires_grad_()
+        y, _ = ep(x)
+        y.square().sum().backward()
+        diff = max((y - y_ref[rows]).abs().max().item(), (x.grad - xa.grad[rows]).abs().max().item())
+        out[f"{routing}/{disp}"] = max(r[0] for r in gather_floats([diff], device))
+    return out
+
+
 def fmt(res):
     if "error" in res:
         return f"| {res.get('label', '')} | error: {res['error']} |"
@@ -299,7 +326,7 @@ def main():
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     ops.set_backend(args.backend)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 equality check must be exact-ish
     if args.tiny:
         cfg = from_name("debug")
         dtype = torch.float32
@@ -318,6 +345,8 @@ def main():
         "world": world, "torch": torch.__version__, "backend": args.backend, "dtype": str(dtype),
         "config": cfg.name, "nccl": str(torch.cuda.nccl.version()) if cuda else None,
     }
+    with ops.use_backend("loop"):  # exact fp32 reference path on any device
+        meta["equality_max_abs_diff"] = nccl_equality_check(device)
     log(json.dumps(meta))
     results = []
 
