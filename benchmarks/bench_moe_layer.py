@@ -190,63 +190,109 @@ def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, 
 # tile sweep
 # ---------------------------------------------------------------------------------------------
 
-DECODE_CANDIDATES = [  # block_m, block_n, block_k, group_m, warps, stages
-    (16, 32, 128, 1, 4, 4), (16, 16, 256, 1, 4, 4), (16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 4),
-    (16, 32, 128, 1, 2, 5), (16, 64, 64, 1, 4, 5), (16, 16, 128, 1, 2, 6), (16, 128, 64, 1, 4, 4),
-]
-MID_CANDIDATES = [
-    (32, 64, 128, 4, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (32, 128, 64, 4, 4, 4),
-    (64, 64, 128, 8, 4, 3), (16, 64, 128, 1, 4, 4),
-]
-PREFILL_CANDIDATES = [
-    (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 5), (256, 128, 64, 8, 8, 3),
+CANDIDATES = {  # regime -> kind -> (block_m, block_n, block_k, group_m, warps, stages), likeliest first
+    "decode": {
+        "bf16": [(16, 64, 128, 8, 4, 4), (16, 32, 128, 8, 4, 4), (16, 128, 64, 8, 4, 4), (16, 64, 256, 8, 4, 3),
+                 (16, 32, 256, 8, 4, 3), (16, 64, 64, 8, 4, 6)],
+        "fp8": [(16, 64, 256, 8, 4, 4), (16, 128, 128, 8, 4, 4), (16, 64, 128, 8, 4, 5), (16, 32, 256, 8, 4, 4),
+                (16, 128, 256, 8, 4, 3), (16, 64, 512, 8, 4, 3)],
+    },
+    "mid": {
+        "bf16": [(16, 64, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4), (32, 128, 64, 8, 4, 4), (16, 128, 64, 8, 4, 4),
+                 (32, 64, 64, 8, 4, 5), (64, 64, 128, 8, 4, 3)],
+        "fp8": [(16, 64, 256, 8, 4, 4), (32, 64, 256, 8, 4, 3), (32, 128, 128, 8, 4, 4), (16, 128, 128, 8, 4, 4),
+                (32, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4)],
+    },
+    "large": {
+        "bf16": [(64, 128, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4),
+                 (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 8, 3)],
+    },
+    "prefill": {
+        "bf16": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 16, 8, 4),
+                 (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4)],
+        "w8a8": [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 128, 64, 8, 8, 4),
+                 (256, 128, 128, 8, 8, 3), (128, 128, 128, 16, 8, 4)],
+    },
+}
+TUNE_PLAN = [  # kind, shape, token counts (the table's S buckets)
+    ("bf16", "pangu", [1, 8, 32, 128, 512, 2048, 8192]),
+    ("bf16", "qwen3-30b-a3b", [1, 32, 128, 512, 2048, 8192]),
+    ("fp8", "pangu", [1, 32, 128]),
+    ("fp8", "qwen3-30b-a3b", [1, 128]),
+    ("w8a8", "pangu", [8192]),
+    ("w8a8", "qwen3-30b-a3b", [8192]),
 ]
 
 
-def tune(s: dict, tokens: list[int], budget_s: float, kind: str = "bf16") -> dict:
+def regime(rows_per_expert: float) -> str:
+    return ("decode" if rows_per_expert <= 6 else "mid" if rows_per_expert <= 48
+            else "large" if rows_per_expert <= 400 else "prefill")
+
+
+def tune_point(s: dict, T: int, kind: str, experts) -> dict | None:
+    """Time gate_up and down alone for each candidate tile; keep the best pair sharing block_m."""
     D, E = s["D"], s["E"]
     K = s["G"] * s["kp"]
-    gate_up, down = make_experts(s)
-    if kind == "fp8":
-        gate_up, gus, down, dns = ops.quantize_experts_fp8(gate_up, down)
-    else:
-        gus = dns = None
-    table, t_start = {}, time.time()
-    for T in tokens:
-        _, w, ids = route(s, T)
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        S = T * K
-        cands = DECODE_CANDIDATES if S / E <= 16 else MID_CANDIDATES if S / E <= 512 else PREFILL_CANDIDATES
-        best = {}
-        for c in cands:
-            if time.time() - t_start > budget_s:
-                log("  tune budget spent")
-                break
-            cfg = tm.GemmConfig(*c)
-            try:
-                plan = tm.align(ids, E, cfg.block_m)
-                h = tm.gate_up(x, gate_up, plan, K, cfg, w_scale_EF=gus)
-                w_S = w.reshape(-1).contiguous()
-                t_gu, _ = best_of(lambda: tm.gate_up(x, gate_up, plan, K, cfg, w_scale_EF=gus), T)
-                t_dn, _ = best_of(lambda: tm.down(h, down, w_S, plan, S, cfg, x.dtype, w_scale_ED=dns), T)
-            except Exception as exc:  # e.g. out of shared memory for this tile
-                log(f"  T={T} {c}: {type(exc).__name__} {str(exc)[:60]}")
-                continue
-            log(f"  T={T:6d} {c}: gate_up {t_gu:.4f} ms, down {t_dn:.4f} ms")
-            for which, t in (("gate_up", t_gu), ("down", t_dn)):
-                best.setdefault(cfg.block_m, {}).setdefault(which, (1e9, None))
-                if t < best[cfg.block_m][which][0]:
-                    best[cfg.block_m][which] = (t, c)
-        full = {bm: v for bm, v in best.items() if len(v) == 2}
-        if not full:
+    gate_up, down, gus, dns = experts
+    _, w, ids = route(s, T)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    x_s = None
+    if kind == "w8a8":
+        x, x_s = tm.quant_rows(x)
+    S = T * K
+    reg = regime(S / E)
+    cands = CANDIDATES[reg].get(kind) or CANDIDATES[reg]["fp8" if kind == "w8a8" and reg != "prefill" else "bf16"]
+    graph = T <= 128
+    best = {}
+    for c in cands:
+        cfg = tm.GemmConfig(*c)
+        try:
+            plan = tm.align(ids, E, cfg.block_m)
+            h = tm.gate_up(x, gate_up, plan, K, cfg, w_scale_EF=gus, x_scale_T=x_s, out_dtype=torch.bfloat16)
+            h_s = None
+            if kind == "w8a8":
+                h, h_s = tm.quant_rows(h)
+            w_S = w.reshape(-1).contiguous()
+            t_gu = timed(lambda: tm.gate_up(x, gate_up, plan, K, cfg, w_scale_EF=gus, x_scale_T=x_s,
+                                            out_dtype=torch.bfloat16), graph)
+            t_dn = timed(lambda: tm.down(h, down, w_S, plan, S, cfg, torch.bfloat16, w_scale_ED=dns,
+                                         h_scale_P=h_s), graph)
+        except Exception as exc:  # e.g. out of shared memory for this tile
+            log(f"  {kind} T={T} {c}: {type(exc).__name__} {str(exc)[:60]}")
             continue
-        bm = min(full, key=lambda b: full[b]["gate_up"][0] + full[b]["down"][0])
-        keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
-        table[str(S)] = {which: dict(zip(keys, full[bm][which][1])) for which in ("gate_up", "down")}
-        table[str(S)]["ms"] = {which: full[bm][which][0] for which in ("gate_up", "down")}
-        log(f"  T={T}: best {table[str(S)]}")
-    return table
+        log(f"  {kind} T={T:6d} {c}: gate_up {t_gu:.4f} ms, down {t_dn:.4f} ms")
+        for which, t in (("gate_up", t_gu), ("down", t_dn)):
+            prev = best.setdefault(cfg.block_m, {}).get(which)
+            if prev is None or t < prev[0]:
+                best[cfg.block_m][which] = (t, c)
+    full = {bm: v for bm, v in best.items() if len(v) == 2}
+    if not full:
+        return None
+    bm = min(full, key=lambda b: full[b]["gate_up"][0] + full[b]["down"][0])
+    keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
+    entry = {which: dict(zip(keys, full[bm][which][1])) for which in ("gate_up", "down")}
+    entry["ms"] = {which: full[bm][which][0] for which in ("gate_up", "down")}
+    log(f"  {kind} T={T}: best {entry}")
+    return entry
+
+
+def tune(path: str, budget_s: float) -> None:
+    table, t0 = {}, time.time()
+    for kind, name, tokens in TUNE_PLAN:
+        s = SHAPES[name]
+        gate_up, down = make_experts(s)
+        experts = (gate_up, down, None, None) if kind == "bf16" else ops.quantize_experts_fp8(gate_up, down)
+        key = f"E={s['E']},F={s['F']},D={s['D']}"
+        for T in tokens:
+            if time.time() - t0 > budget_s:
+                log(f"  tune budget spent: {kind} {name} T={T} and later points keep the heuristic")
+                break
+            entry = tune_point(s, T, kind, experts)
+            if entry:
+                table.setdefault(kind, {}).setdefault(key, {})[str(T * s["G"] * s["kp"])] = entry
+        with open(path, "w") as f:  # written after every shape, so a timeout keeps what was found
+            json.dump(table, f, indent=1)
+        del experts, gate_up, down
 
 
 def main(argv=None):
@@ -255,24 +301,15 @@ def main(argv=None):
     p.add_argument("--shapes", default="pangu,qwen3-30b-a3b", help="comma-separated: " + ",".join(SHAPES))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
     p.add_argument("--skip-loop", action="store_true", help="skip the per-expert loop backend")
-    p.add_argument("--tune", help="run the tile sweep instead and write a config table here")
-    p.add_argument("--tune-budget", type=float, default=240.0, help="seconds for the sweep")
-    p.add_argument("--tune-kinds", default="bf16", help="comma-separated: bf16,fp8")
+    p.add_argument("--tune", help="run the tile sweep (TUNE_PLAN) instead and write a config table here")
+    p.add_argument("--tune-budget", type=float, default=300.0, help="seconds for the sweep")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = args.shapes.split(",")
     dev = torch.cuda.get_device_name()
     log(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}")
     if args.tune:
-        out = {}
-        for kind in args.tune_kinds.split(","):
-            for name in shapes:
-                s = SHAPES[name]
-                log(f"tuning {name} {kind}")
-                key = f"E={s['E']},F={s['F']},D={s['D']}"
-                out.setdefault(kind, {})[key] = tune(s, tokens, args.tune_budget / len(shapes), kind)
-        with open(args.tune, "w") as f:
-            json.dump(out, f, indent=1)
+        tune(args.tune, args.tune_budget)
         return
     bw, dense = ceilings()
     log(f"copy bandwidth {bw:.0f} GB/s, dense bf16 GEMM {dense:.0f} TFLOP/s")

@@ -230,6 +230,17 @@ def test_gpu_fp8_vs_fp32(T, activations):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_quant_rows_kernel_matches_torch():
+    x = torch.randn(300, 1345, device="cuda") * torch.rand(300, 1, device="cuda") * 10
+    x[3] = 0.0  # an all-zero row keeps a finite scale
+    q, s = triton_moe.quant_rows(x.bfloat16())
+    q_ref, s_ref = triton_moe.quantize_rows_fp8(x.bfloat16())
+    assert torch.equal(s, s_ref)
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).sum() == 0
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_decode_cuda_graph_replays_match_eager():
     D, F, E, G, T = 1024, 384, 64, 8, 4
     logits = torch.randn(T, E, device="cuda")

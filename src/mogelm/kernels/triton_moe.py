@@ -304,6 +304,34 @@ def _down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (out_n < D)[None, :])
 
 
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr,  # [R, C] input rows (bf16/fp32), row stride stride_x, unit column stride
+    q_ptr,  # [R, C] out: e4m3 rows, contiguous
+    scale_ptr,  # [R] fp32 out: amax / FP8_MAX per row (x ~= q * scale)
+    R, C, stride_x,  # rows, columns, input row stride
+    FP8_MAX: tl.constexpr,  # 448, the largest finite e4m3 value
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # two passes over each row block: amax, then scale-and-round (same arithmetic as quantize_rows_fp8)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    amax = tl.zeros((BLOCK_R,), tl.float32)
+    for c in range(0, tl.cdiv(C, BLOCK_C)):
+        cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (cols < C)[None, :]
+        v = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), axis=1))
+    scale = tl.maximum(amax, 1e-12) / FP8_MAX
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    for c in range(0, tl.cdiv(C, BLOCK_C)):
+        cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = rmask[:, None] & (cols < C)[None, :]
+        v = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m, other=0.0)
+        q = tl.minimum(tl.maximum(v.to(tl.float32) / scale[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=m)
+
+
 # ----------------------------------------------------------------------------------------------
 # Level 2: launchers (shapes, configs, dispatch plan)
 # ----------------------------------------------------------------------------------------------
@@ -337,8 +365,11 @@ _CONFIG_DIR = Path(__file__).with_name("configs")
 @functools.cache
 def _config_table(device_name: str) -> dict:
     """Tuned configs kept as data: configs/<device>.json =
-    {"bf16"|"fp8": {"E=..,F=..,D=..": {"<max routed rows S>": {"gate_up": {...}, "down": {...}}}}}.
+    {"bf16"|"fp8"|"w8a8": {"E=..,F=..,D=..": {"<max routed rows S>": {"gate_up": {...}, "down": {...}}}}}.
     An H100 (same SM count class, same Hopper SM) reads the H200 table when it has none of its own."""
+    override = os.environ.get("MOGELM_MOE_CONFIGS")  # a table to try (the tuning run sets it)
+    if override:
+        return json.loads(Path(override).read_text())
     slug = device_name.lower().replace("nvidia ", "").split()[0] if device_name != "cpu" else "cpu"
     for name in (f"{slug}.json", "h200.json" if slug.startswith("h100") else ""):
         path = _CONFIG_DIR / name
@@ -351,22 +382,21 @@ def _device_name(x: Tensor) -> str:
     return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
 
 
-def _heuristic_config(num_rows: int, D: int, F: int, E: int) -> MoEConfig:
-    """Defaults when the table has no entry. Decode (few rows per expert): BLOCK_M 16, narrow N
-    tiles so every SM streams weights; prefill: 128-row tiles for the tensor cores."""
+def _heuristic_config(num_rows: int, D: int, F: int, E: int, kind: str = "bf16") -> MoEConfig:
+    """Defaults when the table has no entry. Decode (few rows per expert): BLOCK_M 16 and long
+    K steps so every SM streams weights; prefill: 128-row tiles for the tensor cores. group_m 8
+    puts the row blocks of one expert next to each other, so its weight tiles come from L2."""
     rows_per_expert = num_rows / max(1, E)
-    if rows_per_expert <= 16:
-        gu = GemmConfig(16, 32, 128, 1, 4, 4)
-        dn = GemmConfig(16, 64, 128, 1, 4, 4)
-    elif rows_per_expert <= 64:
-        gu = GemmConfig(32, 64, 128, 4, 4, 4)
-        dn = GemmConfig(32, 64, 128, 4, 4, 4)
-    elif rows_per_expert <= 512:
-        gu = GemmConfig(64, 64, 64, 8, 4, 4)
-        dn = GemmConfig(64, 128, 64, 8, 4, 4)
+    wide_k = 2 if kind != "bf16" else 1  # one byte per weight: twice the K per stage
+    if rows_per_expert <= 12:
+        gu = GemmConfig(16, 64, 128 * wide_k, 8, 4, 4)
+        dn = GemmConfig(16, 64, 128 * wide_k, 8, 4, 4)
+    elif rows_per_expert <= 48:
+        gu = dn = GemmConfig(32, 64, 128, 8, 4, 4)
+    elif rows_per_expert <= 256:
+        gu = dn = GemmConfig(64, 128, 64, 8, 4, 4)
     else:
-        gu = GemmConfig(128, 128, 64, 8, 8, 3)
-        dn = GemmConfig(128, 128, 64, 8, 8, 3)
+        gu = dn = GemmConfig(128, 128, 64 * wide_k, 8, 8, 3)
     return MoEConfig(gu, dn)
 
 
@@ -379,7 +409,7 @@ def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: st
         pick = next((b for b in buckets if b >= num_rows), buckets[-1])
         entry = table[str(pick)]
         return MoEConfig(GemmConfig(**entry["gate_up"]), GemmConfig(**entry["down"]))
-    return _heuristic_config(num_rows, D, F, E)
+    return _heuristic_config(num_rows, D, F, E, kind)
 
 
 def _interpret_config(cfg: MoEConfig) -> MoEConfig:
@@ -649,6 +679,23 @@ def quantize_rows_fp8(x_RC: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def quant_rows(x_RC: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_rows_fp8 in one Triton launch. Under the interpreter it is quantize_rows_fp8 itself:
+    the interpreter rounds fp32 -> e4m3 wrongly next to powers of two (7.84 -> 4, not 8; seen
+    with triton 3.9), so the kernel is checked on the GPU only."""
+    if _INTERPRET:
+        return quantize_rows_fp8(x_RC)
+    R, C = x_RC.shape
+    x_RC = x_RC if x_RC.stride(-1) == 1 else x_RC.contiguous()
+    q = torch.empty(R, C, dtype=_FP8, device=x_RC.device)
+    scale = torch.empty(R, dtype=torch.float32, device=x_RC.device)
+    _quant_rows_kernel[(triton.cdiv(R, 8),)](
+        x_RC, q, scale, R, C, x_RC.stride(0), FP8_MAX=_FP8_MAX, BLOCK_R=8,
+        BLOCK_C=min(1024, triton.next_power_of_2(C)), num_warps=4,
+    )
+    return q, scale
+
+
 def routed_experts_fp8(
     x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_q: Tensor, gate_up_scale: Tensor,
     down_q: Tensor, down_scale: Tensor, activations: str = "bf16", cfg: MoEConfig | None = None,
@@ -664,16 +711,17 @@ def routed_experts_fp8(
     S = T * K
     if S == 0:
         return x_TD.new_zeros(T, D)
-    cfg = _interpret_config(cfg or get_config(S, D, F2 // 2, E, _device_name(x_TD), "fp8"))
+    kind = "fp8" if activations == "bf16" else "w8a8"
+    cfg = _interpret_config(cfg or get_config(S, D, F2 // 2, E, _device_name(x_TD), kind))
     plan = align(expert_ids_TK, E, cfg.gate_up.block_m)
     w_S = weights_TK.reshape(-1).float().contiguous()
     if activations == "bf16":
         h = gate_up(x_TD.contiguous(), gate_up_q, plan, K, cfg.gate_up, w_scale_EF=gate_up_scale)
         y_SD = down(h, down_q, w_S, plan, S, cfg.down, x_TD.dtype, w_scale_ED=down_scale)
     else:
-        x_q, x_s = quantize_rows_fp8(x_TD)
+        x_q, x_s = quant_rows(x_TD)
         h = gate_up(x_q, gate_up_q, plan, K, cfg.gate_up, w_scale_EF=gate_up_scale, x_scale_T=x_s,
                     out_dtype=x_TD.dtype)
-        h_q, h_s = quantize_rows_fp8(h)
+        h_q, h_s = quant_rows(h)
         y_SD = down(h_q, down_q, w_S, plan, S, cfg.down, x_TD.dtype, w_scale_ED=down_scale, h_scale_P=h_s)
     return y_SD.view(T, K, D).sum(1) if K > 1 else y_SD.view(T, D)
