@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override bytes per KV-cache element (e.g. 2 for a bf16 cache under w8a8)")
     parser.add_argument("--routing", choices=["moge", "topk"], default=None,
                         help="override the model's routing (top-k: busiest EP rank from the multinomial load)")
+    parser.add_argument("--topk-skew", type=float, default=1.0,
+                        help="top-k only: busiest expert's load over the mean (1 = uniform router; the paper's "
+                             "Fig. 10 shows about 3.2 for DeepSeek-V2-Lite's first MoE layer)")
     parser.add_argument("--batch", type=int, default=None,
                         help="evaluate this decode batch instead of searching the largest one")
     parser.add_argument("--layout", default=None,
@@ -145,6 +148,8 @@ def _quant(args, hw: HardwareProfile) -> Quant:
 
 
 def _check_common(args) -> None:
+    if args.topk_skew < 1:
+        raise UserError(f"--topk-skew must be at least 1 (1 = uniform router), got {args.topk_skew}")
     if args.cards < 1:
         raise UserError(f"--cards must be at least 1, got {args.cards}")
     if args.context < 1:
@@ -172,24 +177,26 @@ def _run(args) -> int:
     if args.batch is not None:
         if args.batch < 1:
             raise UserError("--batch must be at least 1")
-        plans = [decode_plan_at(cfg, hw, q, lo, cards=args.cards, batch=args.batch, context=args.context)
-                 for lo in layouts]
+        plans = [decode_plan_at(cfg, hw, q, lo, cards=args.cards, batch=args.batch, context=args.context,
+                                topk_skew=args.topk_skew) for lo in layouts]
         fitting = [p for p in plans if p.memory.fits]
         if not fitting:
             raise UserError(f"batch {args.batch} at context {args.context} does not fit in memory in any layout")
         decode = min(fitting, key=lambda p: p.step.total)
     else:
         decode = plan_decode(cfg, hw, q, cards=args.cards, tpot_ms=args.tpot_ms, context=args.context,
-                             layouts=layouts)
+                             topk_skew=args.topk_skew, layouts=layouts)
     prefill = None
     if args.prefill_batch:
         try:
-            prefill = plan_prefill(cfg, hw, q, cards=args.cards, batch=args.prefill_batch, context=args.context)
+            prefill = plan_prefill(cfg, hw, q, cards=args.cards, batch=args.prefill_batch, context=args.context,
+                                   topk_skew=args.topk_skew)
         except ValueError:
             prefill = None  # a prefill that does not fit is reported as null, not an error
     out = {
         "model": cfg.name, "hardware": hw.name, "cards": args.cards, "devices": world, "quant": q.name,
         "kv_bytes": q.kv_bytes, "routing": cfg.routing if cfg.is_moe else "dense", "context": args.context,
+        "topk_skew": args.topk_skew if cfg.is_moe and cfg.routing != "moge" else None,
         "tpot_limit_ms": None if args.batch is not None else args.tpot_ms,
         "decode": decode.to_dict(), "prefill": prefill.to_dict() if prefill else None,
     }
@@ -244,7 +251,8 @@ def _search(args) -> int:
     if args.quick:
         space = SearchSpace(hidden_sizes=(4096, 5120), kv_heads=(8,), layers=(40, 48), experts=(64,),
                             expert_widths=(1344, 2048))
-    results = run_search(space, targets, quant=args.quant, context=args.context, compare_topk=not args.no_topk)
+    results = run_search(space, targets, quant=args.quant, context=args.context, compare_topk=not args.no_topk,
+                         topk_skew=args.topk_skew)
     if args.plot:
         plot_search(results, targets, args.plot)
     if args.json:
@@ -252,7 +260,8 @@ def _search(args) -> int:
                           "candidates": [c.to_dict() for c in results]}, indent=2))
         return 0
     print(f"{len(results)} candidates, {args.quant}, context {args.context}; decode tokens/s per card at the "
-          "TPOT limit, normalised to a random candidate; top-k/MoGE = same shape routed top-k")
+          f"TPOT limit, normalised to a random candidate; top-k/MoGE = same shape routed top-k "
+          f"(expert skew {args.topk_skew:g})")
     print(format_ranking(results, targets, args.top))
     if args.plot:
         print(f"plot written to {args.plot}")

@@ -202,51 +202,83 @@ def alltoall_time(p: int, nbytes: float, hw: HardwareProfile) -> float:
 EXACT_TOKENS = 64  # up to this many tokens, sample each token's distinct picks exactly
 
 
+@functools.lru_cache(maxsize=256)
+def expert_popularity(num_experts: int, top_k: int, skew: float) -> tuple[float, ...]:
+    """Per-expert pick probabilities (summing to 1) whose busiest expert gets `skew` x the mean load.
+
+    Zipf-shaped (p_i ~ i^-a, a solved by bisection), then shuffled with a fixed seed so popular
+    experts land on random devices. skew = 1 is uniform. A token picks K distinct experts, so no
+    expert can exceed N/K x the mean.
+    """
+    if not 1.0 <= skew <= num_experts / top_k:
+        raise ValueError(f"top-k skew must be in [1, N/K = {num_experts / top_k:g}], got {skew}")
+    ranks = np.arange(1, num_experts + 1, dtype=np.float64)
+
+    def ratio(a: float) -> float:
+        w = ranks ** -a
+        return float(w[0] / w.mean())
+
+    lo, hi = 0.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) < skew else (lo, mid)
+    w = ranks ** -lo
+    p = w / w.sum()
+    return tuple(np.random.default_rng(7).permutation(p).tolist())
+
+
 @functools.lru_cache(maxsize=65536)
 def routing_load(routing: str, tokens: int, num_experts: int, num_groups: int, top_k: int, ep: int,
-                 samples: int = 128) -> tuple[float, float]:
+                 skew: float = 1.0, samples: int = 128) -> tuple[float, float]:
     """(E[max rows], E[max experts touched]) over the `ep` expert-parallel ranks for `tokens` tokens.
 
     The busiest rank sets the expert block's time: rows drive compute, touched experts drive the
-    weight bytes it reads. Routers are taken as balanced in expectation (every expert equally
-    likely, what the auxiliary loss aims at); the randomness is per token:
-      moge  every token picks K' = K/M distinct experts inside every group of N/M;
-      topk  every token picks K distinct experts out of N.
-    MoGE with EP dividing M gives every rank exactly T*K/EP rows by construction. Up to
-    EXACT_TOKENS tokens the picks are sampled exactly; above, each group's (or the whole layer's)
-    picks are one multinomial (with replacement, a slight over-estimate of the spread). A fixed
-    seed makes the Monte-Carlo deterministic; results are cached.
+    weight bytes it reads. The randomness is per token:
+      moge  every token picks K' = K/M distinct experts inside every group of N/M, uniformly;
+      topk  every token picks K distinct experts out of N, uniformly (skew = 1) or with the
+            expert popularity of `expert_popularity(N, K, skew)` (a real router's imbalance).
+    MoGE with EP dividing M gives every rank exactly T*K/EP rows by construction, whatever the
+    router prefers inside a group. Up to EXACT_TOKENS tokens the picks are sampled exactly
+    (Gumbel top-K); above, each group's (or the layer's) picks are one multinomial (with
+    replacement, a slight over-estimate of the spread). A fixed seed makes the Monte-Carlo
+    deterministic; results are cached.
     """
     if tokens <= 0:
         return 0.0, 0.0
     rng = np.random.default_rng(1234)
     n_g = num_experts // num_groups
+    moge = routing == "moge"
+    probs = None if moge or skew == 1.0 else np.array(expert_popularity(num_experts, top_k, skew))
     if tokens <= EXACT_TOKENS:
-        keys = rng.random((samples, tokens, num_groups if routing == "moge" else 1,
-                           n_g if routing == "moge" else num_experts))
-        k_pick = top_k // num_groups if routing == "moge" else top_k
-        picked = np.argpartition(keys, k_pick - 1, axis=-1)[..., :k_pick]
+        shape = (samples, tokens, num_groups, n_g) if moge else (samples, tokens, 1, num_experts)
+        keys = rng.gumbel(size=shape)
+        if probs is not None:
+            keys += np.log(probs)
+        k_pick = top_k // num_groups if moge else top_k
+        picked = np.argpartition(-keys, k_pick - 1, axis=-1)[..., :k_pick]  # K largest keys
         hits = np.zeros(keys.shape, dtype=np.int32)
         np.put_along_axis(hits, picked, 1, axis=-1)
         counts = hits.sum(axis=1).reshape(samples, num_experts)  # groups are contiguous blocks
-    elif routing == "moge":
+    elif moge:
         k_prime = top_k // num_groups
         counts = rng.multinomial(tokens * k_prime, [1 / n_g] * n_g, size=(samples, num_groups))
         counts = counts.reshape(samples, num_experts)
     else:
-        counts = rng.multinomial(tokens * top_k, [1 / num_experts] * num_experts, size=samples)
+        pvals = probs if probs is not None else [1 / num_experts] * num_experts
+        counts = rng.multinomial(tokens * top_k, pvals, size=samples)
     per_rank = counts.reshape(samples, ep, num_experts // ep)
     rows = per_rank.sum(axis=-1).max(axis=-1).mean()
     touched = (per_rank > 0).sum(axis=-1).max(axis=-1).mean()
-    if routing == "moge" and num_groups % ep == 0:
+    if moge and num_groups % ep == 0:
         rows = tokens * top_k / ep  # exact: every token sends K' rows to each group
     return float(rows), float(touched)
 
 
-def imbalance_factor(routing: str, tokens: int, cfg: ModelConfig, ep: int) -> float:
+def imbalance_factor(routing: str, tokens: int, cfg: ModelConfig, ep: int, skew: float = 1.0) -> float:
     """Busiest-rank rows / mean rows (1.0 = perfectly balanced)."""
     mean = tokens * cfg.num_experts_per_tok / ep
-    rows, _ = routing_load(routing, int(tokens), cfg.num_experts, cfg.num_groups, cfg.num_experts_per_tok, ep)
+    rows, _ = routing_load(routing, int(tokens), cfg.num_experts, cfg.num_groups, cfg.num_experts_per_tok, ep,
+                           float(skew))
     return rows / mean if mean else 1.0
 
 
@@ -272,11 +304,13 @@ class StepCost:
 
 
 def step_cost(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, layout, *, tokens: int, seqs: int,
-              context: int, phase: str, routing: str | None = None) -> StepCost:
+              context: int, phase: str, routing: str | None = None, topk_skew: float = 1.0) -> StepCost:
     """Cost of one forward step: decode (tokens = seqs, each attending to `context` cached tokens)
     or prefill (seqs prompts of `context` tokens, tokens = seqs * context).
 
     `layout` is a layout.Layout (attn_dp, attn_tp, ep, etp, shared_tp; world = their products).
+    routing overrides cfg.routing ("moge", anything else is costed as top-k); topk_skew is the
+    busiest expert's load over the mean for a top-k router (1 = uniform; see expert_popularity).
     Every layer is identical, so one layer is costed and multiplied by num_layers.
     """
     if phase not in ("decode", "prefill"):
@@ -318,7 +352,9 @@ def step_cost(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, layout, *, to
         weights += d * n * 2.0
         ep, etp = layout.ep, layout.etp
         num_local = n // ep
-        rows, touched = routing_load(routing, int(tokens), n, cfg.num_groups, k_top, ep)
+        skew = 1.0 if routing == "moge" else float(topk_skew)
+        rows, touched = routing_load("moge" if routing == "moge" else "topk", int(tokens), n, cfg.num_groups,
+                                     k_top, ep, skew)
         f_local = cfg.moe_intermediate_size / etp
         layer.add("routed_experts", routed_experts_time(rows, touched, num_local, d, f_local, hw, quant))
         weights += touched * 3 * d * f_local * quant.weight_bytes

@@ -200,19 +200,21 @@ def world_size(hw: HardwareProfile, cards: int) -> int:
     return cards * hw.devices_per_card
 
 
-def decode_plan_at(cfg, hw, quant, lo, *, cards, batch, context, routing=None) -> Plan:
+def decode_plan_at(cfg, hw, quant, lo, *, cards, batch, context, routing=None, topk_skew=1.0) -> Plan:
     step = step_cost(cfg, hw, quant, lo, tokens=batch, seqs=batch, context=context, phase="decode",
-                     routing=routing)
+                     routing=routing, topk_skew=topk_skew)
     mem = memory(cfg, hw, quant, lo, tokens=batch, seqs=batch, context=context)
     return Plan("decode", lo, cards, batch, context, step, mem)
 
 
-def max_batch(cfg, hw, quant, lo, *, cards, tpot_ms, context, routing=None, limit=1 << 16) -> Plan | None:
+def max_batch(cfg, hw, quant, lo, *, cards, tpot_ms, context, routing=None, topk_skew=1.0,
+              limit=1 << 16) -> Plan | None:
     """The largest decode batch (a multiple of attn_dp) within the TPOT limit and memory, or None."""
     unit = lo.attn_dp
 
     def ok(b: int) -> Plan | None:
-        plan = decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=b, context=context, routing=routing)
+        plan = decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=b, context=context, routing=routing,
+                              topk_skew=topk_skew)
         return plan if plan.memory.fits and plan.step_ms <= tpot_ms else None
 
     best = ok(unit)
@@ -232,13 +234,14 @@ def max_batch(cfg, hw, quant, lo, *, cards, tpot_ms, context, routing=None, limi
     if nxt > limit:
         best.limited_by = "batch cap"
     else:
-        over = decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=nxt, context=context, routing=routing)
+        over = decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=nxt, context=context, routing=routing,
+                              topk_skew=topk_skew)
         best.limited_by = "memory" if not over.memory.fits else "tpot"
     return best
 
 
 def plan_decode(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: int, tpot_ms: float, context: int,
-                routing: str | None = None, layouts: list[Layout] | None = None) -> Plan:
+                routing: str | None = None, topk_skew: float = 1.0, layouts: list[Layout] | None = None) -> Plan:
     """Best layout and batch for decode throughput under a TPOT limit. Raises ValueError if none."""
     world = world_size(hw, cards)
     layouts = layouts if layouts is not None else enumerate_layouts(cfg, world)
@@ -247,7 +250,7 @@ def plan_decode(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: i
                          f"{hw.devices_per_card}): TP and EP degrees must be powers of two dividing the heads, "
                          "expert widths and experts")
     plans = [p for lo in layouts if (p := max_batch(cfg, hw, quant, lo, cards=cards, tpot_ms=tpot_ms,
-                                                      context=context, routing=routing))]
+                                                      context=context, routing=routing, topk_skew=topk_skew))]
     if not plans:
         fits = [lo for lo in layouts if memory(cfg, hw, quant, lo, tokens=1, seqs=1, context=context).fits]
         if not fits:
@@ -255,14 +258,14 @@ def plan_decode(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: i
             raise ValueError(f"{cfg.name} does not fit on {cards} {hw.name} cards in {quant.name}: needs "
                              f"{need / 1e9:.1f} GB per device, {hw.memory_bytes / 1e9:.1f} GB usable")
         fastest = min(decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=lo.attn_dp, context=context,
-                                     routing=routing).step_ms for lo in fits)
+                                     routing=routing, topk_skew=topk_skew).step_ms for lo in fits)
         raise ValueError(f"TPOT limit {tpot_ms:g} ms is impossible: the fastest layout needs {fastest:.1f} ms "
                          f"per token at the smallest batch on {cards} {hw.name} cards")
     return max(plans, key=lambda p: (p.tokens_per_s_per_card, -p.step_ms))
 
 
 def plan_prefill(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: int, batch: int, context: int,
-                 routing: str | None = None) -> Plan:
+                 routing: str | None = None, topk_skew: float = 1.0) -> Plan:
     """Fastest layout for one prefill of `batch` prompts of `context` tokens (TTFT)."""
     world = world_size(hw, cards)
     plans = []
@@ -271,7 +274,7 @@ def plan_prefill(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: 
         if not mem.fits:
             continue
         step = step_cost(cfg, hw, quant, lo, tokens=batch * context, seqs=batch, context=context,
-                         phase="prefill", routing=routing)
+                         phase="prefill", routing=routing, topk_skew=topk_skew)
         plans.append(Plan("prefill", lo, cards, batch, context, step, mem))
     if not plans:
         raise ValueError(f"prefill of {batch} x {context} tokens of {cfg.name} does not fit on {cards} "

@@ -101,10 +101,10 @@ class Candidate:
         return asdict(self)
 
 
-def _throughput(cfg, hw, quant, target, context, routing) -> tuple[float, int]:
+def _throughput(cfg, hw, quant, target, context, routing, topk_skew=1.0) -> tuple[float, int]:
     try:
         plan = plan_decode(cfg, hw, quant, cards=target.cards, tpot_ms=target.tpot_ms, context=context,
-                           routing=routing)
+                           routing=routing, topk_skew=topk_skew)
     except ValueError:  # does not fit, or cannot meet the TPOT limit at any batch
         return 0.0, 0
     return plan.tokens_per_s_per_card, plan.batch
@@ -117,7 +117,8 @@ def is_pangu_shape(cfg: ModelConfig) -> bool:
 
 
 def run_search(space: SearchSpace | None = None, targets: list[Target] | None = None, *, quant: str = "w8a8",
-               context: int = 2048, compare_topk: bool = True, seed: int = 0) -> list[Candidate]:
+               context: int = 2048, compare_topk: bool = True, topk_skew: float = 1.0,
+               seed: int = 0) -> list[Candidate]:
     """Plan every candidate on every target; return candidates ranked best first."""
     space = space or SearchSpace()
     targets = targets or PAPER_TARGETS
@@ -131,7 +132,7 @@ def run_search(space: SearchSpace | None = None, targets: list[Target] | None = 
         for t in targets:
             c.moge[t.label], c.batch[t.label] = _throughput(cfg, hws[t.hardware], q, t, context, "moge")
             if compare_topk:
-                c.topk[t.label], _ = _throughput(cfg, hws[t.hardware], q, t, context, "topk")
+                c.topk[t.label], _ = _throughput(cfg, hws[t.hardware], q, t, context, "topk", topk_skew)
         results.append(c)
     if not results:
         raise ValueError("the search space holds no candidate within the parameter budget")
