@@ -214,6 +214,13 @@ CANDIDATES = {  # regime -> kind -> (block_m, block_n, block_k, group_m, warps, 
                  (256, 128, 128, 8, 8, 3), (128, 128, 128, 16, 8, 4)],
     },
 }
+DECODE_CANDIDATES = {  # block_f, block_k, block_d, warps, stages for the no-sort small-T kernel
+    "bf16": [(32, 128, 128, 4, 4), (64, 128, 64, 4, 4), (32, 256, 128, 4, 3), (16, 256, 128, 4, 4),
+             (64, 64, 128, 4, 5), (32, 128, 256, 4, 3)],
+    "fp8": [(32, 256, 128, 4, 4), (64, 256, 64, 4, 3), (32, 512, 128, 4, 3), (16, 256, 128, 4, 4),
+            (64, 128, 128, 4, 4)],
+}
+DECODE_TUNE_MAX_ROWS = 64
 TUNE_PLAN = [  # kind, shape, token counts (the table's S buckets)
     ("bf16", "pangu", [1, 8, 32, 128, 512, 2048, 8192]),
     ("bf16", "qwen3-30b-a3b", [1, 32, 128, 512, 2048, 8192]),
@@ -272,6 +279,32 @@ def tune_point(s: dict, T: int, kind: str, experts) -> dict | None:
     keys = ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")
     entry = {which: dict(zip(keys, full[bm][which][1])) for which in ("gate_up", "down")}
     entry["ms"] = {which: full[bm][which][0] for which in ("gate_up", "down")}
+    if S <= DECODE_TUNE_MAX_ROWS and kind != "w8a8":  # whole forward: sorted path vs the decode kernel
+        sorted_cfg = tm.MoEConfig(tm.GemmConfig(*full[bm]["gate_up"][1]), tm.GemmConfig(*full[bm]["down"][1]))
+        x_bf = x
+
+        def forward(cfg):
+            if kind == "bf16":
+                return tm.routed_experts_forward(x_bf, w, ids, gate_up, down, cfg)
+            return tm.routed_experts_fp8(x_bf, w, ids, gate_up, gus, down, dns, "bf16", cfg)
+
+        t_sorted = timed(lambda: forward(sorted_cfg), graph)
+        entry["ms"]["sorted_forward"] = t_sorted
+        best_dec = (t_sorted, None)
+        for c in DECODE_CANDIDATES[kind]:
+            cfg = tm.MoEConfig(sorted_cfg.gate_up, sorted_cfg.down, tm.DecodeConfig(*c))
+            try:
+                t = timed(lambda: forward(cfg), graph)
+            except Exception as exc:
+                log(f"  {kind} T={T} decode {c}: {type(exc).__name__} {str(exc)[:60]}")
+                continue
+            log(f"  {kind} T={T:6d} decode {c}: {t:.4f} ms (sorted path {t_sorted:.4f} ms)")
+            if t < best_dec[0]:
+                best_dec = (t, c)
+        if best_dec[1] is not None:
+            keys_d = ("block_f", "block_k", "block_d", "num_warps", "num_stages")
+            entry["decode"] = dict(zip(keys_d, best_dec[1]))
+            entry["ms"]["decode_forward"] = best_dec[0]
     log(f"  {kind} T={T}: best {entry}")
     return entry
 
@@ -281,7 +314,11 @@ def tune(path: str, budget_s: float) -> None:
     for kind, name, tokens in TUNE_PLAN:
         s = SHAPES[name]
         gate_up, down = make_experts(s)
-        experts = (gate_up, down, None, None) if kind == "bf16" else ops.quantize_experts_fp8(gate_up, down)
+        if kind == "bf16":
+            experts = (gate_up, down, None, None)
+        else:
+            guq, gus, dnq, dns = ops.quantize_experts_fp8(gate_up, down)
+            experts = (guq, dnq, gus, dns)
         key = f"E={s['E']},F={s['F']},D={s['D']}"
         for T in tokens:
             if time.time() - t0 > budget_s:

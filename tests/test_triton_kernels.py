@@ -102,6 +102,19 @@ def test_routed_experts_forward_matches_oracle(T, D, F, E, K, skew):
     assert_close(y, reference_routed_experts(x, w, ids, gate_up, down))
 
 
+@pytest.mark.parametrize("path", ["decode", "sorted"])
+@pytest.mark.parametrize("T,skew", [(1, False), (4, True), (6, False)])
+def test_decode_and_sorted_paths_match_oracle(path, T, skew):
+    D, F, E, K = 40, 24, 8, 3  # F = 1.5 slices of 16 and D = 2.5 steps of 16: masked tails
+    w, ids = _routing(T, E, K, skew)
+    x = torch.randn(T, D)
+    gate_up, down = _experts(E, D, F)
+    gemm = triton_moe.GemmConfig()
+    cfg = triton_moe.MoEConfig(gemm, gemm, triton_moe.DecodeConfig() if path == "decode" else None)
+    y = triton_moe.routed_experts_forward(x, w, ids, gate_up, down, cfg)
+    assert_close(y, reference_routed_experts(x, w, ids, gate_up, down))
+
+
 def test_routed_experts_empty_batch():
     gate_up, down = _experts(4, 16, 8)
     y = triton_moe.routed_experts(torch.randn(0, 16), torch.rand(0, 2), torch.zeros(0, 2, dtype=torch.int64), gate_up, down)
@@ -145,9 +158,10 @@ def _w8a8_reference(x, w, ids, gate_up, down):
     return y
 
 
+@pytest.mark.parametrize("T", [5, 11])  # 10 routed rows take the decode kernel, 22 the sorted path
 @pytest.mark.parametrize("activations", ["bf16", "fp8"])
-def test_fp8_experts_match_dequantized_reference(activations):
-    T, D, F, E, K = 5, 32, 24, 6, 2
+def test_fp8_experts_match_dequantized_reference(activations, T):
+    D, F, E, K = 32, 24, 6, 2
     w, ids = _routing(T, E, K)
     x = torch.randn(T, D)
     gate_up, down = _experts(E, D, F)
@@ -241,8 +255,9 @@ def test_gpu_quant_rows_kernel_matches_torch():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_decode_cuda_graph_replays_match_eager():
-    D, F, E, G, T = 1024, 384, 64, 8, 4
+@pytest.mark.parametrize("T", [1, 4])
+def test_gpu_decode_cuda_graph_replays_match_eager(T):
+    D, F, E, G = 1024, 384, 64, 8
     logits = torch.randn(T, E, device="cuda")
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     gate_up, down = _experts(E, D, F, torch.bfloat16, "cuda")
