@@ -153,8 +153,9 @@ def layer_holder(layer):
     return Holder()
 
 
-def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, dtype, graph=False):
-    """One measurement; returns a dict (same on every rank after gathering)."""
+def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, dtype, graph=False, profile=False):
+    """One measurement; returns a dict (same on every rank after gathering). With profile=True:
+    torch.profiler over 3 steps instead, returning this rank's op table (self device time)."""
     cuda = device.type == "cuda"
     cfg = cfg_base.replace(routing=routing)
     layer = build_layer(cfg, dispatcher, device, dtype)
@@ -217,6 +218,27 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
             graph_error = f"{type(e).__name__}: {str(e)[:200]}"
     if graph_error:
         return {"error": graph_error}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        for i in range(args.warmup):
+            fn(i)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t0 = time.perf_counter()
+        with torch_profile(activities=acts) as prof:
+            for i in range(3):
+                fn(i)
+            if cuda:
+                torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / 3
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=30)
+        except Exception:  # noqa: BLE001 - newer names
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+        return {"profile": f"## {mode} T={T} {dist_name} {routing}/{dispatcher} rank {dist.get_rank()}: "
+                           f"wall {wall:.2f} ms/step (3 steps)\n{table}\n"}
     D.set_comm_timer(timer)
     try:
         step_ms, comm_ms, count_ms = timed(fn, args.iters, args.warmup, cuda, timer)
@@ -316,6 +338,8 @@ def main():
     ap.add_argument("--decode-tokens", default="64,128,256,512", help="tokens per rank, forward only")
     ap.add_argument("--dists", default="uniform,trained-topk,lognormal")
     ap.add_argument("--backend", default="torch", help="kernel backend for the routed experts")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile (torch.profiler) a few configurations; op tables to --out/profile_rankN.txt")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -358,6 +382,21 @@ def main():
             with open(os.path.join(args.out, "results.json"), "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
 
+    if args.profile:
+        T_big = train_T[-1]
+        todo = [("train", T_big, "topk", "topk_a2a"), ("train", T_big, "moge", "topk_a2a"), ("train", T_big, "moge", "moge_a2a"),
+                ("forward", decode_T[0], "topk", "topk_a2a"), ("forward", decode_T[0], "moge", "moge_a2a")]
+        texts = []
+        for mode, T, routing, disp in todo:
+            res = run_config(args, cfg, routing, disp, dists[0], T, mode, device, dtype, profile=True)
+            texts.append(res["profile"])
+            log(res["profile"][:4000])
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"profile_rank{rank}.txt"), "w") as f:
+                f.write("\n".join(texts))
+        dist.destroy_process_group()
+        return
     log(HEADER)
     train_cfgs = [("topk", "topk_a2a"), ("moge", "topk_a2a"), ("moge", "moge_a2a"), ("moge", "moge_agrs")]
     for T in train_T:
