@@ -237,3 +237,22 @@ def test_validate_rows_have_errors():
     assert len(checks) > 30 and all(math.isfinite(c.error) for c in checks)
     tpot = next(c for c in checks if "MoE decode TPOT at batch 456" in c.what)
     assert tpot.measured == 99.31 and abs(tpot.error) <= 0.25
+
+
+def test_cli_model_from_config_json(tmp_path, capsys):
+    cfg = from_name("pangu-pro-moe-72b")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps({"mogelm": {k: v for k, v in cfg.to_dict().items() if k != "name"}}))
+    hf = tmp_path / "pangu"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "PanguProMoE", "vocab_size": 153376, "hidden_size": 5120, "num_hidden_layers": 48,
+        "num_attention_heads": 40, "num_key_value_heads": 8, "num_experts": 64, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 1344, "shared_expert_intermediate_size": 5376}))
+    tpots = []
+    for model in (str(ours), str(hf / "config.json"), "pangu-pro-moe-72b"):
+        assert main(["sim", "--model", model, "--cards", "4", "--json", "--prefill-batch", "0"]) == 0
+        tpots.append(json.loads(capsys.readouterr().out)["decode"]["tpot_ms"])
+    assert tpots[0] == tpots[1] == tpots[2]  # the same model, however it is given
+    assert main(["sim", "--model", str(tmp_path / "missing")]) == 2
