@@ -256,3 +256,11 @@ def test_cli_model_from_config_json(tmp_path, capsys):
         tpots.append(json.loads(capsys.readouterr().out)["decode"]["tpot_ms"])
     assert tpots[0] == tpots[1] == tpots[2]  # the same model, however it is given
     assert main(["sim", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_search_quick_json(capsys):
+    assert main(["sim", "search", "--quick", "--no-topk", "--json", "--targets", "ascend-800i-a2:4:50"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    scores = [c["score"] for c in out["candidates"]]
+    assert scores and scores == sorted(scores, reverse=True)
+    assert all(60 <= c["total_b"] <= 80 for c in out["candidates"])
