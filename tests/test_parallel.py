@@ -273,6 +273,18 @@ def _checkpoint_cases(rank, world, tmp, errors, single_ckpt):
         for k in ("exp_avg", "exp_avg_sq"):
             _check(errors, f"reload DP=2/EP=1 optim {name}.{k}", opt_dp.state[p][k], want_opt[name][k], 0)
 
+    # The `mogelm train` directory: DCP shards + full Pangu-layout model + one-process trainer state.
+    ctx2 = _checkpoint_state[4]
+    train_dir = os.path.join(tmp, "train_ckpt")
+    ctx2.save_checkpoint(train_dir, ep, opt_ep, {"step": 20, "seed": 0}, None)
+    again = ctx2.parallelize(_model(cfg, seed=13))
+    opt_again = torch.optim.AdamW(again.parameters(), lr=1e-3)
+    if ctx2.load_checkpoint(train_dir, again, opt_again) != {"step": 20, "seed": 0}:
+        errors.append("training checkpoint state did not come back")
+    for (name, p), q in zip(ep.named_parameters(), again.parameters()):
+        _check(errors, f"train checkpoint reload {name}", q.data, p.data, 0)
+        _check(errors, f"train checkpoint reload optim {name}", opt_again.state[q]["exp_avg"], opt_ep.state[p]["exp_avg"], 0)
+
     # A single-process checkpoint (written by the parent) into EP=2 shards.
     if single_ckpt:
         from mogelm.parallel.context import ParallelContext as PC
@@ -345,6 +357,17 @@ def test_ep2_equals_one_process(tmp_path, single_process_checkpoint):
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][k], want["opt"][name][k]), (name, k)
     assert opt.param_groups[0]["lr"] == 3e-3
+    # ... and so does the training directory, through the ordinary one-process readers.
+    from mogelm.checkpoint import from_pretrained
+
+    full = from_pretrained(tmp_path / "train_ckpt")
+    state = torch.load(tmp_path / "train_ckpt" / "trainer_state.pt", weights_only=False)
+    opt_full = torch.optim.AdamW(full.parameters(), lr=3e-3, weight_decay=0.1)
+    opt_full.load_state_dict(state["optimizer"])
+    assert state["step"] == 20
+    for name, p in full.named_parameters():
+        assert torch.equal(p.data, want["model"][name]), name
+        assert torch.equal(opt_full.state[p]["exp_avg"], want["opt"][name]["exp_avg"]), name
 
 
 # Failure behaviour -------------------------------------------------------------------------------------
@@ -389,9 +412,19 @@ def test_bad_ep_sizes_refused_before_any_collective(monkeypatch):
     assert not dist.is_initialized()
 
 
-def test_relaunch_builds_torchrun_command():
-    from mogelm.parallel.launch import torchrun_command
+def test_relaunch_runs_the_command_under_torchrun(monkeypatch):
+    """relaunch(2) starts 2 workers that each run `mogelm <argv>` with the torchrun environment."""
+    import subprocess
 
-    cmd = torchrun_command(2, ["train", "--nproc", "2", "--ep", "2"])
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    assert cmd[6:] == ["mogelm", "train", "--nproc", "2", "--ep", "2"]
+    from mogelm.parallel import launch
+
+    seen = {}
+
+    def fake_call(cmd, env):
+        seen["cmd"], seen["env"] = cmd, env
+        return 7
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    assert launch.relaunch(2, ["train", "--nproc", "2", "--ep", "2"]) == 7
+    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mogelm.parallel.launch"]
+    assert seen["env"][launch.ARGV_ENV] == '["train", "--nproc", "2", "--ep", "2"]'

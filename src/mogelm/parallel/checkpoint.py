@@ -16,6 +16,9 @@ rank plus metadata; replicated entries are written once.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -119,3 +122,93 @@ def load_distributed(path: str, model: nn.Module, optimizer=None) -> dict:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+# Training checkpoints (the `mogelm train` directory layout) ----------------------------------------
+DCP_SUBDIR = "distributed"
+
+
+def _gather_experts(t: torch.Tensor, ep_group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(parts, t.detach().contiguous(), group=ep_group)
+    return torch.cat(parts)
+
+
+def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict, data_folder=None) -> Path:
+    """The `mogelm train` checkpoint, written by every rank of `ctx`, atomically (temp + rename):
+
+        path/distributed/         DCP: model + optimizer shards + `state` (reloads at any layout)
+        path/config.json, model.safetensors, tokenizer*.json   (full model, Pangu layout)
+        path/trainer_state.pt     state + optimizer state in the one-process layout + RNG
+
+    so `mogelm eval/generate` and a one-process `--resume` read it as an ordinary checkpoint."""
+    import random
+
+    import numpy as np
+
+    from mogelm.checkpoint import save_pretrained
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    save_distributed(str(tmp / DCP_SUBDIR), model, optimizer, extra=json.loads(json.dumps(state, default=str)))
+    # Full expert tensors (and their optimizer moments) for the one-process files.
+    full: dict[int, torch.Tensor] = {}
+    full_opt: dict[tuple[int, str], torch.Tensor] = {}
+    for p in model.parameters():
+        if shard_info(p) is not None:
+            full[id(p)] = _gather_experts(p.data, ctx.ep_group)
+            for k, v in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    full_opt[(id(p), k)] = _gather_experts(v, ctx.ep_group)
+    if ctx.is_main:
+        swapped = []
+        for mod in model.modules():
+            if isinstance(mod, RoutedExperts):
+                for name in ("gate_up_EFD", "down_EDF"):
+                    p = getattr(mod, name)
+                    if id(p) in full:
+                        swapped.append((mod, name, p, mod.num_experts))
+                        setattr(mod, name, nn.Parameter(full[id(p)], requires_grad=False))
+                        mod.num_experts = full[id(p)].shape[0]
+        try:
+            save_pretrained(model, tmp)
+        finally:
+            for mod, name, p, n in swapped:
+                setattr(mod, name, p)
+                mod.num_experts = n
+        opt_sd = None
+        if optimizer is not None:
+            opt_sd = optimizer.state_dict()
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            for i, p in enumerate(params):
+                if i in opt_sd["state"]:  # a copy: state_dict() shares the live per-param dicts
+                    opt_sd["state"][i] = {k: full_opt.get((id(p), k), v) for k, v in opt_sd["state"][i].items()}
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({**state, "optimizer": opt_sd, "rng": rng, "distributed": DCP_SUBDIR}, tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "history"}, indent=2, default=str))
+        if data_folder is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (Path(data_folder) / name).is_file():
+                    shutil.copyfile(Path(data_folder) / name, tmp / name)
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return path
+
+
+def load_training_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
+    """Model and optimizer state from a training checkpoint at the current layout; returns the
+    saved trainer state (step, ...). Reads path/distributed when present, else path as DCP."""
+    path = Path(path)
+    dcp_dir = path / DCP_SUBDIR if (path / DCP_SUBDIR).is_dir() else path
+    return load_distributed(str(dcp_dir), model, optimizer)

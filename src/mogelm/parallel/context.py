@@ -152,15 +152,18 @@ class ParallelContext:
     def barrier(self) -> None:
         _run(lambda: dist.barrier(), "barrier", None)
 
-    def save_checkpoint(self, path: str, model: nn.Module, optimizer=None, extra: dict | None = None) -> None:
-        from mogelm.parallel.checkpoint import save_distributed
+    def save_checkpoint(self, path, model: nn.Module, optimizer=None, state: dict | None = None, data_folder=None):
+        """Every rank: the `mogelm train` checkpoint directory (see parallel.checkpoint)."""
+        from mogelm.parallel.checkpoint import save_training_checkpoint
 
-        save_distributed(path, model, optimizer, extra)
+        return save_training_checkpoint(self, path, model, optimizer, dict(state or {}), data_folder)
 
-    def load_checkpoint(self, path: str, model: nn.Module, optimizer=None) -> dict:
-        from mogelm.parallel.checkpoint import load_distributed
+    def load_checkpoint(self, path, model: nn.Module, optimizer=None) -> dict:
+        """Every rank, after parallelize and building the optimizer: load this rank's shards of
+        model and optimizer from a checkpoint written at any layout; returns the trainer state."""
+        from mogelm.parallel.checkpoint import load_training_checkpoint
 
-        return load_distributed(path, model, optimizer)
+        return load_training_checkpoint(path, model, optimizer)
 
     def destroy(self) -> None:
         if dist.is_initialized():
