@@ -60,7 +60,7 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    state = {"ttft": None, "tokens": 0, "error": None}
+    state = {"ttft": None, "tokens": 0, "prompt_tokens": 0, "error": None}
 
     async def consume():
         async with client.stream("POST", "/v1/completions", json=body) as resp:
@@ -82,6 +82,7 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
                     state["ttft"] = time.perf_counter() - t0
                 if d.get("usage"):
                     state["tokens"] = d["usage"]["completion_tokens"]
+                    state["prompt_tokens"] = d["usage"]["prompt_tokens"]
 
     try:
         await asyncio.wait_for(consume(), timeout)
@@ -93,7 +94,7 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
     latency = time.perf_counter() - t0
     if error is None and (ttft is None or tokens == 0):
         error = "no tokens received"
-    return {"error": error, "ttft": ttft, "latency": latency, "tokens": tokens}
+    return {"error": error, "ttft": ttft, "latency": latency, "tokens": tokens, "prompt_tokens": state["prompt_tokens"]}
 
 
 async def bench_serve(url: str, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int = 32,
@@ -131,6 +132,7 @@ async def bench_serve(url: str, concurrency: int, num_requests: int, max_tokens:
         "url": base, "model": model, "concurrency": concurrency, "requests": num_requests, "max_tokens": max_tokens,
         "prompt_words": prompt_words, "completed": len(ok), "errors": len(errors), "error_examples": errors[:3],
         "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
+        "mean_prompt_tokens": round(statistics.fmean([r["prompt_tokens"] for r in ok]), 1) if ok else None,
         "output_tokens": total_tokens, "output_tokens_per_s": round(total_tokens / wall, 2),
         "ttft_ms": ms([r["ttft"] for r in ok]),
         "tpot_ms": ms([(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]),
@@ -160,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         print(f"{res['completed']}/{res['requests']} requests ok, {res['errors']} errors, concurrency "
-              f"{res['concurrency']}, {res['max_tokens']} tokens each, {res['wall_s']:.2f} s")
+              f"{res['concurrency']}, {res['mean_prompt_tokens']} prompt + {res['max_tokens']} output tokens each, "
+              f"{res['wall_s']:.2f} s")
         print(f"throughput: {res['requests_per_s']:.2f} req/s, {res['output_tokens_per_s']:.1f} output tokens/s")
         for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("latency_ms", "latency")):
             s = res[key]

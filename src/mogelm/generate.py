@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy small CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON list with text, token ids and counts")
 
 
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch <= 0:
         raise UserError("--max-batch must be positive")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UserError("--threads must be positive")
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch)
     prompts = args.prompt

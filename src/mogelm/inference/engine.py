@@ -253,6 +253,11 @@ class Engine:
         """Finish a request early (thread-safe); its callback gets finish_reason "abort"."""
         self._aborts.append(request_id)
 
+    def abort_all(self) -> None:
+        """Abort every queued and running request (thread-safe)."""
+        for req in list(self._incoming) + list(self.waiting) + list(self.running):
+            self.abort(req.id)
+
     @property
     def num_waiting(self) -> int:
         """Requests queued for a slot."""
@@ -449,8 +454,7 @@ class EngineThread:
     def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop after the requests in flight finish (drain) or abort them first; True if the thread ended."""
         if not drain:
-            for req in list(self.engine.waiting) + list(self.engine.running) + list(self.engine._incoming):
-                self.engine.abort(req.id)
+            self.engine.abort_all()
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)

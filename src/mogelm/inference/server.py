@@ -350,6 +350,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights and cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy small CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 503")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to drain requests on shutdown")
@@ -364,6 +366,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UserError("--threads must be positive")
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
                                     max_len=args.max_len, chunk_size=args.chunk_size,
