@@ -231,6 +231,14 @@ TUNE_PLAN = [  # kind, shape, token counts (the table's S buckets)
 ]
 
 
+TUNE_PLAN_DECODE = [  # the small-T points only, merged into an existing table (--tune-base)
+    ("bf16", "pangu", [1, 8]),
+    ("bf16", "qwen3-30b-a3b", [1]),
+    ("fp8", "pangu", [1, 32, 128]),
+    ("fp8", "qwen3-30b-a3b", [1]),
+]
+
+
 def regime(rows_per_expert: float) -> str:
     return ("decode" if rows_per_expert <= 6 else "mid" if rows_per_expert <= 48
             else "large" if rows_per_expert <= 400 else "prefill")
@@ -309,9 +317,10 @@ def tune_point(s: dict, T: int, kind: str, experts) -> dict | None:
     return entry
 
 
-def tune(path: str, budget_s: float) -> None:
-    table, t0 = {}, time.time()
-    for kind, name, tokens in TUNE_PLAN:
+def tune(path: str, budget_s: float, base: str | None = None, plan=TUNE_PLAN) -> None:
+    table = json.load(open(base)) if base else {}
+    t0 = time.time()
+    for kind, name, tokens in plan:
         s = SHAPES[name]
         gate_up, down = make_experts(s)
         if kind == "bf16":
@@ -340,13 +349,14 @@ def main(argv=None):
     p.add_argument("--skip-loop", action="store_true", help="skip the per-expert loop backend")
     p.add_argument("--tune", help="run the tile sweep (TUNE_PLAN) instead and write a config table here")
     p.add_argument("--tune-budget", type=float, default=300.0, help="seconds for the sweep")
+    p.add_argument("--tune-base", help="start from this table and re-tune only the small-T points")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = args.shapes.split(",")
     dev = torch.cuda.get_device_name()
     log(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}")
     if args.tune:
-        tune(args.tune, args.tune_budget)
+        tune(args.tune, args.tune_budget, args.tune_base, TUNE_PLAN_DECODE if args.tune_base else TUNE_PLAN)
         return
     bw, dense = ceilings()
     log(f"copy bandwidth {bw:.0f} GB/s, dense bf16 GEMM {dense:.0f} TFLOP/s")

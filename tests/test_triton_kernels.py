@@ -68,7 +68,7 @@ def test_moge_route_matches_torch(T, E, G, kp, scale, bias, renorm):
 
 @pytest.mark.parametrize(
     "T,E,K,block_m,skew",
-    [(1, 8, 2, 16, False), (13, 8, 3, 16, False), (20, 6, 2, 16, True), (150, 128, 4, 32, False)],  # last: 5 chunks
+    [(1, 8, 2, 16, False), (13, 8, 3, 16, False), (20, 6, 2, 16, True), (300, 8, 2, 16, True), (150, 128, 4, 32, False)],  # S > 256: 3 kernels
 )
 def test_align_kernel_and_torch_plan_agree(T, E, K, block_m, skew):
     _, ids = _routing(T, E, K, skew)
@@ -90,7 +90,7 @@ def test_align_kernel_and_torch_plan_agree(T, E, K, block_m, skew):
 
 @pytest.mark.parametrize(
     "T,D,F,E,K,skew",
-    [(1, 32, 16, 4, 2, False), (7, 40, 24, 8, 3, False), (19, 24, 20, 6, 2, True)],
+    [(1, 32, 16, 4, 2, False), (7, 40, 24, 8, 3, False), (19, 24, 20, 6, 2, True), (70, 24, 16, 8, 4, False)],
 )
 def test_routed_experts_forward_matches_oracle(T, D, F, E, K, skew):
     w, ids = _routing(T, E, K, skew)
@@ -113,6 +113,20 @@ def test_decode_and_sorted_paths_match_oracle(path, T, skew):
     cfg = triton_moe.MoEConfig(gemm, gemm, triton_moe.DecodeConfig() if path == "decode" else None)
     y = triton_moe.routed_experts_forward(x, w, ids, gate_up, down, cfg)
     assert_close(y, reference_routed_experts(x, w, ids, gate_up, down))
+
+
+def test_tuned_config_table_is_read_and_bounded():
+    import json
+    from pathlib import Path
+
+    table = json.loads((Path(triton_moe.__file__).with_name("configs") / "h200.json").read_text())
+    entry = table["bf16"]["E=64,F=1344,D=5120"]["8"]
+    cfg = triton_moe.get_config(8, 5120, 1344, 64, "NVIDIA H200")
+    assert cfg.gate_up == triton_moe.GemmConfig(**entry["gate_up"])
+    assert cfg.down == triton_moe.GemmConfig(**entry["down"])
+    far = triton_moe.get_config(10**8, 5120, 1344, 64, "NVIDIA H200")  # past 4x the largest bucket
+    assert far == triton_moe._heuristic_config(10**8, 5120, 1344, 64)
+    assert triton_moe.get_config(8, 5120, 1344, 64, "cpu") == triton_moe._heuristic_config(8, 5120, 1344, 64)
 
 
 def test_routed_experts_empty_batch():

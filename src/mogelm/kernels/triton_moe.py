@@ -12,7 +12,7 @@ rounded up to BLOCK_M), NB = P / BLOCK_M row blocks.
 Pipeline (one expert per BLOCK_M row block, as in every sorted/padded fused-MoE kernel):
 
     logits_TE --_moge_route_kernel--> weights_TK, ids_TK (+ counts_E)
-    ids_TK --_align_kernel (or _align_torch for large S)--> sorted_ids_P, block_expert_NB, num_rows_post_pad
+    ids_TK --_align_kernel (or hist -> plan -> scatter for S > 256)--> sorted_ids_P, block_expert_NB, num_post_pad
     x_TD --_gate_up_kernel (gathers rows of x, SiLU(gate)*up in the epilogue)--> h_PF
     h_PF --_down_kernel (routed weight in the epilogue, rows written to slot order)--> y_SD
     y_SD.view(T, K, D).sum(1) --> y_TD      (a view when K == 1)
@@ -38,7 +38,7 @@ from torch import Tensor
 from mogelm.kernels import torch_impl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_ALIGN_MAX_ROWS = 4096  # single-program align kernel up to this many routed rows; torch ops above
+_ALIGN_ONE_PROGRAM_ROWS = 256  # single-program align kernel up to this many routed rows
 _DECODE_MAX_ROWS = 16  # default: the no-sort decode kernel up to this many routed rows (tables override)
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0
@@ -163,6 +163,83 @@ def _align_kernel(
 
 
 @triton.jit
+def _align_hist_kernel(
+    ids_ptr,  # [S] int64 expert id of each routed row
+    hist_ptr,  # [NUM_CHUNKS, E_PAD] int32 out: rows per expert in each chunk of CHUNK rows
+    S,  # routed rows
+    E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
+    experts = tl.arange(0, E_PAD)
+    tl.store(hist_ptr + c * E_PAD + experts, tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _align_plan_kernel(
+    hist_ptr,  # [NUM_CHUNKS, E_PAD] int32 per-chunk expert histograms
+    base_ptr,  # [NUM_CHUNKS, E_PAD] int32 out: first padded slot of each (chunk, expert) run
+    sorted_ids_ptr,  # [P_max] int32 out: padding slots only (S); the scatter kernel writes the rest
+    block_expert_ptr,  # [NB_max] int32 out
+    num_post_pad_ptr,  # [1] int32 out
+    counts_ptr,  # [E] int32 out
+    S, E, NB_MAX, NUM_CHUNKS,  # routed rows, experts, row blocks, histogram rows
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+    ROWS: tl.constexpr,  # histogram rows per step
+    NB_CHUNK: tl.constexpr,  # row blocks per step when labelling blocks
+):
+    # One program: counts -> padded expert offsets -> each chunk's base slot per expert
+    # (an exclusive scan over chunks keeps the sort stable), then padding and block labels.
+    experts = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), tl.int32)
+    for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
+        rows = r0 * ROWS + tl.arange(0, ROWS)
+        h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=(rows < NUM_CHUNKS)[:, None], other=0)
+        counts += tl.sum(h, axis=0)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    tl.store(counts_ptr + experts, counts, mask=experts < E)
+    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
+    running = pad_start
+    for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
+        rows = r0 * ROWS + tl.arange(0, ROWS)
+        m = (rows < NUM_CHUNKS)[:, None]
+        h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=m, other=0)
+        base = tl.cumsum(h, axis=0) - h + running[None, :]
+        tl.store(base_ptr + rows[:, None] * E_PAD + experts[None, :], base, mask=m)
+        running += tl.sum(h, axis=0)
+    j = tl.arange(0, BLOCK_M)
+    pad_pos = (pad_start + counts)[:, None] + j[None, :]
+    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
+    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
+    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
+        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
+        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
+        owner = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
+
+
+@triton.jit
+def _align_scatter_kernel(
+    ids_ptr,  # [S] int64 expert id of each routed row
+    base_ptr,  # [NUM_CHUNKS, E_PAD] int32 first slot of each (chunk, expert) run
+    sorted_ids_ptr,  # [P_max] int32 out: flat routed row of each real slot
+    S,
+    E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
+    experts = tl.arange(0, E_PAD)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    base = tl.load(base_ptr + c * E_PAD + experts)
+    rank = tl.cumsum(onehot, axis=0) - onehot + base[None, :]
+    tl.store(sorted_ids_ptr + tl.sum(onehot * rank, axis=1), offs, mask=offs < S)
+
+
+@triton.jit
 def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     # L2 swizzle: GROUP_M row blocks walk the N tiles together, so a weight tile and a row block
     # are each re-read from L2 rather than HBM by the programs running at the same time.
@@ -192,7 +269,9 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr,  # D % BLOCK_K == 0: no masks in the reduction loop
     X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter: dot in fp32 (it mishandles bf16 tl.dot)
-    W_TO_X: tl.constexpr,  # weight-only fp8: convert weight tiles to x's dtype before the dot
+    W_TO_X: tl.constexpr,  # weight-only fp8: convert weight tiles to the activation dtype before the dot
+    FP16_DOT: tl.constexpr,  # with W_TO_X and 16-bit activations: dot in fp16 (e4m3 -> fp16 is one
+    # instruction per pair and exact; bf16 activations lose no range below 65504)
     PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 tests, "tf32" otherwise)
 ):
     pid_m, pid_n = _tile_ids(tl.program_id(0), NUM_PID_M, tl.cdiv(F, BLOCK_N), GROUP_M)
@@ -227,6 +306,8 @@ def _gate_up_kernel(
             bg = bg.to(tl.float32)
             bu = bu.to(tl.float32)
         elif W_TO_X:
+            if FP16_DOT:
+                a = a.to(tl.float16)
             bg = bg.to(a.dtype)
             bu = bu.to(a.dtype)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
@@ -264,7 +345,7 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # F % BLOCK_K == 0
     X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, UPCAST: tl.constexpr, W_TO_X: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FP16_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(tl.program_id(0), NUM_PID_M, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
@@ -290,6 +371,8 @@ def _down_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         elif W_TO_X:
+            if FP16_DOT:
+                a = a.to(tl.float16)
             b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
@@ -321,7 +404,8 @@ def _decode_kernel(
     BLOCK_F: tl.constexpr,  # expert-width slice per program (gate, up and down columns of it)
     BLOCK_K: tl.constexpr,  # D step of the gate/up reduction
     BLOCK_D: tl.constexpr,  # D step of the down projection
-    W_SCALE: tl.constexpr, UPCAST: tl.constexpr, W_TO_X: tl.constexpr, PRECISION: tl.constexpr,
+    W_SCALE: tl.constexpr, UPCAST: tl.constexpr, W_TO_X: tl.constexpr, FP16_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Small-T decode: one program per (F slice, routed row), no sort. It streams its slice of the
     # expert's gate/up rows, forms h = silu(g) * u * gate_weight for that slice, then streams the
@@ -353,6 +437,8 @@ def _decode_kernel(
             bg = bg.to(tl.float32)
             bu = bu.to(tl.float32)
         elif W_TO_X:
+            if FP16_DOT:
+                a = a.to(tl.float16)
             bg = bg.to(a.dtype)
             bu = bu.to(a.dtype)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
@@ -366,20 +452,28 @@ def _decode_kernel(
         acc_u = acc_u * tl.load(s_base + F + offs_fc)[None, :]
     h = acc_g * tl.sigmoid(acc_g) * acc_u * tl.load(route_w_ptr + s)
     h = tl.where(fmask[None, :], h, 0.0)
-    h = h.to(tl.float32) if UPCAST else h.to(x_ptr.dtype.element_ty)
+    if UPCAST:
+        h = h.to(tl.float32)
+    elif FP16_DOT:
+        h = h.to(tl.float16)
+    else:
+        h = h.to(x_ptr.dtype.element_ty)
     keep = (rows == 0)[:, None]
+    # down columns f of rows d: F-contiguous runs of BLOCK_F; offs_f (not the clamped copy) keeps
+    # the contiguity the compiler needs for wide loads
+    offs_fv = tl.max_contiguous(tl.multiple_of(offs_f, BLOCK_F), BLOCK_F)
     for d in range(0, tl.cdiv(D, BLOCK_D)):
         offs_d = d * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        offs_dc = tl.where(dmask, offs_d, 0)
-        b = tl.load(w2_ptr + expert * stride_w2e + offs_dc[None, :] * stride_w2n + offs_fc[:, None])  # [BF, BD]
+        b = tl.load(w2_ptr + expert * stride_w2e + offs_d[None, :] * stride_w2n + offs_fv[:, None],
+                    mask=fmask[:, None] & dmask[None, :], other=0.0)  # [BF, BD]
         if UPCAST:
             b = b.to(tl.float32)
         elif W_TO_X:
             b = b.to(h.dtype)
         out = tl.dot(h, b, input_precision=PRECISION)  # [16, BD], identical rows
         if W_SCALE:
-            out = out * tl.load(w2_scale_ptr + expert * D + offs_dc)[None, :]
+            out = out * tl.load(w2_scale_ptr + expert * D + offs_d, mask=dmask, other=0.0)[None, :]
         row = tl.sum(tl.where(keep, out, 0.0), axis=0)
         tl.store(part_ptr + (pid_f * S + s).to(tl.int64) * D + offs_d, row, mask=dmask)
 
@@ -515,8 +609,8 @@ def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: st
     """Config for S = num_rows routed rows: the tuned entry with the smallest S bucket at or above
     num_rows, else the heuristic."""
     table = _config_table(device_name).get(kind, {}).get(f"E={E},F={F},D={D}")
-    if table:
-        buckets = sorted(int(k) for k in table)
+    buckets = sorted(int(k) for k in table) if table else []
+    if buckets and num_rows <= 4 * buckets[-1]:  # far past the tuned range: the heuristic's regime
         pick = next((b for b in buckets if b >= num_rows), buckets[-1])
         entry = table[str(pick)]
         dec = DecodeConfig(**entry["decode"]) if entry.get("decode") else None
@@ -551,7 +645,7 @@ def _max_padded_rows(S: int, E: int, block_m: int) -> int:
 
 
 def _align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
-    """Same plan as _align_kernel with sort/cumsum/searchsorted (large S); no host sync."""
+    """The readable twin of align(): the same plan with sort/cumsum/searchsorted; no host sync."""
     S = ids_S.numel()
     dev = ids_S.device
     p_max = _max_padded_rows(S, E, block_m)
@@ -570,11 +664,10 @@ def _align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
 
 
 def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
-    """Sort routed rows by expert and pad each expert to block_m rows, on the device."""
+    """Sort routed rows by expert (stable) and pad each expert to block_m rows, on the device:
+    one program for small S, else histogram -> plan -> scatter over chunks of rows."""
     ids_S = expert_ids_TK.reshape(-1)
     S = ids_S.numel()
-    if S > _ALIGN_MAX_ROWS:
-        return _align_torch(ids_S, E, block_m)
     dev = ids_S.device
     p_max = _max_padded_rows(S, E, block_m)
     nb_max = p_max // block_m
@@ -583,12 +676,29 @@ def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(E)
-    chunk = max(16, min(triton.next_power_of_2(S), 16384 // e_pad))
-    _align_kernel[(1,)](
-        ids_S, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max,
-        BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, NB_CHUNK=max(16, 8192 // e_pad), num_warps=8,
-    )
+    chunk = max(16, 16384 // e_pad)  # one-hot tile of chunk x e_pad in registers
+    nb_chunk = max(16, 8192 // e_pad)
+    if S <= _ALIGN_ONE_PROGRAM_ROWS:
+        _align_kernel[(1,)](
+            ids_S, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max,
+            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=min(chunk, max(16, triton.next_power_of_2(S))), NB_CHUNK=nb_chunk,
+            num_warps=8,
+        )
+    else:
+        num_chunks = triton.cdiv(S, chunk)
+        hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
+        base = torch.empty_like(hist)
+        _align_hist_kernel[(num_chunks,)](ids_S, hist, S, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
+        _align_plan_kernel[(1,)](
+            hist, base, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max, num_chunks,
+            BLOCK_M=block_m, E_PAD=e_pad, ROWS=chunk, NB_CHUNK=nb_chunk, num_warps=8,
+        )
+        _align_scatter_kernel[(num_chunks,)](ids_S, base, sorted_ids, S, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
     return DispatchPlan(sorted_ids, block_expert, num_post_pad, counts, block_m)
+
+
+def _fp16_dot(a: Tensor, w: Tensor) -> bool:
+    return w.dtype == _FP8 and a.dtype in (torch.bfloat16, torch.float16)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -615,7 +725,8 @@ def gate_up(
         S, F, D, num_pid_m, x_TD.stride(0), w_EFD.stride(0), w_EFD.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=D % cfg.block_k == 0, X_SCALE=x_scale_T is not None, W_SCALE=w_scale_EF is not None,
-        UPCAST=_INTERPRET, W_TO_X=w_EFD.dtype != x_TD.dtype, PRECISION=_precision(x_TD.dtype),
+        UPCAST=_INTERPRET, W_TO_X=w_EFD.dtype != x_TD.dtype, FP16_DOT=_fp16_dot(x_TD, w_EFD),
+        PRECISION=_precision(x_TD.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
@@ -637,7 +748,8 @@ def down(
         S, D, F, num_pid_m, h_PF.stride(0), w_EDF.stride(0), w_EDF.stride(1), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=F % cfg.block_k == 0, X_SCALE=h_scale_P is not None, W_SCALE=w_scale_ED is not None,
-        UPCAST=_INTERPRET, W_TO_X=w_EDF.dtype != h_PF.dtype, PRECISION=_precision(out_dtype),
+        UPCAST=_INTERPRET, W_TO_X=w_EDF.dtype != h_PF.dtype, FP16_DOT=_fp16_dot(h_PF, w_EDF),
+        PRECISION=_precision(out_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -662,7 +774,8 @@ def decode(
         weights_TK.reshape(-1).float().contiguous(), part, S, F, D,
         x_TD.stride(0), w1_EFD.stride(0), w1_EFD.stride(1), w2_EDF.stride(0), w2_EDF.stride(1),
         TOP_K=K, BLOCK_F=cfg.block_f, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, W_SCALE=w1_scale_EF is not None,
-        UPCAST=_INTERPRET, W_TO_X=w1_EFD.dtype != x_TD.dtype, PRECISION=_precision(x_TD.dtype),
+        UPCAST=_INTERPRET, W_TO_X=w1_EFD.dtype != x_TD.dtype, FP16_DOT=_fp16_dot(x_TD, w1_EFD),
+        PRECISION=_precision(x_TD.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
