@@ -286,6 +286,48 @@ def test_engine_thread_serves_requests_added_from_another_thread(engine):
     assert [r.output_ids for r in reqs] == [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
 
 
+class _FailOnce(torch.nn.Module):
+    """Wraps the model; the first forward raises, as a bug or an out-of-memory would."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.cfg, self.failed = model, model.cfg, False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+        return self.inner(*args, **kwargs)
+
+
+def _wait(pred, seconds=60):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not pred():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_engine_thread_survives_a_failing_step_and_stops_without_draining(engine):
+    eng = Engine(_FailOnce(engine.model), engine.tokenizer, max_batch=2)
+    runner = EngineThread(eng).start()
+    seen = []
+    bad = eng.add_request("The quick", GREEDY, on_output=seen.append)
+    runner.wake()
+    _wait(lambda: bad.finish_reason is not None)
+    assert bad.finish_reason == "error" and "boom" in seen[-1].error and eng.cache.num_free == 2
+    good = eng.add_request("The quick", GREEDY)
+    runner.wake()
+    _wait(lambda: good.finish_reason is not None)
+    assert good.output_ids == engine.generate(["The quick"], GREEDY)[0].token_ids
+    long = eng.add_request("so", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    runner.wake()
+    _wait(lambda: long.num_generated > 0)
+    assert runner.stop(drain=False, timeout=60)
+    assert long.finish_reason == "abort" and long.num_generated < 200 and eng.cache.num_free == 2
+
+
 def test_chat_templates(ckpt, tmp_path):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     assert pangu_chat_prompt(msgs, "<s>") == "<s>[unused9]系统：Be brief.[unused10][unused9]用户：Hi[unused10][unused9]助手："

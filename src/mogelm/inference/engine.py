@@ -187,7 +187,7 @@ class Engine:
         self.default_sampling = dict(default_sampling or {})
         self.eos_ids = frozenset([tokenizer.eos_token_id] if tokenizer and tokenizer.eos_token_id is not None else [])
         self._incoming: deque[Request] = deque()  # filled by any thread, drained by step()
-        self._aborts: deque[str] = deque()
+        self._aborts: deque[str | None] = deque()  # None: every request
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in a slot, in admission order
         self._ids = itertools.count()
@@ -255,8 +255,7 @@ class Engine:
 
     def abort_all(self) -> None:
         """Abort every queued and running request (thread-safe)."""
-        for req in list(self._incoming) + list(self.waiting) + list(self.running):
-            self.abort(req.id)
+        self._aborts.append(None)
 
     @property
     def num_waiting(self) -> int:
@@ -328,7 +327,7 @@ class Engine:
         ids = [0] * n
         pos = [self.cache.scratch_pos] * n
         for r in reqs:
-            ids[r.slot], pos[r.slot] = r.output_ids[-1] if r.output_ids else 0, r.next_pos
+            ids[r.slot], pos[r.slot] = r.output_ids[-1], r.next_pos
         ids_n = torch.tensor(ids, device=self.device)
         pos_n = torch.tensor(pos, device=self.device)
         if self.graphs is not None:
@@ -372,15 +371,15 @@ class Engine:
             req.text = text
         return new
 
-    def _abort(self, request_id: str) -> list[tuple[Request, RequestOutput]]:
-        for queue in (self.waiting, self.running):
-            for req in queue:
-                if req.id == request_id and req.finish_reason is None:
-                    req.finish_reason = "abort"
-                    if queue is self.waiting:
-                        self.waiting.remove(req)
-                    return [(req, RequestOutput(req.id, [], "", True, "abort", len(req.prompt_ids), req.num_generated))]
-        return []
+    def _abort(self, request_id: str | None) -> list[tuple[Request, RequestOutput]]:
+        """Mark matching requests (all when request_id is None) aborted; step() frees their slots."""
+        hits = [r for r in list(self.waiting) + self.running
+                if (request_id is None or r.id == request_id) and r.finish_reason is None]
+        for req in hits:
+            req.finish_reason = "abort"
+            if req in self.waiting:
+                self.waiting.remove(req)
+        return [(r, RequestOutput(r.id, [], "", True, "abort", len(r.prompt_ids), r.num_generated)) for r in hits]
 
     def fail_all(self, message: str) -> None:
         """Finish every request with finish_reason "error" (after an exception in step)."""
