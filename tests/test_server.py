@@ -216,6 +216,21 @@ def test_stop_strings_n_and_seed(server, solo):
     assert a.usage.prompt_tokens == len(solo.tokenizer.encode("The quick"))
 
 
+def test_prompt_forms_token_ids_and_batches(server, solo):
+    ids = solo.tokenizer.encode("def add(a")
+    as_text = server.client.completions.create(model=MODEL, prompt="def add(a", max_tokens=10, temperature=0)
+    as_ids = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert as_ids.choices[0].text == as_text.choices[0].text == greedy_text(solo, "def add(a", 10)[0]
+    for prompts in (["The quick", "def add(a"], [solo.tokenizer.encode("The quick"), ids]):
+        batch = server.client.completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0)
+        assert [c.index for c in batch.choices] == [0, 1]
+        assert [c.text for c in batch.choices] == [greedy_text(solo, "The quick", 10)[0], as_text.choices[0].text]
+        assert batch.usage.prompt_tokens == len(ids) + len(solo.tokenizer.encode("The quick"))
+    with pytest.raises(openai.BadRequestError) as e:  # mixed lists are not an OpenAI prompt form
+        server.client.completions.create(model=MODEL, prompt=["The quick", ids], max_tokens=2)
+    assert e.value.body["param"].startswith("prompt")
+
+
 def test_client_disconnect_frees_the_slot(server):
     body = {"model": MODEL, "prompt": "The quick", "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:

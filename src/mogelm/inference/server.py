@@ -98,6 +98,10 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _is_union_tag(x) -> bool:
+    return isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool", "list", "dict", "none"))
+
+
 def _error_response(status: int, message: str, param=None, code=None, type=None) -> JSONResponse:
     type = type or ("invalid_request_error" if status < 500 else "server_error")
     return JSONResponse(error_body(message, type, param, code), status_code=status)
@@ -126,7 +130,8 @@ def create_app(engine: Engine, model_name: str, max_waiting: int = 1024, shutdow
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # drop "body" and pydantic's union-member tags ("str", "list[int]", ...) from the location
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_tag(x)]
         if err.get("type") == "json_invalid":
             return _error_response(400, f"Invalid JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}",
                                    code="invalid_json")
