@@ -242,6 +242,15 @@ def test_client_disconnect_frees_the_slot(server):
         time.sleep(0.05)
 
 
+def test_serve_busy_port_is_one_line_error(ckpt, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert cli_main(["serve", "--model", str(ckpt), "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
 def test_serve_bad_model_is_one_line_error(tmp_path, capsys):
     assert cli_main(["serve", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -366,8 +367,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    for name in ("max_batch", "chunk_size", "max_waiting"):
-        if getattr(args, name) <= 0:
+    for name in ("max_batch", "chunk_size", "max_waiting", "max_len"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
@@ -384,7 +385,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.shutdown_timeout))
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bind here, so a busy port is a one-line error rather than uvicorn's exit
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {name} ({engine.max_len}-token context, {engine.max_batch} slots, {engine.device}) "
-          f"on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.Server(config).run()
+          f"on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
