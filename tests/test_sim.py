@@ -264,3 +264,22 @@ def test_cli_search_quick_json(capsys):
     scores = [c["score"] for c in out["candidates"]]
     assert scores and scores == sorted(scores, reverse=True)
     assert all(60 <= c["total_b"] <= 80 for c in out["candidates"])
+
+
+def test_calibrate_collectives_and_attention_from_microbench():
+    from mogelm.sim.calibrate import calibrate, fit_alpha_beta
+
+    # Synthetic rows from 50 us per call and 200 GB/s on 2 devices: the fit must recover both.
+    rows = [{"world": 2, "bytes": n, "allgather_ms": (50e-6 + n / 2 / 200e9) * 1e3,
+             "reducescatter_ms": (50e-6 + n / 2 / 200e9) * 1e3} for n in (1 << 16, 1 << 22, 1 << 26)]
+    fixed_us, bw = fit_alpha_beta(rows)
+    assert fixed_us == pytest.approx(50.0) and bw == pytest.approx(200e9)
+    attn = [{"batch": 128, "kv_bytes": 1 << 30, "ms": 0.3}]
+    hw = calibrate({"device": "NVIDIA H200", "copy_bandwidth_GBps": 4000.0, "dense_bf16_tflops": 700.0,
+                    "collectives": rows, "decode_attention": attn})
+    lk = hw.links[0]
+    # The base per-step alpha (2.5 us) stays; the rest of the 50 us is a per-call cost, so 8 devices
+    # pay it once, not 7 times: 47.5 + 7 * 2.5 us + 7/8 * n / 200 GB/s.
+    assert lk.call_overhead_us == pytest.approx(47.5) and lk.latency_us == 2.5
+    assert allgather_time(8, 8e6, hw) == pytest.approx((47.5 + 7 * 2.5) * 1e-6 + 7 / 8 * 8e6 / 200e9)
+    assert hw.decode_attention_kv_share == pytest.approx((1 << 30) / 4000e9 / (0.3e-3 - 5e-6), rel=1e-3)

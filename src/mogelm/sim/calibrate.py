@@ -10,6 +10,11 @@ Benchmark JSON (written by the kernel benchmarks to benchmarks/results/*.json; e
      "rows": [{"model_shape": "pangu" | "qwen3-30b-a3b", "backend": "loop" | "grouped_mm" | "triton",
                "dtype": "bf16" | "fp8", "tokens": 128, "ms": 1.164, "floor_ms": 0.621, "tflops": 36.1}, ...]}
 
+Two optional sections, as written by `python -m mogelm.sim.microbench`:
+
+     "collectives": [{"world": 2, "bytes": 4669440, "allgather_ms": 0.067, "reducescatter_ms": 0.068}, ...],
+     "decode_attention": [{"batch": 128, "kv_bytes": 1073741824, "ms": 0.266, ...}, ...]
+
 What it derives, on top of a base profile (peak rates, memory size, interconnect come from there):
   mem_efficiency      = copy bandwidth / datasheet bandwidth
   gemm_efficiency     = dense bf16 GEMM rate / datasheet bf16 peak
@@ -18,6 +23,12 @@ What it derives, on top of a base profile (peak rates, memory size, interconnect
                       measured time, keyed by rows per expert (tokens * K / experts). The cost
                       model interpolates it in log(rows), so a calibrated profile reproduces the
                       measured expert-block times at the measured points.
+  links[0]            from "collectives": the fixed time per call and the bandwidth of the innermost
+                      level, by least squares on t = fixed + (p-1)/p * n / bw over the all-gather
+                      and reduce-scatter rows; the fixed time beyond the base profile's per-step
+                      alpha becomes call_overhead_us (per call, not per ring step)
+  decode_attention_kv_share  from "decode_attention": the largest-batch row (bandwidth-bound),
+                      ideal KV streaming time / (measured - one kernel's fixed time)
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+
+import numpy as np
 
 from mogelm.sim.cost import QUANTS, roofline, routing_load
 from mogelm.sim.hardware import HardwareProfile, load_profile
@@ -60,7 +73,7 @@ def block_ideal_ms(shape: dict, tokens: int, hw: HardwareProfile) -> tuple[float
 
 def calibrate(bench: dict, *, base: str | None = None, backend: str | None = None,
               source: str = "benchmark JSON") -> HardwareProfile:
-    for key in ("device", "copy_bandwidth_GBps", "dense_bf16_tflops", "rows"):
+    for key in ("device", "copy_bandwidth_GBps", "dense_bf16_tflops"):
         if key not in bench:
             raise ValueError(f"benchmark JSON lacks {key!r}")
     copy_bw, dense = float(bench["copy_bandwidth_GBps"]), float(bench["dense_bf16_tflops"])
@@ -78,7 +91,7 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
                              grouped_gemm_curve=[], sources=sources,
                              description=f"{bench['device']} calibrated from {source} ({date}); base {hw.name}")
 
-    rows = [r for r in bench["rows"] if isinstance(r, dict) and r.get("dtype", "bf16") == "bf16"
+    rows = [r for r in bench.get("rows", []) if isinstance(r, dict) and r.get("dtype", "bf16") == "bf16"
             and r.get("model_shape") in SHAPES and float(r.get("ms", 0)) > 0 and int(r.get("tokens", 0)) > 0]
     backends = sorted({r.get("backend", "") for r in rows})
     if backend is not None and backend not in backends:
@@ -87,6 +100,31 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
     for r in rows:
         ideal, rpe = block_ideal_ms(SHAPES[r["model_shape"]], int(r["tokens"]), hw)
         curves.setdefault(r.get("backend", ""), {})[rpe] = ideal / float(r["ms"])
+    coll = [r for r in bench.get("collectives", []) if isinstance(r, dict) and int(r.get("world", 0)) >= 2]
+    if coll:
+        # A fit on one group size cannot separate a per-call cost from per-step latency; keep the
+        # base profile's per-step alpha and put the rest of the fixed time into the per-call cost,
+        # which does not grow with p (eager launches dominate it).
+        fixed_us, bw = fit_alpha_beta(coll)
+        p = int(coll[0]["world"])
+        base = hw.links[0]
+        steps = base.steps(p) if base.topology != "mesh" else 1
+        call = max(fixed_us - steps * base.latency_us, 0.0)
+        inner = dataclasses.replace(base, topology="switch", bandwidth_GBps=round(bw / 1e9, 1),
+                                    call_overhead_us=round(call, 2))
+        hw.links = [inner, *hw.links[1:]]
+        sources["links"] = (f"innermost level calibrated from {len(coll)} collective sizes on {p} devices, "
+                            f"measured on {date} ({source}): {fixed_us:.1f} us fixed per call (kept alpha "
+                            f"{base.latency_us:g} us per step, the rest as call_overhead_us), {bw / 1e9:.0f} GB/s; "
+                            "outer levels from the base profile. " + sources.get("links", ""))
+    attn = [r for r in bench.get("decode_attention", []) if isinstance(r, dict) and float(r.get("ms", 0)) > 0]
+    if attn:
+        top = max(attn, key=lambda r: float(r["kv_bytes"]))
+        ideal = float(top["kv_bytes"]) / hw.bandwidth
+        share = ideal / max(float(top["ms"]) * 1e-3 - hw.op_overhead, 1e-9)
+        hw.decode_attention_kv_share = round(min(share, 1.0), 4)
+        sources["decode_attention_kv_share"] = (f"calibrated from decode attention at batch {top.get('batch')}, "
+                                                f"measured on {date} ({source})")
     if curves:
         # Without a choice, take the backend that is most efficient on average: the one we would run.
         chosen = backend or max(curves, key=lambda b: sum(curves[b].values()) / len(curves[b]))
@@ -94,6 +132,25 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
         sources["grouped_gemm_curve"] = (f"calibrated: backend {chosen!r}, {len(curves[chosen])} bf16 points, "
                                          f"measured on {date} ({source})")
     return hw
+
+
+def fit_alpha_beta(rows: list[dict]) -> tuple[float, float]:
+    """(fixed us per call, bandwidth in bytes/s) fitting every all-gather / reduce-scatter time in `rows`."""
+    if len({int(r["world"]) for r in rows}) > 1:
+        raise ValueError("collective rows must all have the same world size")
+    a, y = [], []
+    for r in rows:
+        p, n = int(r["world"]), float(r["bytes"])
+        for key in ("allgather_ms", "reducescatter_ms"):
+            if r.get(key):
+                a.append([1.0, (p - 1) / p * n])
+                y.append(float(r[key]) * 1e-3)
+    if len(y) < 2:
+        raise ValueError("collectives need at least two timed rows to fit alpha and bandwidth")
+    (alpha, inv_bw), *_ = np.linalg.lstsq(np.array(a), np.array(y), rcond=None)
+    if alpha < 0 or inv_bw <= 0:
+        raise ValueError("collective times do not fit alpha + n / bandwidth with positive values")
+    return alpha * 1e6, 1.0 / inv_bw
 
 
 def calibrate_file(path: str, *, base: str | None = None, backend: str | None = None) -> HardwareProfile:

@@ -269,18 +269,22 @@ def _search(args) -> int:
 
 
 def _validate(args) -> int:
-    from mogelm.sim.validate import format_table, h200_full_model, run_checks
+    from mogelm.sim.validate import format_table, h200_eager_profile, h200_full_model, run_checks
 
     checks = run_checks()
     forecast = h200_full_model()
+    eager = h200_eager_profile()
+    forecast_eager = h200_full_model(eager) if eager else None
     if args.json:
         print(json.dumps({"date": "2026-11-28", "checks": [c.to_dict() for c in checks],
-                          "h200_forecast": forecast}, indent=2))
+                          "h200_forecast": forecast, "h200_forecast_eager_collectives": forecast_eager}, indent=2))
         return 0
     print(format_table(checks))
-    print(f"\nForecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048: "
-          f"{forecast['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch {forecast['batch']} "
-          f"({forecast['layout_text']})")
+    print("\nForecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048:")
+    for name, f in (("built-in profile", forecast), ("microbench-calibrated (eager NCCL)", forecast_eager)):
+        if f:
+            print(f"  {name}: {f['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch {f['batch']}, TPOT "
+                  f"{f['tpot_ms']:.1f} ms, limited by {f['limited_by']} ({f['layout_text']})")
     return 0
 
 

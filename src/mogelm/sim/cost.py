@@ -9,12 +9,12 @@ Every operator costs  max(flops / (peak * efficiency), bytes / achievable_bandwi
 the roofline, with a fixed per-kernel time on top. Collectives use alpha-beta over the
 interconnect level that holds the group (hardware.LinkLevel):
 
-    all-gather(p, n) = reduce-scatter(p, n) = steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
+    all-gather(p, n) = reduce-scatter(p, n) = c + steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
     all-reduce(p, n) = 2 * all-gather(p, n)          (reduce-scatter then all-gather)
-    all-to-all(p, n) = steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
+    all-to-all(p, n) = c + steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
 
 n is the full buffer per device (the gathered result; for all-to-all what one device sends plus
-keeps). For a switch or a shared bus, steps = p-1 and the bus bandwidth is the per-device link
+keeps); c is a per-call overhead (0 in the built-in profiles; calibrated from eager measurements). For a switch or a shared bus, steps = p-1 and the bus bandwidth is the per-device link
 bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)): the ring. For a full mesh (HCCS),
 one step and p-1 links at once.
 
@@ -181,7 +181,7 @@ def allgather_time(p: int, nbytes: float, hw: HardwareProfile) -> float:
     if p <= 1 or nbytes <= 0:
         return 0.0
     lk = hw.link_for(p)
-    return lk.steps(p) * lk.latency_us * 1e-6 + (p - 1) / p * nbytes / lk.bus_bandwidth(p)
+    return (lk.call_overhead_us + lk.steps(p) * lk.latency_us) * 1e-6 + (p - 1) / p * nbytes / lk.bus_bandwidth(p)
 
 
 reducescatter_time = allgather_time
@@ -364,7 +364,8 @@ def step_cost(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, layout, *, to
     if ffn_width:
         shared_dp = world // layout.shared_tp
         f_local = ffn_width / layout.shared_tp
-        layer.add("shared_ffn", dense_ffn_time(math.ceil(tokens / shared_dp), d, f_local, hw, quant))
+        part = "shared_ffn" if cfg.is_moe else "dense_ffn"
+        layer.add(part, dense_ffn_time(math.ceil(tokens / shared_dp), d, f_local, hw, quant))
         weights += 3 * d * f_local * quant.weight_bytes
     layer.add("comm_ffn", reducescatter_time(world, tokens * d * cb, hw))
     layer.add("elementwise", elementwise_time(tokens / world * d, hw, 6.0))  # combine + residual

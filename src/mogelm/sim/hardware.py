@@ -55,12 +55,14 @@ class LinkLevel:
     topology: str
     bandwidth_GBps: float  # per link (mesh) or per device (switch/shared), one direction, achievable
     latency_us: float  # alpha: fixed cost of one algorithm step
+    call_overhead_us: float = 0.0  # fixed cost of one collective call (host launch, setup), any p
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"link {self.name!r}: topology must be one of {TOPOLOGIES}, got {self.topology!r}")
-        if self.group_size < 1 or self.bandwidth_GBps <= 0 or self.latency_us < 0:
-            raise ValueError(f"link {self.name!r}: group_size, bandwidth_GBps must be positive and latency_us >= 0")
+        if self.group_size < 1 or self.bandwidth_GBps <= 0 or self.latency_us < 0 or self.call_overhead_us < 0:
+            raise ValueError(f"link {self.name!r}: group_size, bandwidth_GBps must be positive, latency_us and "
+                             "call_overhead_us >= 0")
 
     def bus_bandwidth(self, p: int) -> float:
         """Bytes/s one device can move into a p-way collective."""

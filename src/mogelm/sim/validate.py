@@ -18,11 +18,20 @@ shapes from its KV and communication ratios, and those shapes are used here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mogelm.config import ModelConfig, from_name
 from mogelm.sim.calibrate import SHAPES, calibrate
-from mogelm.sim.cost import QUANTS, dense_ffn_time, routed_experts_time, routing_load
+from mogelm.sim.cost import (
+    QUANTS,
+    allgather_time,
+    attention_decode_time,
+    dense_ffn_time,
+    routed_experts_time,
+    routing_load,
+)
 from mogelm.sim.hardware import HardwareProfile, load_profile
 from mogelm.sim.layout import H2P_8, decode_plan_at, plan_decode, plan_prefill
 
@@ -164,15 +173,64 @@ def _calibration_checks() -> list[Check]:
     return out
 
 
+MICROBENCH = Path(__file__).with_name("data") / "h200_microbench.json"
+
+
+def _microbench_checks() -> list[Check]:
+    """Decode attention and NCCL collectives measured on 2x H200 (data/h200_microbench.json).
+
+    First every point against the built-in (a-priori) H200 profile; then the points left out of a
+    calibration that used only the smallest and largest collective and the largest attention batch.
+    """
+    if not MICROBENCH.is_file():
+        return []
+    mb = json.loads(MICROBENCH.read_text())
+    bf16 = QUANTS["bf16"]
+    coll, attn = mb["collectives"], mb["decode_attention"]
+    src = "microbench 2xH200"
+
+    def rows(hw, label, coll_rows, attn_rows, note):
+        out = []
+        for r in attn_rows:
+            pred = attention_decode_time(r["batch"], r["context"], r["heads"], r["kv_heads"], r["head_dim"], hw,
+                                         bf16) * 1e3
+            out.append(Check(src, f"decode attention SDPA, batch {r['batch']} x {r['context']}, {label}", pred,
+                             r["ms"], "ms", OURS_TOL, note=note))
+        for r in coll_rows:
+            pred = allgather_time(r["world"], r["bytes"], hw) * 1e3
+            for key, name in (("allgather_ms", "all-gather"), ("reducescatter_ms", "reduce-scatter")):
+                out.append(Check(src, f"NCCL {name} {r['bytes'] / 2**20:.2f} MiB on {r['world']} GPUs, {label}", pred,
+                                 r[key], "ms", OURS_TOL, note=note))
+        return out
+
+    out = rows(load_profile("nvidia-h200"), "built-in profile", coll, attn, "a-priori alpha 2.5 us, 360 GB/s")
+    by_size = sorted(coll, key=lambda r: r["bytes"])
+    fit_coll, held_coll = [by_size[0], by_size[-1]], by_size[1:-1]
+    by_batch = sorted(attn, key=lambda r: r["batch"])
+    cal = calibrate({**mb, "collectives": fit_coll, "decode_attention": by_batch[-1:]}, source="microbench")
+    lk = cal.links[0]
+    note = f"held out; calibrated {lk.call_overhead_us + lk.latency_us:.0f} us per call, {lk.bandwidth_GBps:.0f} GB/s, " \
+           f"KV share {cal.decode_attention_kv_share:.2f}"
+    out += rows(cal, "calibrated without it", held_coll, by_batch[:-1], note)
+    return out
+
+
 def run_checks() -> list[Check]:
-    return _paper_checks() + _h200_checks() + _calibration_checks()
+    return _paper_checks() + _h200_checks() + _calibration_checks() + _microbench_checks()
 
 
-def h200_full_model() -> dict:
+def h200_full_model(hw: HardwareProfile | None = None) -> dict:
     """The full 72B model on one 8x H200 server (bf16, 2,048 context, TPOT <= 99 ms): a forecast only."""
-    plan = plan_decode(from_name("pangu-pro-moe-72b"), load_profile("nvidia-h200"), QUANTS["bf16"], cards=8,
+    plan = plan_decode(from_name("pangu-pro-moe-72b"), hw or load_profile("nvidia-h200"), QUANTS["bf16"], cards=8,
                        tpot_ms=99.0, context=2048)
     return plan.to_dict()
+
+
+def h200_eager_profile() -> HardwareProfile | None:
+    """The H200 profile calibrated from the microbenchmark (eager collectives), if the data is there."""
+    if not MICROBENCH.is_file():
+        return None
+    return calibrate(json.loads(MICROBENCH.read_text()), source="microbench")
 
 
 def format_table(checks: list[Check]) -> str:
