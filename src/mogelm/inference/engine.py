@@ -20,6 +20,8 @@ decoding each sequence alone. Requests come in through thread-safe queues, so a 
 `add_request` while an `EngineThread` runs `step()` in a loop; each request's `on_output` callback
 receives a RequestOutput (new tokens and new text) every step it advances.
 
+The model is called only through two free functions, `prefill` (one sequence, a run of prompt
+tokens) and `decode_one_token` (one token per cache row); the CUDA graphs capture the latter.
 The engine works on token ids; the tokenizer (optional) is used only for text prompts, stop strings
 and the text it returns. fp32 on CPU, bf16 on CUDA by default.
 """
@@ -40,7 +42,7 @@ import torch
 from torch import Tensor
 
 from mogelm.errors import UserError
-from mogelm.inference.cache import SlotKVCache
+from mogelm.inference.cache import CacheRows, SlotKVCache
 from mogelm.inference.chat import Tokenizer
 from mogelm.inference.sampling import PANGU_DEFAULTS, SamplingParams, sample
 from mogelm.model import Transformer
@@ -113,6 +115,19 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+def prefill(model: Transformer, rows: CacheRows, ids: list[int], start: int) -> Tensor:
+    """Write tokens `ids` at positions start.. of a one-row cache view; logits of the last one [V]."""
+    device = rows.k[0].device
+    ids_1T = torch.tensor([ids], device=device)
+    pos_1T = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids))[0, -1]
+
+
+def decode_one_token(model: Transformer, rows: CacheRows, ids_B: Tensor, pos_B: Tensor, kv_len: int) -> Tensor:
+    """One token per cache row at its own position (row b of `rows` <- ids_B[b] at pos_B[b]); logits [B, V]."""
+    return model(ids_B[:, None], positions_BT=pos_B[:, None], kv_cache=rows, kv_len=kv_len)[:, 0]
+
+
 def decode_buckets(max_batch: int) -> list[int]:
     """Batch sizes with a captured decode graph: powers of two up to max_batch, and max_batch."""
     sizes, b = [], 1
@@ -134,12 +149,12 @@ class CUDAGraphDecoder:
         device = cache.k[0].device
         pool = None
         for b in sorted(buckets, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            ids = torch.zeros(b, 1, dtype=torch.long, device=device)
-            pos = torch.full((b, 1), cache.scratch_pos, dtype=torch.long, device=device)
+            ids = torch.zeros(b, dtype=torch.long, device=device)
+            pos = torch.full((b,), cache.scratch_pos, dtype=torch.long, device=device)
             rows = cache.rows(0, b)
 
             def fwd(ids=ids, pos=pos, rows=rows):
-                return model(ids, positions_BT=pos, kv_cache=rows, kv_len=cache.max_len + 1)[:, 0]
+                return decode_one_token(model, rows, ids, pos, kv_len=cache.max_len + 1)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -159,8 +174,8 @@ class CUDAGraphDecoder:
         graph, ids, pos, logits = self.graphs[b]
         ids.zero_()
         pos.fill_(self.cache.scratch_pos)
-        ids[:n, 0].copy_(ids_n)
-        pos[:n, 0].copy_(pos_n)
+        ids[:n].copy_(ids_n)
+        pos[:n].copy_(pos_n)
         graph.replay()
         return logits[:n]
 
@@ -315,11 +330,9 @@ class Engine:
     def _prefill(self, req: Request, n: int) -> Tensor:
         """Write prompt tokens [num_cached, num_cached + n) into the request's slot; last logits [V]."""
         start = req.num_cached
-        ids = torch.tensor([req.prompt_ids[start:start + n]], device=self.device)
-        pos = torch.arange(start, start + n, device=self.device).unsqueeze(0)
-        logits = self.model(ids, positions_BT=pos, kv_cache=self.cache.rows(req.slot, req.slot + 1), kv_len=start + n)
+        logits_V = prefill(self.model, self.cache.rows(req.slot, req.slot + 1), req.prompt_ids[start:start + n], start)
         req.num_cached += n
-        return logits[0, -1]
+        return logits_V
 
     def _decode(self, reqs: list[Request]) -> Tensor:
         """One token for each request, batched over cache rows [0, max slot]; logits [len(reqs), V]."""
@@ -334,8 +347,7 @@ class Engine:
             logits = self.graphs(ids_n, pos_n)
         else:
             kv_len = max(r.next_pos for r in reqs) + 1
-            logits = self.model(ids_n[:, None], positions_BT=pos_n[:, None], kv_cache=self.cache.rows(0, n),
-                                kv_len=kv_len)[:, 0]
+            logits = decode_one_token(self.model, self.cache.rows(0, n), ids_n, pos_n, kv_len)
         return logits[torch.tensor([r.slot for r in reqs], device=self.device)]
 
     def _advance(self, req: Request, token: int) -> RequestOutput:
