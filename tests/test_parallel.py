@@ -395,6 +395,36 @@ def test_dead_rank_ends_with_clear_error(tmp_path):
     _assert_clean(results)
 
 
+def _world_size_worker(rank, world, tmp, errors, ports):
+    from mogelm.parallel.context import init_parallel
+    from mogelm.parallel.dispatchers import CollectiveError
+
+    env = dict(RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.update(env, WORLD_SIZE=str(world + rank), MASTER_PORT=str(ports[0]))  # rank 1 says 3
+    t0 = time.time()
+    try:
+        init_parallel(device="cpu", timeout_s=30)
+        errors.append(f"rank {rank}: a WORLD_SIZE mismatch was accepted")
+    except CollectiveError as e:
+        if "WORLD_SIZE mismatch" not in str(e) or time.time() - t0 > 20:
+            errors.append(f"rank {rank}: after {time.time() - t0:.1f} s: {e}")
+    os.environ.update(WORLD_SIZE=str(world), MASTER_PORT=str(ports[1]))  # now consistent
+    ctx = init_parallel(device="cpu", timeout_s=30)
+    if ctx.all_reduce_mean(float(rank)) != 0.5:
+        errors.append("all_reduce_mean after a store-based init is wrong")
+
+
+def test_mismatched_world_size_ends_every_rank_with_a_message(tmp_path):
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    _assert_clean(_spawn(_world_size_worker, tmp_path, timeout=90, args=(ports,)))
+
+
 def test_bad_ep_sizes_refused_before_any_collective(monkeypatch):
     from mogelm.parallel.context import init_parallel
     from mogelm.parallel.expert_parallel import validate_ep
@@ -428,3 +458,31 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch):
     assert launch.relaunch(2, ["train", "--nproc", "2", "--ep", "2"]) == 7
     assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mogelm.parallel.launch"]
     assert seen["env"][launch.ARGV_ENV] == '["train", "--nproc", "2", "--ep", "2"]'
+
+
+def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):
+    """`mogelm train --nproc 2 --ep 2` end to end (torchrun, gloo, the real training loop and
+    checkpoint directory) lands on the same weights and validation loss as one process on the
+    same global batches."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mogelm.checkpoint import from_pretrained
+
+    data = str(Path(__file__).parent / "data")
+    common = ["train", "--preset", "debug", "--data", data, "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32",
+              "--max-steps", "4", "--eval-every", "4", "--eval-batches", "2", "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"ep": ["--nproc", "2", "--ep", "2", "--batch-size", "2"], "one": ["--batch-size", "4"]}
+    for name, extra in runs.items():
+        proc = subprocess.run([sys.executable, "-m", "mogelm", *common, *extra, "--out", str(tmp_path / name)],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    val = {n: [json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()][-1] for n in runs}
+    assert val["ep"]["kind"] == "val" and abs(val["ep"]["val_loss"] - val["one"]["val_loss"]) < 1e-5, val
+    ep, one = from_pretrained(tmp_path / "ep" / "final"), from_pretrained(tmp_path / "one" / "final")
+    for (name, p), q in zip(ep.named_parameters(), one.parameters()):
+        assert (p - q).abs().max() < 1e-5, name
+    assert (tmp_path / "ep" / "final" / "distributed").is_dir()

@@ -211,6 +211,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def _check_world_size(rank: int, world: int, timeout_s: float):
+    """Outside torchrun (which sets WORLD_SIZE itself), ranks started by hand may disagree on
+    WORLD_SIZE; the process-group rendezvous would then stall in transport timeouts. Each rank
+    publishes its WORLD_SIZE in the TCP store first and compares with the others, so every rank
+    ends at once (or, for a missing rank, within the timeout) with a message. Returns the store
+    to build the process group on, or None under torchrun."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=rank == 0,
+                          timeout=timeout, wait_for_workers=False)
+    store.set(f"mogelm/world_size/{rank}", str(world))
+    for other in range(world):
+        try:
+            theirs = int(store.get(f"mogelm/world_size/{other}"))  # waits up to the timeout
+        except Exception as e:
+            raise CollectiveError(
+                f"rank {rank}: rank {other} of {world} did not join within {timeout_s:.0f} s (did it start, "
+                f"with the same MASTER_ADDR/PORT?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from e
+        if theirs != world:
+            raise CollectiveError(
+                f"rank {rank}: WORLD_SIZE mismatch: this rank has {world}, rank {other} has {theirs}; "
+                "start every rank with the same world size"
+            )
+    return store
+
+
 def init_parallel(
     ep_size: int = 1,
     device: str | torch.device | None = None,
@@ -230,8 +258,15 @@ def init_parallel(
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     timeout_s = timeout_s or float(os.environ.get("MOGELM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     if not dist.is_initialized():
+        rank = _env_int("RANK")
+        store = _check_world_size(rank, world, timeout_s)
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            if store is None:
+                dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.init_process_group(
+                    backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+                )
         except Exception as e:
             raise CollectiveError(
                 f"could not join the process group as rank {os.environ.get('RANK')} of {world} within "
