@@ -347,10 +347,14 @@ def test_chat_templates(ckpt, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager(ckpt):
-    eager = Engine.from_pretrained(ckpt, device="cuda", dtype=torch.float32, max_batch=5, cuda_graphs=False)
-    graphed = Engine.from_pretrained(ckpt, device="cuda", dtype=torch.float32, max_batch=5, cuda_graphs=True)
-    assert graphed.graphs is not None and sorted(graphed.graphs.graphs) == [1, 2, 4, 5]
-    prompts = PROMPTS + ["Mixture of", "for i"]  # 6 prompts through 5 slots: every bucket size is used
+    """bf16 on the GPU (the serving path; default kernel backend). The fixture model's greedy choices have
+    wide margins, so bf16 rounding differences between the two attention lengths do not flip tokens."""
+    kw = dict(device="cuda", dtype=torch.bfloat16, max_batch=5)
+    eager = Engine.from_pretrained(ckpt, cuda_graphs=False, **kw)
+    graphed = Engine.from_pretrained(ckpt, cuda_graphs=True, **kw)
+    assert graphed.graphs is not None, "capture failed (see the warning in the log)"
+    assert sorted(graphed.graphs.graphs) == [1, 2, 4, 5]
+    prompts = PROMPTS + ["Mixture of", "for i"]  # 6 prompts through 5 slots: the busy-row count changes
     a = eager.generate(prompts, GREEDY)
     b = graphed.generate(prompts, GREEDY)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
