@@ -230,13 +230,12 @@ def test_search_ranks_and_plots(tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_validate_rows_have_errors():
-    from mogelm.sim.validate import run_checks
-
-    checks = run_checks()
-    assert len(checks) > 30 and all(math.isfinite(c.error) for c in checks)
-    tpot = next(c for c in checks if "MoE decode TPOT at batch 456" in c.what)
-    assert tpot.measured == 99.31 and abs(tpot.error) <= 0.25
+def test_validate_json_rows_have_errors(capsys):
+    assert main(["sim", "validate", "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out)["checks"]
+    assert len(checks) > 30 and all(math.isfinite(c["error"]) for c in checks)
+    tpot = next(c for c in checks if "MoE decode TPOT at batch 456" in c["what"])
+    assert tpot["measured"] == 99.31 and abs(tpot["error"]) <= 0.25 and tpot["passed"]
 
 
 def test_cli_model_from_config_json(tmp_path, capsys):

@@ -59,7 +59,9 @@ class Check:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(error=round(self.error, 4), passed=self.passed)
+        # numpy scalars (from the Monte-Carlo and the fits) are not JSON-serialisable: make them plain
+        d.update(predicted=float(self.predicted), measured=float(self.measured), error=round(float(self.error), 4),
+                 passed=bool(self.passed))
         return d
 
 
