@@ -302,3 +302,12 @@ def test_serve_process_drains_running_stream_on_sigterm(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_full_queue_answers_503(solo):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(solo, MODEL, max_waiting=0)) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert client.get("/health").status_code == 200
