@@ -11,9 +11,11 @@ HF `tokenizers` (special tokens EOS `<|endoftext|>` and PAD `<|pad|>`) -> `encod
 line-aligned chunks -> one token stream per split, documents separated by EOS, written as
 uint16/uint32 shards and read back with numpy memmap.
 
-Validation split: each document goes to validation when a hash of its name falls under
-`val_fraction`, so adding files does not move the others. When that leaves either side empty
-(e.g. a single file), the stream is cut instead: its last `val_fraction` goes to validation.
+Validation split: documents are cut into line-aligned segments of about 16 KB, and a segment
+goes to validation when a hash of (document name, segment index) falls under `val_fraction`.
+Adding files does not move the others, and one large file cannot fill the validation set on its
+own. When that leaves a split too small (a tiny corpus), the token stream is cut instead: its
+last `val_fraction` goes to validation.
 
 Cache layout (`$MOGELM_CACHE`, default ~/.cache/mogelm): `<hash>/` with tokenizer.json,
 tokenizer_config.json, train-00000.bin..., val-00000.bin, meta.json. The hash covers the
@@ -43,7 +45,7 @@ import torch
 
 from mogelm.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
@@ -52,12 +54,14 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the specials, and at le
 SHARD_TOKENS = 1 << 26  # 64 M tokens per shard file
 _STDLIB_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 _CHUNK_CHARS = 4096  # encode_batch works on line-aligned pieces of about this size
+_SEGMENT_CHARS = 16384  # unit of the train/validation split
 
 
 @dataclass(frozen=True)
 class Document:
     name: str  # relative path (or path:line for .jsonl records); decides the split
     text: str
+    eos: bool = True  # followed by EOS in the token stream (False for all but a document's last segment)
 
 
 # Corpora -----------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def encode_documents(tok, docs: Sequence[Document], eos_id: int) -> np.ndarray:
     out: list[np.ndarray] = []
     for j, enc in enumerate(encoded):
         out.append(np.asarray(enc.ids, dtype=np.int64))
-        if j + 1 == len(encoded) or owner[j + 1] != owner[j]:
+        if (j + 1 == len(encoded) or owner[j + 1] != owner[j]) and docs[owner[j]].eos:
             out.append(np.asarray([eos_id], dtype=np.int64))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
@@ -267,11 +271,26 @@ def check_token_range(ids: np.ndarray | torch.Tensor, vocab_size: int, what: str
 
 
 # Shards and the dataset ------------------------------------------------------------------------------
-def _split_documents(docs: Sequence[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+def _segments(doc: Document, size: int = _SEGMENT_CHARS) -> list[Document]:
+    """The document in line-aligned segments of about `size` characters, made of whole _chunks so
+    that encoding the segments gives exactly the tokens of encoding the document."""
+    out, buf = [], []
+    for c in _chunks(doc.text):
+        buf.append(c)
+        if sum(map(len, buf)) >= size:
+            out.append("".join(buf))
+            buf = []
+    if buf or not out:
+        out.append("".join(buf))
+    return [Document(f"{doc.name}#{j}", t, eos=doc.eos and j == len(out) - 1) for j, t in enumerate(out)]
+
+
+def split_documents(docs: Sequence[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     train, val = [], []
     for d in docs:
-        u = int.from_bytes(hashlib.sha256(d.name.encode()).digest()[:8], "big") / 2**64
-        (val if u < val_fraction else train).append(d)
+        for seg in _segments(d):
+            u = int.from_bytes(hashlib.sha256(seg.name.encode()).digest()[:8], "big") / 2**64
+            (val if u < val_fraction else train).append(seg)
     return train, val
 
 
@@ -374,7 +393,7 @@ def prepare(
     log(f"tokenizer: training a {vocab_size}-token byte-level BPE on {len(docs)} documents ({nbytes / 1e6:.1f} MB)")
     tok = train_tokenizer(docs, vocab_size)
     eos_id = tok.token_to_id(EOS_TOKEN)
-    train_docs, val_docs = _split_documents(docs, val_fraction)
+    train_docs, val_docs = split_documents(docs, val_fraction)
     train_ids = encode_documents(tok, train_docs, eos_id)
     val_ids = encode_documents(tok, val_docs, eos_id)
     total = len(train_ids) + len(val_ids)
@@ -400,7 +419,7 @@ def prepare(
             "eos_id": eos_id,
             "dtype": np.dtype(dtype).name,
             "shards": shards,
-            "num_documents": {"train": len(train_docs), "val": len(val_docs)},
+            "num_segments": {"train": len(train_docs), "val": len(val_docs)},
             "num_tokens": {"train": len(train_ids), "val": len(val_ids)},
             "bytes": nbytes,
         }
