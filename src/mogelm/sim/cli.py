@@ -24,7 +24,15 @@ from mogelm.config import ModelConfig, from_name, preset_names
 from mogelm.errors import UserError
 from mogelm.sim.cost import QUANTS, Quant
 from mogelm.sim.hardware import HardwareProfile, load_profile, profile_names
-from mogelm.sim.layout import Layout, decode_plan_at, enumerate_layouts, plan_decode, plan_prefill, world_size
+from mogelm.sim.layout import (
+    MAX_BATCH,
+    Layout,
+    decode_plan_at,
+    enumerate_layouts,
+    plan_decode,
+    plan_prefill,
+    world_size,
+)
 
 ACTIONS = ("run", "search", "validate", "calibrate")
 
@@ -208,7 +216,8 @@ def _run(args) -> int:
     print(f"{cfg.name} on {args.cards} x {hw.name} ({world} devices), {q.name}, context {args.context}, {limit}, "
           f"routing {out['routing']}")
     print(f"  layout          {d['layout_text']}")
-    why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)"}.get(d["limited_by"], "")
+    why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)",
+           "batch cap": f" (the search stops at {MAX_BATCH} sequences)"}.get(d["limited_by"], "")
     print(f"  decode batch    {d['batch']}{why}")
     print(f"  TPOT            {d['tpot_ms']:.2f} ms")
     print(f"  tokens/s/card   {d['tokens_per_s_per_card']:.1f}")

@@ -194,6 +194,9 @@ class Plan:
         }
 
 
+MAX_BATCH = 1 << 16  # sequences; a cap so tiny models on big hardware still give an answer
+
+
 def world_size(hw: HardwareProfile, cards: int) -> int:
     if cards < 1:
         raise ValueError(f"cards must be at least 1, got {cards}")
@@ -208,8 +211,9 @@ def decode_plan_at(cfg, hw, quant, lo, *, cards, batch, context, routing=None, t
 
 
 def max_batch(cfg, hw, quant, lo, *, cards, tpot_ms, context, routing=None, topk_skew=1.0,
-              limit=1 << 16) -> Plan | None:
-    """The largest decode batch (a multiple of attn_dp) within the TPOT limit and memory, or None."""
+              limit=MAX_BATCH) -> Plan | None:
+    """The largest decode batch (a multiple of attn_dp, at most `limit`) within the TPOT limit and
+    memory, or None."""
     unit = lo.attn_dp
 
     def ok(b: int) -> Plan | None:
@@ -220,9 +224,11 @@ def max_batch(cfg, hw, quant, lo, *, cards, tpot_ms, context, routing=None, topk
     best = ok(unit)
     if best is None:
         return None
+    max_units = max(limit // unit, 1)
     lo_n, hi_n = 1, 2  # in units of attn_dp
-    while hi_n * unit <= limit and (p := ok(hi_n * unit)) is not None:
+    while hi_n <= max_units and (p := ok(hi_n * unit)) is not None:
         best, lo_n, hi_n = p, hi_n, hi_n * 2
+    hi_n = min(hi_n, max_units + 1)  # never search past the cap
     while hi_n - lo_n > 1:
         mid = (lo_n + hi_n) // 2
         p = ok(mid * unit)
