@@ -14,9 +14,10 @@ interconnect level that holds the group (hardware.LinkLevel):
     all-to-all(p, n) = c + steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
 
 n is the full buffer per device (the gathered result; for all-to-all what one device sends plus
-keeps); c is a per-call overhead (0 in the built-in profiles; calibrated from eager measurements). For a switch or a shared bus, steps = p-1 and the bus bandwidth is the per-device link
-bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)): the ring. For a full mesh (HCCS),
-one step and p-1 links at once.
+keeps); c is a per-call overhead (0 in the built-in profiles; calibrated from eager
+measurements). For a switch or a shared bus, steps = p-1 and the bus bandwidth is the per-device
+link bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)): the ring. For a full mesh
+(HCCS), one step and p-1 links at once.
 
 The layer follows the paper's H2P inference layout (PAPER.md section 6.1): attention runs
 data-parallel x tensor-parallel with an all-gather before QKV and a reduce-scatter after o_proj
@@ -25,7 +26,8 @@ expert-parallel x tensor-parallel and the shared expert tensor-parallel, then re
 
 Routing load. MoGE gives every EP rank exactly T*K/EP rows (when EP divides the number of
 groups). Top-k gives a random load; the busiest rank sets the time, so we use the expected
-maximum over EP ranks of a multinomial with T*K draws (Monte-Carlo, cached), and likewise the most experts any rank touches, which sets its weight reads.
+maximum over EP ranks of its rows (Monte-Carlo, cached), and likewise the most experts any rank
+touches, which sets its weight reads (see routing_load).
 """
 
 from __future__ import annotations
@@ -101,11 +103,6 @@ def act_quant_time(elements: float, hw: HardwareProfile) -> float:
 def elementwise_time(elements: float, hw: HardwareProfile, bytes_per_element: float = 4.0) -> float:
     """Norms, activations, residual adds: memory-bound; bytes_per_element counts reads + writes."""
     return roofline(0.0, elements * bytes_per_element, hw, "bf16", 1.0)
-
-
-def expected_touched(num_experts: float, k_over_n: float, tokens: float) -> float:
-    """Expected distinct experts hit by `tokens` tokens, each picking an expert with prob K/N."""
-    return num_experts * (1.0 - (1.0 - k_over_n) ** tokens)
 
 
 def routed_experts_time(rows: float, touched: float, num_local: int, d: int, f_local: float,
