@@ -73,9 +73,10 @@ def block_ideal_ms(shape: dict, tokens: int, hw: HardwareProfile) -> tuple[float
 
 def calibrate(bench: dict, *, base: str | None = None, backend: str | None = None,
               source: str = "benchmark JSON") -> HardwareProfile:
-    for key in ("device", "copy_bandwidth_GBps", "dense_bf16_tflops"):
-        if key not in bench:
-            raise ValueError(f"benchmark JSON lacks {key!r}")
+    missing = [k for k in ("device", "copy_bandwidth_GBps", "dense_bf16_tflops") if k not in bench]
+    if missing:
+        raise ValueError(f"benchmark JSON lacks {', '.join(missing)}: calibrate reads the kernel-benchmark schema "
+                         "(see mogelm/sim/calibrate.py or mogelm/sim/README.md)")
     copy_bw, dense = float(bench["copy_bandwidth_GBps"]), float(bench["dense_bf16_tflops"])
     if copy_bw <= 0 or dense <= 0:
         raise ValueError("copy_bandwidth_GBps and dense_bf16_tflops must be positive")
