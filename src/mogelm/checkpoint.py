@@ -33,99 +33,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mogelm.config import ModelConfig
 from mogelm.errors import UserError
+from mogelm.hf_config import CONFIG_NAME, config_from_hf, config_to_hf, read_config  # noqa: F401 (re-exported)
 from mogelm.model import Transformer, rope_inv_freq
 
-CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_EFD|down_EDF)$")
 _CKPT_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-# config.json <-> ModelConfig ------------------------------------------------------------------
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    pangu_style = (
-        cfg.is_moe and cfg.routing == "moge" and cfg.num_groups == cfg.num_experts_per_tok and not cfg.renormalize
-    )
-    hf = {
-        "architectures": ["PanguProMoEForCausalLM" if pangu_style else "MogelmForCausalLM"],
-        "model_type": "PanguProMoE" if pangu_style else "mogelm",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "hidden_act": "silu",
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if cfg.is_moe:
-        hf.update(
-            num_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.num_experts_per_tok,
-            moe_intermediate_size=cfg.moe_intermediate_size,
-            shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-            router_aux_loss_coef=cfg.aux_loss_alpha,
-        )
-    hf["mogelm"] = {k: v for k, v in cfg.to_dict().items() if k != "name"}
-    return hf
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    if "mogelm" in hf:
-        return ModelConfig.from_dict(hf["mogelm"])
-    if hf.get("model_type") != "PanguProMoE":
-        raise UserError(
-            f"config.json has model_type {hf.get('model_type')!r}; mogelm reads 'PanguProMoE' checkpoints "
-            "and its own (with a 'mogelm' section)"
-        )
-    need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "num_experts", "num_experts_per_tok", "moe_intermediate_size"]
-    missing = [k for k in need if k not in hf]
-    if missing:
-        raise UserError(f"config.json lacks fields {', '.join(missing)}")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        rope_theta=float(hf.get("rope_theta", 1.6e7)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        max_seq_len=hf.get("max_position_embeddings", 131072),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        num_experts=hf["num_experts"],
-        # PanguProMoE carries no group count: one expert per group, groups = experts per token.
-        num_groups=hf["num_experts_per_tok"],
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        moe_intermediate_size=hf["moe_intermediate_size"],
-        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
-        aux_loss_alpha=hf.get("router_aux_loss_coef", 1e-3),
-        routing="moge",
-        name="PanguProMoE",
-    )
-
-
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    cfg_path = Path(path) / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise UserError(f"{path} is not a checkpoint directory: {CONFIG_NAME} not found")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt") from None
-    try:
-        return config_from_hf(hf)
-    except ValueError as e:
-        raise UserError(f"{cfg_path}: invalid model config: {e}") from None
 
 
 # name mapping -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model in PRESETS:
         cfg = from_name(args.model)
     elif Path(args.model).is_dir():
-        from mogelm.checkpoint import read_config
+        from mogelm.hf_config import read_config
 
         cfg = read_config(args.model)
     else:

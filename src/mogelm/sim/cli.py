@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mogelm.config import ModelConfig, from_name, preset_names
 from mogelm.errors import UserError
+from mogelm.hf_config import read_config
 from mogelm.sim.cost import QUANTS, Quant
 from mogelm.sim.hardware import HardwareProfile, load_profile, profile_names
 from mogelm.sim.layout import (
@@ -104,28 +105,9 @@ def load_model(spec: str) -> ModelConfig:
     """A preset name, a checkpoint directory, or a config.json (mogelm's or a PanguProMoE one)."""
     if spec in preset_names():
         return from_name(spec)
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
+    if not Path(spec).exists():
         raise UserError(f"--model {spec!r} is neither a preset ({', '.join(preset_names())}) nor a config.json")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if "mogelm" in d:
-        return ModelConfig.from_dict({**d["mogelm"], "name": path.parent.name or "custom"})
-    if d.get("model_type") == "PanguProMoE":
-        # Pangu checkpoints have no group field: one group per activated expert (PAPER.md section 1.4).
-        return ModelConfig(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"],
-            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            num_experts=d["num_experts"], num_groups=d["num_experts_per_tok"],
-            num_experts_per_tok=d["num_experts_per_tok"], moe_intermediate_size=d["moe_intermediate_size"],
-            shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0),
-            tie_embeddings=d.get("tie_word_embeddings", False), name="PanguProMoE")
-    return ModelConfig.from_dict({**d, "name": d.get("name", path.parent.name or "custom")})
+    return read_config(spec)
 
 
 def parse_layout(text: str, world: int) -> Layout:
