@@ -39,7 +39,6 @@ from mogelm.kernels import torch_impl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ALIGN_ONE_PROGRAM_ROWS = 256  # single-program align kernel up to this many routed rows
-_DECODE_MAX_ROWS = 16  # default: the no-sort decode kernel up to this many routed rows (tables override)
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0
 
@@ -407,6 +406,9 @@ def _decode_kernel(
     W_SCALE: tl.constexpr, UPCAST: tl.constexpr, W_TO_X: tl.constexpr, FP16_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    # EXPERIMENTAL, opt-in through a config table's "decode" entry: on the H200 (2026-11-28) it ran
+    # 1.3-2x slower than align -> gate_up -> down at T=1 (benchmarks/notes_kernels.md), so no
+    # shipped table selects it; kept because it is correct (tests) and the idea is sound.
     # Small-T decode: one program per (F slice, routed row), no sort. It streams its slice of the
     # expert's gate/up rows, forms h = silu(g) * u * gate_weight for that slice, then streams the
     # matching down columns and writes h_slice @ down_slice^T; partials are summed afterwards
@@ -601,8 +603,7 @@ def _heuristic_config(num_rows: int, D: int, F: int, E: int, kind: str = "bf16")
         gu = dn = GemmConfig(64, 128, 64, 8, 4, 4)
     else:
         gu = dn = GemmConfig(128, 128, 64 * wide_k, 8, 8, 3)
-    small = num_rows <= _DECODE_MAX_ROWS and kind != "w8a8"
-    return MoEConfig(gu, dn, DecodeConfig(32, 128 * wide_k, 128, 4, 4) if small else None)
+    return MoEConfig(gu, dn)  # the decode kernel is opt-in (a table entry): it measured slower, see below
 
 
 def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: str = "bf16") -> MoEConfig:
