@@ -18,6 +18,9 @@ def test_kv_cache_decode_equals_full_forward():
     for t in range(10, 24):
         pieces.append(model(ids[:, t:t + 1], positions_BT=torch.full((3, 1), t), kv_cache=cache))
     assert_close(torch.cat(pieces, 1), full, scale=10)
+    last = model(ids, last_token_only=True)
+    assert last.shape == (3, 1, cfg.vocab_size)
+    assert_close(last[:, 0], full[:, -1], scale=10)
 
 
 def test_rows_at_different_positions_are_independent():

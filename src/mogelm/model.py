@@ -186,12 +186,15 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         kv_len: int | None = None,
         return_stats: bool = False,
+        last_token_only: bool = False,
     ) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (or ModelOutput with return_stats=True).
 
         Without a cache, positions default to 0..T-1 and attention is causal over this call.
         With a cache, `positions_BT` says where each token sits in its row; `kv_len` (optional)
-        bounds the keys attended to (default: max position + 1)."""
+        bounds the keys attended to (default: max position + 1). `last_token_only` computes
+        logits for the last position only ([B, 1, V]): prefill needs no more, and the LM head
+        over every prompt token is a large share of its cost."""
         B, T = input_ids_BT.shape
         if kv_cache is not None and positions_BT is None:
             raise ValueError("positions_BT is required when decoding with a KV cache")
@@ -205,6 +208,8 @@ class Transformer(nn.Module):
             x, layer_stats = block(x, cos, sin, positions_BT if kv is not None else None, kv, kv_len)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        if last_token_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         if not return_stats:
             return logits

@@ -120,7 +120,7 @@ def prefill(model: Transformer, rows: CacheRows, ids: list[int], start: int) -> 
     device = rows.k[0].device
     ids_1T = torch.tensor([ids], device=device)
     pos_1T = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
-    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids))[0, -1]
+    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids), last_token_only=True)[0, -1]
 
 
 def decode_one_token(model: Transformer, rows: CacheRows, ids_B: Tensor, pos_B: Tensor, kv_len: int) -> Tensor:
