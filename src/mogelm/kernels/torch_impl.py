@@ -113,9 +113,10 @@ def routed_experts(
     K = expert_ids_TK.shape[-1]
     E = gate_up_EFD.shape[0]
     order_S, _, offsets_E = permute(expert_ids_TK, E)
-    token_S = order_S // K
-    x_SD = x_TD.index_select(0, token_S)
+    x_SD = x_TD.index_select(0, order_S // K)
     mlp = loop_swiglu if use_loop else grouped_swiglu
     y_SD = mlp(x_SD, gate_up_EFD, down_EDF, offsets_E)
-    y_SD = y_SD * weights_TK.reshape(-1).index_select(0, order_S).unsqueeze(-1).to(y_SD.dtype)
-    return torch.zeros(T, D, dtype=y_SD.dtype, device=x_TD.device).index_add_(0, token_S, y_SD)
+    # Combine with a gather back to (token, slot) order and a weighted sum over the K slots in
+    # fp32: no atomics, deterministic, and cheaper than a scatter-add of T*K rows.
+    y_TKD = y_SD.index_select(0, torch.argsort(order_S)).view(T, K, D)
+    return (y_TKD.float() * weights_TK.unsqueeze(-1).float()).sum(1).to(y_SD.dtype)

@@ -39,6 +39,7 @@ class MoEStats(NamedTuple):
     aux_loss: Tensor  # scalar, alpha already applied (0 when disabled)
     z_loss: Tensor  # scalar, coefficient already applied (0 when disabled)
     expert_ids_TK: Tensor  # int64 [T, K] the selection, for load analyses
+    probs_mean_E: Tensor  # fp32 [E] mean global-softmax probability (p_i of Eq. 8); differentiable
 
 
 class MoGELayer(nn.Module):
@@ -112,5 +113,5 @@ class MoGELayer(nn.Module):
                 )
         z = cfg.z_loss_coef * R.router_z_loss(logits_TE) if self.training and cfg.z_loss_coef > 0 else zero
         ids = routing.expert_ids_TK.detach()
-        stats = MoEStats(R.expert_counts(ids, cfg.num_experts), aux, z, ids)
+        stats = MoEStats(R.expert_counts(ids, cfg.num_experts), aux, z, ids, routing.probs_TE.mean(0))
         return y_TD.reshape(*lead, -1), stats

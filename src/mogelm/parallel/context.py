@@ -178,8 +178,7 @@ def _global_batch_stats(layer, args, output):
     counts_E all-reduced over every rank, and the batch-level aux loss (paper Eq. 8) rebuilt as
     alpha * sum_i f_i(global counts) * p_i(this rank's tokens). Averaged over ranks (as gradients
     are) that is exactly the one-process aux loss of the global batch, and the aux-loss-free bias
-    update sees the same counts on every rank. Costs one [E] all-reduce and a re-run of the
-    router GEMM (its probabilities are not in MoEStats)."""
+    update sees the same counts on every rank. Costs one [E] all-reduce."""
     if not layer.training:
         return None
     y, stats = output
@@ -187,10 +186,9 @@ def _global_batch_stats(layer, args, output):
     _run(lambda: dist.all_reduce(counts_E), "load-count all_reduce", None)
     cfg, aux = layer.cfg, stats.aux_loss
     if cfg.aux_loss_type == "batch" and cfg.aux_loss_alpha > 0:
-        x_TD = args[0].reshape(-1, args[0].shape[-1])
-        probs_E = torch.softmax(layer.gate(x_TD).float(), dim=-1).mean(0)
-        K = stats.expert_ids_TK.shape[-1]
-        f_E = counts_E.to(probs_E.dtype) * (cfg.num_experts / (K * x_TD.shape[0] * dist.get_world_size()))
+        T, K = stats.expert_ids_TK.shape
+        probs_E = stats.probs_mean_E
+        f_E = counts_E.to(probs_E.dtype) * (cfg.num_experts / (K * T * dist.get_world_size()))
         aux = cfg.aux_loss_alpha * (f_E * probs_E).sum()
     return y, stats._replace(counts_E=counts_E, aux_loss=aux)
 
