@@ -192,14 +192,14 @@ EQUALITY_CASES = (  # routing, dispatcher, EP size (None: every rank), steps
 )
 
 
-def _training_equality(rank, world, tmp, errors, cases=EQUALITY_CASES):
+def _training_equality(rank, world, tmp, errors, cases=EQUALITY_CASES, cfg_overrides=None):
     from mogelm.parallel.context import ParallelContext
 
     _save_state = None
     for routing, dispatcher, ep_size, steps_here in cases:
         # The debug preset as is: batch-level aux loss (alpha 1e-3) included in the loss; the
         # global-batch statistics hook of ParallelContext makes it the one-process value.
-        cfg = _debug_cfg(routing=routing)
+        cfg = _debug_cfg(routing=routing, **(cfg_overrides or {}))
         ep_size = ep_size or world
         dispatcher_name = f"{dispatcher} EP={ep_size} DP={world // ep_size}"
         ctx = ParallelContext(ep_size=ep_size, device=torch.device("cpu"), dispatcher=dispatcher)
@@ -376,6 +376,20 @@ def test_ep2_equals_one_process(tmp_path, single_process_checkpoint):
     for name, p in full.named_parameters():
         assert torch.equal(p.data, want["model"][name]), name
         assert torch.equal(opt_full.state[p]["exp_avg"], want["opt"][name]["exp_avg"]), name
+
+
+# Eight ranks, EP=8: one MoGE group per rank, the paper's layout (issue 8's CPU stand-in) ------------
+def _eight_rank_worker(rank, world, tmp, errors):
+    _init(rank, world, tmp, timeout_s=120.0)
+    cases = (("moge", "moge_a2a", 8, 3), ("moge", "moge_agrs", 8, 2), ("topk", "topk_a2a", 8, 2))
+    # 16 experts in 8 groups, one per group per token (K' = 1, K = 8): group g lives on rank g.
+    _training_equality(rank, world, tmp, errors, cases=cases,
+                       cfg_overrides=dict(num_experts=16, num_groups=8, num_experts_per_tok=8))
+
+
+@pytest.mark.slow
+def test_ep8_one_group_per_rank_on_eight_gloo_ranks(tmp_path):
+    _assert_clean(_spawn(_eight_rank_worker, tmp_path, world=8, timeout=600))
 
 
 # Four ranks: EP=2 x DP=2 (expert shards replicated over data-parallel pairs) -----------------------
