@@ -1,8 +1,10 @@
-"""Triton kernels for the MoGE layer: fused routing, block-aligned dispatch, grouped SwiGLU expert
-GEMMs (bf16 / fp32, fp8 e4m3 weight-only and W8A8), and the autograd wrapper `routed_experts`.
+"""Triton kernels for the MoGE layer's routed experts: grouped SwiGLU GEMMs over block-aligned
+rows (bf16 / fp32, fp8 e4m3 weight-only and W8A8), tuned configs, and the autograd wrapper
+`routed_experts`. The op surface (ops.py) imports this module only; it re-exports the routing
+(triton_route.py), dispatch (triton_dispatch.py) and experimental decode (triton_decode.py) pieces.
 
-Importing this module raises ImportError when triton is missing (ops.py reads that as "no triton").
-The readable twins are in torch_impl.py; the oracle is moe/reference.py. CPU tests run the same
+Importing raises ImportError when triton is missing (ops.py reads that as "no triton"). The
+readable twins are in torch_impl.py; the oracle is moe/reference.py. CPU tests run the same
 kernels through TRITON_INTERPRET=1 in fp32 (tests/test_triton_kernels.py).
 
 Legend: T tokens, D hidden, F expert width, E experts, K experts per token, G expert groups,
@@ -11,14 +13,15 @@ rounded up to BLOCK_M), NB = P / BLOCK_M row blocks.
 
 Pipeline (one expert per BLOCK_M row block, as in every sorted/padded fused-MoE kernel):
 
-    logits_TE --_moge_route_kernel--> weights_TK, ids_TK (+ counts_E)
-    ids_TK --_align_kernel (or hist -> plan -> scatter for S > 256)--> sorted_ids_P, block_expert_NB, num_post_pad
+    logits_TE --_moge_route_kernel--> weights_TK, ids_TK (+ counts_E)                [triton_route]
+    ids_TK --align (1 program, or hist -> plan -> scatter)--> sorted_ids_P, block_expert_NB  [triton_dispatch]
     x_TD --_gate_up_kernel (gathers rows of x, SiLU(gate)*up in the epilogue)--> h_PF
     h_PF --_down_kernel (routed weight in the epilogue, rows written to slot order)--> y_SD
     y_SD.view(T, K, D).sum(1) --> y_TD      (a view when K == 1)
 
 Nothing here reads a device value on the host, so the forward is CUDA-graph capturable; every
 launch grid is sized from S, E and the block size alone (programs past the used rows return).
+Backward (dgrad and wgrad) is PyTorch over the expert-sorted rows (see _RoutedExperts).
 """
 
 from __future__ import annotations
@@ -36,206 +39,21 @@ import triton.language as tl
 from torch import Tensor
 
 from mogelm.kernels import torch_impl
+from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, precision
+from mogelm.kernels.triton_decode import DecodeConfig, decode
+from mogelm.kernels.triton_dispatch import DispatchPlan, _align_torch, align
+from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_ALIGN_ONE_PROGRAM_ROWS = 256  # single-program align kernel up to this many routed rows
-_FP8 = torch.float8_e4m3fn
-_FP8_MAX = 448.0
+__all__ = [  # what ops.py, the benchmark and the tests use (routing and dispatch live in their own modules)
+    "DecodeConfig", "DispatchPlan", "GemmConfig", "MoEConfig", "_align_torch", "align", "decode", "down",
+    "gate_up", "get_config", "moge_route", "moge_route_with_counts", "quant_rows", "quantize_rows_fp8",
+    "routed_experts", "routed_experts_forward", "routed_experts_fp8",
+]
 
 
 # ----------------------------------------------------------------------------------------------
 # Level 1: raw kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _moge_route_kernel(
-    logits_ptr,  # [T, E] router logits, any float dtype, row stride stride_lt, unit column stride
-    scale_ptr,  # [E] router_scale (read only when HAS_SCALE)
-    bias_ptr,  # [E] expert bias for selection only (read only when HAS_BIAS)
-    weights_ptr,  # [T, K] fp32 out: gate weights
-    ids_ptr,  # [T, K] int64 out: expert ids, group by group
-    probs_ptr,  # [T, E] fp32 out: global softmax
-    counts_ptr,  # [E] int32 out (atomic adds, zeroed by the caller; only when COUNT)
-    T, E, stride_lt,  # sizes and the logits row stride
-    NUM_GROUPS: tl.constexpr,  # G contiguous expert groups
-    K_PER_GROUP: tl.constexpr,  # K' experts kept per group; K = G * K'
-    K_PAD: tl.constexpr,  # next power of two >= K
-    E_PAD: tl.constexpr,  # next power of two >= E
-    BLOCK_T: tl.constexpr,  # tokens per program
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    cols = tl.arange(0, E_PAD)  # [EP]
-    rmask = rows < T
-    cmask = cols < E
-    m2 = rmask[:, None] & cmask[None, :]
-    logit = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :], mask=m2, other=-float("inf"))
-    logit = logit.to(tl.float32)
-    logit = tl.where(cmask[None, :], logit, -float("inf"))
-    row_max = tl.max(logit, axis=1)
-    row_max = tl.where(rmask, row_max, 0.0)  # padded rows: keep exp finite
-    p = tl.exp(logit - row_max[:, None])
-    p = tl.where(cmask[None, :], p, 0.0)
-    p = p / tl.where(rmask, tl.sum(p, axis=1), 1.0)[:, None]  # [BT, EP] fp32 global softmax
-    tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=m2)
-
-    score = p
-    if HAS_BIAS:
-        score = score + tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    score = tl.where(cmask[None, :], score, -float("inf"))
-    per_group = E // NUM_GROUPS
-    group_of_col = cols // per_group
-    kcols = tl.arange(0, K_PAD)
-    w_tile = tl.zeros((BLOCK_T, K_PAD), tl.float32)
-    id_tile = tl.zeros((BLOCK_T, K_PAD), tl.int32)
-    for g in tl.static_range(NUM_GROUPS):
-        s_g = tl.where((group_of_col == g)[None, :], score, -float("inf"))
-        for k in tl.static_range(K_PER_GROUP):
-            best = tl.max(s_g, axis=1)
-            # lowest expert id among equal scores (ties break toward the lower id, like torch_impl)
-            idx = tl.min(tl.where(s_g == best[:, None], cols[None, :], E_PAD), axis=1)
-            hit = cols[None, :] == idx[:, None]
-            w = tl.sum(tl.where(hit, p, 0.0), axis=1)  # weight is the prob, not the biased score
-            slot = (kcols == g * K_PER_GROUP + k)[None, :]
-            w_tile = tl.where(slot, w[:, None], w_tile)
-            id_tile = tl.where(slot, idx[:, None], id_tile)
-            s_g = tl.where(hit, -float("inf"), s_g)
-    kmask = rmask[:, None] & (kcols < NUM_GROUPS * K_PER_GROUP)[None, :]
-    if RENORM:
-        w_tile = w_tile / tl.maximum(tl.sum(w_tile, axis=1), 1e-20)[:, None]
-    if HAS_SCALE:
-        w_tile = w_tile * tl.load(scale_ptr + id_tile, mask=kmask, other=1.0).to(tl.float32)
-    out = rows[:, None] * (NUM_GROUPS * K_PER_GROUP) + kcols[None, :]
-    tl.store(weights_ptr + out, w_tile, mask=kmask)
-    tl.store(ids_ptr + out, id_tile.to(tl.int64), mask=kmask)
-    if COUNT:
-        tl.atomic_add(counts_ptr + id_tile, tl.full((BLOCK_T, K_PAD), 1, tl.int32), mask=kmask)
-
-
-@triton.jit
-def _align_kernel(
-    ids_ptr,  # [S] int64 expert id of each routed row, flat order s = t*K + k
-    sorted_ids_ptr,  # [P_max] int32 out: flat row s for each padded row; S marks padding
-    block_expert_ptr,  # [NB_max] int32 out: expert of each BLOCK_M row block
-    num_post_pad_ptr,  # [1] int32 out: padded rows in use (sum of round_up(count_e, BLOCK_M))
-    counts_ptr,  # [E] int32 out: rows per expert
-    S, E, NB_MAX,  # routed rows, experts, length of block_expert
-    BLOCK_M: tl.constexpr,  # rows per GEMM block; every block holds rows of one expert
-    E_PAD: tl.constexpr,  # next power of two >= E
-    CHUNK: tl.constexpr,  # rows per step: a [CHUNK, E_PAD] one-hot tile lives in registers
-    NB_CHUNK: tl.constexpr,  # row blocks per step when labelling blocks with their expert
-):
-    # One program: a stable counting sort of the S rows by expert, in two passes over one-hot
-    # tiles (counts, then each row's rank among the earlier rows of its expert).
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros((E_PAD,), tl.int32)
-    for c in range(0, tl.cdiv(S, CHUNK)):
-        offs = c * CHUNK + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    tl.store(counts_ptr + experts, counts, mask=experts < E)
-    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
-    seen = tl.zeros((E_PAD,), tl.int32)  # rows of each expert placed by earlier chunks
-    for c in range(0, tl.cdiv(S, CHUNK)):
-        offs = c * CHUNK + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
-        rank = tl.cumsum(onehot, axis=0) - onehot + seen[None, :]  # earlier rows of the same expert
-        dest = tl.sum(onehot * (pad_start[None, :] + rank), axis=1)
-        tl.store(sorted_ids_ptr + dest, offs, mask=offs < S)
-        seen += tl.sum(onehot, axis=0)
-    # padding rows after each expert's real rows (disjoint from the slots written above)
-    j = tl.arange(0, BLOCK_M)
-    pad_pos = (pad_start + counts)[:, None] + j[None, :]
-    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
-    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
-    # block b belongs to the number of experts whose padded rows end at or before its first row
-    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
-        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
-        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
-        owner = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
-
-
-@triton.jit
-def _align_hist_kernel(
-    ids_ptr,  # [S] int64 expert id of each routed row
-    hist_ptr,  # [NUM_CHUNKS, E_PAD] int32 out: rows per expert in each chunk of CHUNK rows
-    S,  # routed rows
-    E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-):
-    c = tl.program_id(0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
-    experts = tl.arange(0, E_PAD)
-    tl.store(hist_ptr + c * E_PAD + experts, tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0))
-
-
-@triton.jit
-def _align_plan_kernel(
-    hist_ptr,  # [NUM_CHUNKS, E_PAD] int32 per-chunk expert histograms
-    base_ptr,  # [NUM_CHUNKS, E_PAD] int32 out: first padded slot of each (chunk, expert) run
-    sorted_ids_ptr,  # [P_max] int32 out: padding slots only (S); the scatter kernel writes the rest
-    block_expert_ptr,  # [NB_max] int32 out
-    num_post_pad_ptr,  # [1] int32 out
-    counts_ptr,  # [E] int32 out
-    S, E, NB_MAX, NUM_CHUNKS,  # routed rows, experts, row blocks, histogram rows
-    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-    ROWS: tl.constexpr,  # histogram rows per step
-    NB_CHUNK: tl.constexpr,  # row blocks per step when labelling blocks
-):
-    # One program: counts -> padded expert offsets -> each chunk's base slot per expert
-    # (an exclusive scan over chunks keeps the sort stable), then padding and block labels.
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros((E_PAD,), tl.int32)
-    for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
-        rows = r0 * ROWS + tl.arange(0, ROWS)
-        h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=(rows < NUM_CHUNKS)[:, None], other=0)
-        counts += tl.sum(h, axis=0)
-    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    tl.store(counts_ptr + experts, counts, mask=experts < E)
-    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
-    running = pad_start
-    for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
-        rows = r0 * ROWS + tl.arange(0, ROWS)
-        m = (rows < NUM_CHUNKS)[:, None]
-        h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=m, other=0)
-        base = tl.cumsum(h, axis=0) - h + running[None, :]
-        tl.store(base_ptr + rows[:, None] * E_PAD + experts[None, :], base, mask=m)
-        running += tl.sum(h, axis=0)
-    j = tl.arange(0, BLOCK_M)
-    pad_pos = (pad_start + counts)[:, None] + j[None, :]
-    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
-    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
-    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
-        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
-        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
-        owner = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
-
-
-@triton.jit
-def _align_scatter_kernel(
-    ids_ptr,  # [S] int64 expert id of each routed row
-    base_ptr,  # [NUM_CHUNKS, E_PAD] int32 first slot of each (chunk, expert) run
-    sorted_ids_ptr,  # [P_max] int32 out: flat routed row of each real slot
-    S,
-    E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-):
-    c = tl.program_id(0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
-    experts = tl.arange(0, E_PAD)
-    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-    base = tl.load(base_ptr + c * E_PAD + experts)
-    rank = tl.cumsum(onehot, axis=0) - onehot + base[None, :]
-    tl.store(sorted_ids_ptr + tl.sum(onehot * rank, axis=1), offs, mask=offs < S)
 
 
 @triton.jit
@@ -388,118 +206,6 @@ def _down_kernel(
 
 
 @triton.jit
-def _decode_kernel(
-    x_ptr,  # [T, D] activations (bf16/fp32), row stride stride_xt
-    w1_ptr,  # [E, 2F, D] gate rows then up rows (bf16/fp32 or fp8 e4m3)
-    w1_scale_ptr,  # [E, 2F] fp32 per-channel scales (read only when W_SCALE)
-    w2_ptr,  # [E, D, F] down projection
-    w2_scale_ptr,  # [E, D] fp32 per-channel scales (read only when W_SCALE)
-    ids_ptr,  # [S] int64 expert of each flat routed row s = t*K + k
-    route_w_ptr,  # [S] fp32 gate weight of each routed row
-    part_ptr,  # [NUM_PID_F, S, D] fp32 out: each F slice's share of each routed row's output
-    S, F, D,  # routed rows, expert width, hidden
-    stride_xt, stride_w1e, stride_w1n, stride_w2e, stride_w2n,  # row/expert strides (unit last dims)
-    TOP_K: tl.constexpr,  # K: token of routed row s is s // K
-    BLOCK_F: tl.constexpr,  # expert-width slice per program (gate, up and down columns of it)
-    BLOCK_K: tl.constexpr,  # D step of the gate/up reduction
-    BLOCK_D: tl.constexpr,  # D step of the down projection
-    W_SCALE: tl.constexpr, UPCAST: tl.constexpr, W_TO_X: tl.constexpr, FP16_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # EXPERIMENTAL, opt-in through a config table's "decode" entry: on the H200 (2026-11-28) it ran
-    # 1.3-2x slower than align -> gate_up -> down at T=1 (benchmarks/notes_kernels.md), so no
-    # shipped table selects it; kept because it is correct (tests) and the idea is sound.
-    # Small-T decode: one program per (F slice, routed row), no sort. It streams its slice of the
-    # expert's gate/up rows, forms h = silu(g) * u * gate_weight for that slice, then streams the
-    # matching down columns and writes h_slice @ down_slice^T; partials are summed afterwards
-    # (deterministic, no atomics). Every weight byte of the routed experts is read once from HBM
-    # (rows that share an expert run next to each other and share the slice through L2).
-    pid = tl.program_id(0)
-    s = pid % S
-    pid_f = pid // S
-    expert = tl.load(ids_ptr + s)
-    tok = (s // TOP_K).to(tl.int64)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = offs_f < F
-    offs_fc = tl.where(fmask, offs_f, 0)  # in-bounds loads; h is zeroed on the masked columns
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, 16)  # tl.dot needs M >= 16: all 16 rows hold the same token, row 0 is kept
-    a_ptrs = x_ptr + tok * stride_xt + rows[:, None] * 0 + offs_k[None, :]
-    g_ptrs = w1_ptr + expert * stride_w1e + offs_fc[None, :] * stride_w1n + offs_k[:, None]  # [BK, BF]
-    u_ptrs = g_ptrs + F * stride_w1n
-    acc_g = tl.zeros((16, BLOCK_F), tl.float32)
-    acc_u = tl.zeros((16, BLOCK_F), tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
-        kin = offs_k < D - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=kin[:, None], other=0.0)
-        bu = tl.load(u_ptrs, mask=kin[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        elif W_TO_X:
-            if FP16_DOT:
-                a = a.to(tl.float16)
-            bg = bg.to(a.dtype)
-            bu = bu.to(a.dtype)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    if W_SCALE:
-        s_base = w1_scale_ptr + expert * 2 * F
-        acc_g = acc_g * tl.load(s_base + offs_fc)[None, :]
-        acc_u = acc_u * tl.load(s_base + F + offs_fc)[None, :]
-    h = acc_g * tl.sigmoid(acc_g) * acc_u * tl.load(route_w_ptr + s)
-    h = tl.where(fmask[None, :], h, 0.0)
-    if UPCAST:
-        h = h.to(tl.float32)
-    elif FP16_DOT:
-        h = h.to(tl.float16)
-    else:
-        h = h.to(x_ptr.dtype.element_ty)
-    keep = (rows == 0)[:, None]
-    # down columns f of rows d: F-contiguous runs of BLOCK_F; offs_f (not the clamped copy) keeps
-    # the contiguity the compiler needs for wide loads
-    offs_fv = tl.max_contiguous(tl.multiple_of(offs_f, BLOCK_F), BLOCK_F)
-    for d in range(0, tl.cdiv(D, BLOCK_D)):
-        offs_d = d * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
-        b = tl.load(w2_ptr + expert * stride_w2e + offs_d[None, :] * stride_w2n + offs_fv[:, None],
-                    mask=fmask[:, None] & dmask[None, :], other=0.0)  # [BF, BD]
-        if UPCAST:
-            b = b.to(tl.float32)
-        elif W_TO_X:
-            b = b.to(h.dtype)
-        out = tl.dot(h, b, input_precision=PRECISION)  # [16, BD], identical rows
-        if W_SCALE:
-            out = out * tl.load(w2_scale_ptr + expert * D + offs_d, mask=dmask, other=0.0)[None, :]
-        row = tl.sum(tl.where(keep, out, 0.0), axis=0)
-        tl.store(part_ptr + (pid_f * S + s).to(tl.int64) * D + offs_d, row, mask=dmask)
-
-
-@triton.jit
-def _sum_parts_kernel(
-    part_ptr,  # [NUM_PARTS, T * K, D] fp32 partial outputs (F slices x routed rows)
-    y_ptr,  # [T, D] out, x's dtype
-    T, D, NUM_PARTS,  # tokens, hidden, F slices
-    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # y[t] = sum over F slices p and slots k of part[p, t*K + k], in fp32, in a fixed order
-    t = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for p in range(0, NUM_PARTS):
-        for k in tl.static_range(TOP_K):
-            row = (p * T * TOP_K + t * TOP_K + k).to(tl.int64)
-            acc += tl.load(part_ptr + row * D + offs_d, mask=dmask, other=0.0)
-    tl.store(y_ptr + t.to(tl.int64) * D + offs_d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
 def _quant_rows_kernel(
     x_ptr,  # [R, C] input rows (bf16/fp32), row stride stride_x, unit column stride
     q_ptr,  # [R, C] out: e4m3 rows, contiguous
@@ -540,15 +246,6 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    block_f: int = 32
-    block_k: int = 128
-    block_d: int = 128
-    num_warps: int = 4
-    num_stages: int = 4
 
 
 @dataclass(frozen=True)
@@ -622,88 +319,7 @@ def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: st
 def _interpret_config(cfg: MoEConfig) -> MoEConfig:
     # the interpreter runs programs one by one: small tiles keep CPU tests quick
     gu = GemmConfig(16, 16, 16, 1, 1, 1)
-    return MoEConfig(gu, gu, DecodeConfig(16, 16, 16, 1, 1) if cfg.decode else None) if _INTERPRET else cfg
-
-
-@dataclass
-class DispatchPlan:
-    """Rows sorted by expert and padded to block_m; all device tensors, sizes from S, E only."""
-
-    sorted_ids_P: Tensor  # int32 [P_max] flat routed row per padded row, S = padding
-    block_expert_NB: Tensor  # int32 [NB_max]
-    num_post_pad: Tensor  # int32 [1]
-    counts_E: Tensor  # int32 [E]
-    block_m: int
-
-    @property
-    def num_blocks(self) -> int:
-        return self.block_expert_NB.numel()
-
-
-def _max_padded_rows(S: int, E: int, block_m: int) -> int:
-    # each non-empty expert (at most min(E, S)) adds at most block_m - 1 padding rows
-    return triton.cdiv(S + min(E, S) * (block_m - 1), block_m) * block_m
-
-
-def _align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
-    """The readable twin of align(): the same plan with sort/cumsum/searchsorted; no host sync."""
-    S = ids_S.numel()
-    dev = ids_S.device
-    p_max = _max_padded_rows(S, E, block_m)
-    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, ids_S, torch.ones_like(ids_S))
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_end = torch.cumsum(padded, 0)
-    start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(ids_S, stable=True)
-    sorted_e = ids_S[order]
-    dest = (pad_end - padded)[sorted_e] + torch.arange(S, device=dev) - start[sorted_e]
-    sorted_ids = torch.full((p_max,), S, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    blocks = torch.arange(p_max // block_m, device=dev) * block_m
-    block_expert = torch.searchsorted(pad_end, blocks, right=True).clamp_(max=E - 1).to(torch.int32)
-    return DispatchPlan(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), counts.to(torch.int32), block_m)
-
-
-def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
-    """Sort routed rows by expert (stable) and pad each expert to block_m rows, on the device:
-    one program for small S, else histogram -> plan -> scatter over chunks of rows."""
-    ids_S = expert_ids_TK.reshape(-1)
-    S = ids_S.numel()
-    dev = ids_S.device
-    p_max = _max_padded_rows(S, E, block_m)
-    nb_max = p_max // block_m
-    sorted_ids = torch.empty(p_max, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
-    num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    e_pad = triton.next_power_of_2(E)
-    chunk = max(16, 16384 // e_pad)  # one-hot tile of chunk x e_pad in registers
-    nb_chunk = max(16, 8192 // e_pad)
-    if S <= _ALIGN_ONE_PROGRAM_ROWS:
-        _align_kernel[(1,)](
-            ids_S, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max,
-            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=min(chunk, max(16, triton.next_power_of_2(S))), NB_CHUNK=nb_chunk,
-            num_warps=8,
-        )
-    else:
-        num_chunks = triton.cdiv(S, chunk)
-        hist = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-        base = torch.empty_like(hist)
-        _align_hist_kernel[(num_chunks,)](ids_S, hist, S, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
-        _align_plan_kernel[(1,)](
-            hist, base, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max, num_chunks,
-            BLOCK_M=block_m, E_PAD=e_pad, ROWS=chunk, NB_CHUNK=nb_chunk, num_warps=8,
-        )
-        _align_scatter_kernel[(num_chunks,)](ids_S, base, sorted_ids, S, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
-    return DispatchPlan(sorted_ids, block_expert, num_post_pad, counts, block_m)
-
-
-def _fp16_dot(a: Tensor, w: Tensor) -> bool:
-    return w.dtype == _FP8 and a.dtype in (torch.bfloat16, torch.float16)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return MoEConfig(gu, gu, DecodeConfig(16, 16, 16, 1, 1) if cfg.decode else None) if INTERPRET else cfg
 
 
 def gate_up(
@@ -726,8 +342,8 @@ def gate_up(
         S, F, D, num_pid_m, x_TD.stride(0), w_EFD.stride(0), w_EFD.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=D % cfg.block_k == 0, X_SCALE=x_scale_T is not None, W_SCALE=w_scale_EF is not None,
-        UPCAST=_INTERPRET, W_TO_X=w_EFD.dtype != x_TD.dtype, FP16_DOT=_fp16_dot(x_TD, w_EFD),
-        PRECISION=_precision(x_TD.dtype),
+        UPCAST=INTERPRET, W_TO_X=w_EFD.dtype != x_TD.dtype, FP16_DOT=fp16_dot(x_TD, w_EFD),
+        PRECISION=precision(x_TD.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
@@ -749,83 +365,11 @@ def down(
         S, D, F, num_pid_m, h_PF.stride(0), w_EDF.stride(0), w_EDF.stride(1), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=F % cfg.block_k == 0, X_SCALE=h_scale_P is not None, W_SCALE=w_scale_ED is not None,
-        UPCAST=_INTERPRET, W_TO_X=w_EDF.dtype != h_PF.dtype, FP16_DOT=_fp16_dot(h_PF, w_EDF),
-        PRECISION=_precision(out_dtype),
+        UPCAST=INTERPRET, W_TO_X=w_EDF.dtype != h_PF.dtype, FP16_DOT=fp16_dot(h_PF, w_EDF),
+        PRECISION=precision(out_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
-
-
-def decode(
-    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, cfg: DecodeConfig,
-    w1_scale_EF: Tensor | None = None, w2_scale_ED: Tensor | None = None,
-) -> Tensor:
-    """Small-T routed experts in two launches (_decode_kernel, _sum_parts_kernel); y_TD in x's dtype."""
-    T, D = x_TD.shape
-    K = expert_ids_TK.shape[-1]
-    E, F2, _ = w1_EFD.shape
-    F = F2 // 2
-    S = T * K
-    num_pid_f = triton.cdiv(F, cfg.block_f)
-    part = torch.empty(num_pid_f, S, D, dtype=torch.float32, device=x_TD.device)
-    dummy = part
-    _decode_kernel[(num_pid_f * S,)](
-        x_TD, w1_EFD, w1_scale_EF if w1_scale_EF is not None else dummy, w2_EDF,
-        w2_scale_ED if w2_scale_ED is not None else dummy, expert_ids_TK.reshape(-1),
-        weights_TK.reshape(-1).float().contiguous(), part, S, F, D,
-        x_TD.stride(0), w1_EFD.stride(0), w1_EFD.stride(1), w2_EDF.stride(0), w2_EDF.stride(1),
-        TOP_K=K, BLOCK_F=cfg.block_f, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, W_SCALE=w1_scale_EF is not None,
-        UPCAST=_INTERPRET, W_TO_X=w1_EFD.dtype != x_TD.dtype, FP16_DOT=_fp16_dot(x_TD, w1_EFD),
-        PRECISION=_precision(x_TD.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
-    block_d = min(1024, triton.next_power_of_2(D))
-    _sum_parts_kernel[(T, triton.cdiv(D, block_d))](part, y, T, D, num_pid_f, TOP_K=K, BLOCK_D=block_d, num_warps=4)
-    return y
-
-
-def moge_route_with_counts(
-    logits_TE: Tensor, num_groups: int, experts_per_group_per_tok: int, router_scale_E: Tensor | None = None,
-    renormalize: bool = False, expert_bias_E: Tensor | None = None, count: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Fused MoGE routing in one launch: (weights_TK fp32, ids_TK int64, probs_TE fp32, counts_E int32)."""
-    T, E = logits_TE.shape
-    if E % num_groups:
-        raise ValueError(f"num_experts ({E}) must be divisible by num_groups ({num_groups})")
-    K = num_groups * experts_per_group_per_tok
-    dev = logits_TE.device
-    logits_TE = logits_TE if logits_TE.stride(-1) == 1 else logits_TE.contiguous()
-    weights = torch.empty(T, K, dtype=torch.float32, device=dev)
-    ids = torch.empty(T, K, dtype=torch.int64, device=dev)
-    probs = torch.empty(T, E, dtype=torch.float32, device=dev)
-    counts = torch.zeros(E, dtype=torch.int32, device=dev) if count else None
-    scale = router_scale_E.reshape(-1) if router_scale_E is not None else probs
-    bias = expert_bias_E.reshape(-1) if expert_bias_E is not None else probs
-    block_t = 16 if _INTERPRET else max(1, min(64, 4096 // triton.next_power_of_2(E)))
-    _moge_route_kernel[(triton.cdiv(T, block_t),)](
-        logits_TE, scale, bias, weights, ids, probs, counts if count else probs, T, E, logits_TE.stride(0),
-        NUM_GROUPS=num_groups, K_PER_GROUP=experts_per_group_per_tok, K_PAD=triton.next_power_of_2(K),
-        E_PAD=triton.next_power_of_2(E), BLOCK_T=block_t, HAS_SCALE=router_scale_E is not None,
-        HAS_BIAS=expert_bias_E is not None, RENORM=renormalize, COUNT=count, num_warps=4,
-    )
-    return weights, ids, probs, counts
-
-
-def moge_route(
-    logits_TE: Tensor, num_groups: int, experts_per_group_per_tok: int, router_scale_E: Tensor | None = None,
-    renormalize: bool = False, expert_bias_E: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """ops.moge_route on the Triton backend (same contract as torch_impl.moge_route). No gradient
-    flows through it (router_scale / logits gradients need the torch backend)."""
-    if logits_TE.requires_grad or (router_scale_E is not None and router_scale_E.requires_grad):
-        return torch_impl.moge_route(
-            logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
-        )
-    w, ids, probs, _ = moge_route_with_counts(
-        logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E, count=False
-    )
-    return w, ids, probs
 
 
 def routed_experts_forward(
@@ -930,8 +474,8 @@ def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate
 def quantize_rows_fp8(x_RC: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row symmetric e4m3 quantisation: (q [R, C] fp8, scale [R] fp32) with x ~= q * scale."""
     amax = x_RC.float().abs().amax(-1).clamp_min(1e-12)
-    scale = amax / _FP8_MAX
-    q = (x_RC.float() / scale.unsqueeze(-1)).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8)
+    scale = amax / FP8_MAX
+    q = (x_RC.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
 
@@ -939,14 +483,14 @@ def quant_rows(x_RC: Tensor) -> tuple[Tensor, Tensor]:
     """quantize_rows_fp8 in one Triton launch. Under the interpreter it is quantize_rows_fp8 itself:
     the interpreter rounds fp32 -> e4m3 wrongly next to powers of two (7.84 -> 4, not 8; seen
     with triton 3.9), so the kernel is checked on the GPU only."""
-    if _INTERPRET:
+    if INTERPRET:
         return quantize_rows_fp8(x_RC)
     R, C = x_RC.shape
     x_RC = x_RC if x_RC.stride(-1) == 1 else x_RC.contiguous()
-    q = torch.empty(R, C, dtype=_FP8, device=x_RC.device)
+    q = torch.empty(R, C, dtype=FP8, device=x_RC.device)
     scale = torch.empty(R, dtype=torch.float32, device=x_RC.device)
     _quant_rows_kernel[(triton.cdiv(R, 8),)](
-        x_RC, q, scale, R, C, x_RC.stride(0), FP8_MAX=_FP8_MAX, BLOCK_R=8,
+        x_RC, q, scale, R, C, x_RC.stride(0), FP8_MAX=FP8_MAX, BLOCK_R=8,
         BLOCK_C=min(1024, triton.next_power_of_2(C)), num_warps=4,
     )
     return q, scale
