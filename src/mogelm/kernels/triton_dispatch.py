@@ -6,6 +6,7 @@ Legend: S routed rows (flat s = t*K + k), E experts, P padded rows, NB = P / BLO
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -148,7 +149,7 @@ class DispatchPlan:
     sorted_ids_P: Tensor  # int32 [P_max] flat routed row per padded row, S = padding
     block_expert_NB: Tensor  # int32 [NB_max]
     num_post_pad: Tensor  # int32 [1]
-    counts_E: Tensor  # int32 [E]
+    counts_E: Tensor | None  # int32 [E] (None for the one-token layout)
     block_m: int
 
     @property
@@ -180,12 +181,25 @@ def _align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
     return DispatchPlan(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), counts.to(torch.int32), block_m)
 
 
+@functools.cache
+def _one_token_layout(S: int, block_m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Block k holds routed row k then padding; made once per (S, block_m, device), with device
+    ops only (also inside a CUDA-graph capture), and read-only afterwards."""
+    sorted_ids = torch.full((S * block_m,), S, dtype=torch.int32, device=device)
+    sorted_ids[::block_m] = torch.arange(S, dtype=torch.int32, device=device)
+    return sorted_ids, torch.full((1,), S * block_m, dtype=torch.int32, device=device)
+
+
 def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
     """Sort routed rows by expert (stable) and pad each expert to block_m rows, on the device:
-    one program for small S, else histogram -> plan -> scatter over chunks of rows."""
+    one program for small S, else histogram -> plan -> scatter over chunks of rows. A single
+    token needs no launch: block_expert is the ids themselves (the GEMMs read it as int64)."""
     ids_S = expert_ids_TK.reshape(-1)
     S = ids_S.numel()
     dev = ids_S.device
+    if expert_ids_TK.shape[0] == 1:  # one token: its K experts are distinct, so one block per slot, no sort
+        sorted_ids, num_post_pad = _one_token_layout(S, block_m, dev)
+        return DispatchPlan(sorted_ids, ids_S, num_post_pad, None, block_m)
     p_max = _max_padded_rows(S, E, block_m)
     nb_max = p_max // block_m
     sorted_ids = torch.empty(p_max, dtype=torch.int32, device=dev)

@@ -308,7 +308,7 @@ def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: st
     num_rows, else the heuristic."""
     table = _config_table(device_name).get(kind, {}).get(f"E={E},F={F},D={D}")
     buckets = sorted(int(k) for k in table) if table else []
-    if buckets and num_rows <= 4 * buckets[-1]:  # far past the tuned range: the heuristic's regime
+    if buckets and buckets[0] <= 4 * num_rows <= 16 * buckets[-1]:  # far outside the tuned range: heuristic
         pick = next((b for b in buckets if b >= num_rows), buckets[-1])
         entry = table[str(pick)]
         dec = DecodeConfig(**entry["decode"]) if entry.get("decode") else None
@@ -335,7 +335,7 @@ def gate_up(
     h = torch.empty(plan.sorted_ids_P.numel(), F, dtype=out_dtype, device=x_TD.device)
     num_pid_m = plan.num_blocks
     grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
-    dummy = plan.counts_E
+    dummy = plan.sorted_ids_P  # stands in for the scale pointers a launch does not read
     _gate_up_kernel[grid](
         x_TD, x_scale_T if x_scale_T is not None else dummy, w_EFD, w_scale_EF if w_scale_EF is not None else dummy,
         h, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
@@ -358,7 +358,7 @@ def down(
     y = torch.empty(S, D, dtype=out_dtype, device=h_PF.device)
     num_pid_m = plan.num_blocks
     grid = (num_pid_m * triton.cdiv(D, cfg.block_n),)
-    dummy = plan.counts_E
+    dummy = plan.sorted_ids_P  # stands in for the scale pointers a launch does not read
     _down_kernel[grid](
         h_PF, h_scale_P if h_scale_P is not None else dummy, w_EDF, w_scale_ED if w_scale_ED is not None else dummy,
         weights_S, y, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
