@@ -389,11 +389,14 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
     td = prepare_data(tc, vocab, ctx, say)
     from mogelm.data import check_token_range
 
+    # A parallel context with its own loader reads sharded state after parallelize (any layout);
+    # otherwise the one-process files are read: HF-layout model, then optimizer and RNG.
+    sharded_resume = resume_dir is not None and hasattr(ctx, "load_checkpoint")
     if resume_dir is not None:
-        from mogelm.checkpoint import from_pretrained
+        from mogelm.checkpoint import from_pretrained, read_config
 
         state = load_trainer_state(resume_dir)
-        model = from_pretrained(resume_dir, device=device)
+        model = build_model(read_config(resume_dir), tc.seed, device) if sharded_resume else from_pretrained(resume_dir, device=device)
         cfg = model.cfg
         start = int(state["step"])
         say(f"resuming from {resume_dir} at step {start}")
@@ -409,8 +412,11 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
         model = ctx.parallelize(model)
     model.train()
     optimizer = build_optimizer(model, tc)
-    if state is not None:
+    if sharded_resume:
+        ctx.load_checkpoint(resume_dir, model, optimizer)
+    elif state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
         _set_rng_state(state["rng"])
     else:
         torch.manual_seed(tc.seed + 1 + rank)
@@ -422,7 +428,7 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
     from mogelm.config import count_parameters
 
     n_total, n_active = count_parameters(cfg)
-    say(f"model: {cfg.name} routing={cfg.routing} {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active); "
+    say(f"model: {tc.preset if cfg.name == 'custom' else cfg.name} routing={cfg.routing} {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active); "
         f"{total} steps x {tc.tokens_per_step(world):,} tokens; device {device}")
     progress = Progress(total, start, tc.log_every, f"[{cfg.routing}] ", enabled=is_main, mode=tc.progress)
     moe_layers = [m for m in model.modules() if m.__class__.__name__ == "MoGELayer"]
@@ -474,7 +480,9 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
             c = [s.counts_E.detach() for s in out_m.layer_stats]
             counts = c if counts is None else [a + b for a, b in zip(counts, c)]
             step_stats = out_m.layer_stats
-        if not math.isfinite(ce_sum):
+        if ctx is not None:
+            ce_sum = ctx.all_reduce_mean(ce_sum)  # log the global batch's loss, not this rank's slice
+        if not math.isfinite(ce_sum):  # after the all-reduce, so every rank stops together
             jlog.close()
             raise UserError(f"the loss became {ce_sum} at step {step}; lower --lr (now {tc.lr}) or check the data")
         if ctx is not None:
