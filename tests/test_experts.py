@@ -76,3 +76,14 @@ def test_layer_with_backends_agree_and_shared_expert_added():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         ops.set_backend("cuda-magic")
+
+
+def test_autocast_runs_expert_gemms_in_the_autocast_dtype():
+    x, w, ids, gu, dn = make_problem(16, 32, 16, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), ops.use_backend("torch"):
+        y = ops.routed_experts(x, w, ids, gu, dn)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert gu.grad.dtype == torch.float32 and gu.grad.abs().sum() > 0  # fp32 master weights get grads
+    ref = reference_routed_experts(x.double(), w.double(), ids, gu.double(), dn.double())
+    assert (y.double() - ref).norm() / ref.norm() < 1e-2

@@ -75,6 +75,12 @@ def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate
     x_TD [T, D]; weights_TK fp32 [T, K]; expert_ids_TK int64 [T, K] in [0, E);
     gate_up_EFD [E, 2F, D]; down_EDF [E, D, F]. Returns y_TD [T, D] in x's dtype. Differentiable."""
     backend = resolve_backend(x_TD)
+    device_type = x_TD.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Behave like nn.Linear under autocast: the expert GEMMs run in the autocast dtype (bf16
+        # training with fp32 master weights), not in the fp32 of the parameters.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     if backend == "triton":
         return _triton_module().routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
     return torch_impl.routed_experts(

@@ -75,6 +75,8 @@ def _grouped_mm_ok(x: Tensor, *weights: Tensor) -> bool:
     # torch._grouped_mm needs 16-byte aligned strides and a floating dtype it supports.
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
+    if x.is_cuda and x.dtype != torch.bfloat16:  # the CUDA kernel takes bf16 only (CPU: any float)
+        return False
     align = 16 // x.element_size()
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 

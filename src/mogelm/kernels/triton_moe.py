@@ -26,6 +26,7 @@ Backward (dgrad and wgrad) is PyTorch over the expert-sorted rows (see _RoutedEx
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -316,6 +317,37 @@ def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: st
     return _heuristic_config(num_rows, D, F, E, kind)
 
 
+@functools.cache
+def _shared_memory_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+
+
+def _fit_gemm(cfg: GemmConfig, a_bytes: int, w_bytes: int, num_w_tiles: int, limit: int) -> GemmConfig:
+    """Shrink pipelining depth, then BLOCK_K, until the staged tiles fit in shared memory (with a
+    margin for the epilogue). Tables are tuned for bf16 weights; fp32 weights (e.g. an fp32 model
+    run without autocast) need four bytes a weight and would otherwise fail with OutOfResources."""
+    def need(c: GemmConfig) -> int:
+        return c.num_stages * c.block_k * (c.block_m * a_bytes + num_w_tiles * c.block_n * w_bytes)
+
+    while need(cfg) > 0.9 * limit and (cfg.num_stages > 2 or cfg.block_k > 32):
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        else:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
+
+
+def fit_shared_memory(cfg: MoEConfig, x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> MoEConfig:
+    """The config with tiles that fit this device's shared memory for these dtypes."""
+    if not x.is_cuda:
+        return cfg
+    limit = _shared_memory_limit(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    gu = _fit_gemm(cfg.gate_up, x.element_size(), w_gate_up.element_size(), 2, limit)
+    dn = _fit_gemm(cfg.down, x.element_size(), w_down.element_size(), 1, limit)
+    return dataclasses.replace(cfg, gate_up=gu, down=dn)
+
+
 def _interpret_config(cfg: MoEConfig) -> MoEConfig:
     # the interpreter runs programs one by one: small tiles keep CPU tests quick
     gu = GemmConfig(16, 16, 16, 1, 1, 1)
@@ -384,6 +416,7 @@ def routed_experts_forward(
     if S == 0:
         return x_TD.new_zeros(T, D)
     cfg = _interpret_config(cfg or get_config(S, D, F2 // 2, E, _device_name(x_TD)))
+    cfg = fit_shared_memory(cfg, x_TD, gate_up_EFD, down_EDF)
     x_TD = x_TD.contiguous()
     if cfg.decode is not None:
         return decode(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF, cfg.decode)
