@@ -87,3 +87,12 @@ def test_autocast_runs_expert_gemms_in_the_autocast_dtype():
     assert gu.grad.dtype == torch.float32 and gu.grad.abs().sum() > 0  # fp32 master weights get grads
     ref = reference_routed_experts(x.double(), w.double(), ids, gu.double(), dn.double())
     assert (y.double() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_float64_stays_float64():
+    problem = make_problem(9, 16, 8, 4, 2, dtype=torch.float64)
+    with ops.use_backend("torch"):
+        y = ops.routed_experts(*problem)
+    ref = reference_routed_experts(*problem)
+    assert y.dtype == torch.float64
+    assert_close(y, ref)

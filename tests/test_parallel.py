@@ -387,7 +387,6 @@ def _eight_rank_worker(rank, world, tmp, errors):
                        cfg_overrides=dict(num_experts=16, num_groups=8, num_experts_per_tok=8))
 
 
-@pytest.mark.slow
 def test_ep8_one_group_per_rank_on_eight_gloo_ranks(tmp_path):
     _assert_clean(_spawn(_eight_rank_worker, tmp_path, world=8, timeout=600))
 

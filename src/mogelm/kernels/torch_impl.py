@@ -119,6 +119,7 @@ def routed_experts(
     mlp = loop_swiglu if use_loop else grouped_swiglu
     y_SD = mlp(x_SD, gate_up_EFD, down_EDF, offsets_E)
     # Combine with a gather back to (token, slot) order and a weighted sum over the K slots in
-    # fp32: no atomics, deterministic, and cheaper than a scatter-add of T*K rows.
+    # at least fp32: no atomics, deterministic, and cheaper than a scatter-add of T*K rows.
     y_TKD = y_SD.index_select(0, torch.argsort(order_S)).view(T, K, D)
-    return (y_TKD.float() * weights_TK.unsqueeze(-1).float()).sum(1).to(y_SD.dtype)
+    acc = torch.promote_types(y_SD.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
+    return (y_TKD.to(acc) * weights_TK.unsqueeze(-1).to(acc)).sum(1).to(y_SD.dtype)
