@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from mogelm.config import ROUTINGS, ModelConfig, from_name
 from mogelm.errors import UserError
 from mogelm.evaluate import RoutingStats, evaluate_batches, step_balance
+from mogelm.fsutil import replace_dir
 
 VAL_SEED = 1234  # validation windows are the same for every run on the same corpus
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -232,12 +233,7 @@ def save_checkpoint(path: Path, model, optimizer, state: dict, data_folder: Path
         shutil.copyfile(data_folder / name, tmp / name)
     torch.save({**state, "optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "history"}, indent=2))
-    old = path.parent / f".{path.name}.old"
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
     return path
 
 

@@ -16,7 +16,6 @@ rank plus metadata; replicated entries are written once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from mogelm.fsutil import replace_dir
 from mogelm.moe.experts import RoutedExperts
 from mogelm.parallel.expert_parallel import shard_info
 
@@ -196,12 +196,7 @@ def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if (Path(data_folder) / name).is_file():
                     shutil.copyfile(Path(data_folder) / name, tmp / name)
-        old = path.parent / f".{path.name}.old"
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     ctx.barrier()
     return path
 

@@ -221,19 +221,33 @@ def _check_world_size(rank: int, world: int, timeout_s: float):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=rank == 0,
                           timeout=timeout, wait_for_workers=False)
     store.set(f"mogelm/world_size/{rank}", str(world))
+    problem = None
     for other in range(world):
         try:
             theirs = int(store.get(f"mogelm/world_size/{other}"))  # waits up to the timeout
         except Exception as e:
-            raise CollectiveError(
+            problem = CollectiveError(
                 f"rank {rank}: rank {other} of {world} did not join within {timeout_s:.0f} s (did it start, "
                 f"with the same MASTER_ADDR/PORT?): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            ) from e
+            )
+            break
         if theirs != world:
-            raise CollectiveError(
+            problem = CollectiveError(
                 f"rank {rank}: WORLD_SIZE mismatch: this rank has {world}, rank {other} has {theirs}; "
                 "start every rank with the same world size"
             )
+            break
+    store.set(f"mogelm/checked/{rank}", "1")
+    if rank == 0 and problem is not None:
+        # Rank 0 hosts the store: leaving now would cut off peers still reading it, and they would
+        # report a dropped connection instead of the mismatch. Give them a moment to finish.
+        others = [f"mogelm/checked/{r}" for r in range(1, world)]
+        try:
+            store.wait(others, datetime.timedelta(seconds=min(10.0, timeout_s)))
+        except Exception:
+            pass
+    if problem is not None:
+        raise problem
     return store
 
 
