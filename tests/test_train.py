@@ -14,6 +14,7 @@ import torch
 
 from mogelm import cli
 from mogelm.checkpoint import from_pretrained
+from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
 from mogelm.train import TrainConfig, lr_at, read_log, sample_ids, train, val_batches
 
@@ -206,3 +207,27 @@ def test_existing_run_is_not_overwritten(trained, capsys):
                               "--max-steps", "5", "--out", tc.out, "--cache-dir", tc.cache_dir], capsys)
     _assert_clean_error(status, err, "--resume")
     assert _snapshot(Path(tc.out)) == before
+
+
+@pytest.mark.parametrize("windows", [1, 7, 8, 13])
+def test_validation_batches_have_the_same_shapes_on_every_rank(windows):
+    # Expert-parallel validation exchanges equal splits: ranks must see identical batch shapes.
+    from mogelm.train import TrainConfig, val_batches
+
+    class FakeData:
+        def num_windows(self, split, seq_len):
+            return windows
+
+        def num_tokens(self, split):
+            return windows * 9
+
+        def batch(self, split, ids, seq_len, seed=0):
+            return torch.zeros(len(ids), seq_len), torch.zeros(len(ids), seq_len)
+
+    tc = TrainConfig(batch_size=3, eval_batches=4, seq_len=8)
+    if windows < 2:
+        with pytest.raises(UserError, match="fewer than the 2 processes"):
+            list(val_batches(FakeData(), tc, 0, 2))
+        return
+    shapes = [[tuple(x.shape) for x, _ in val_batches(FakeData(), tc, r, 2)] for r in range(2)]
+    assert shapes[0] == shapes[1] and shapes[0]

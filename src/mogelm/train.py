@@ -179,6 +179,13 @@ def val_batches(td, tc: TrainConfig, rank: int = 0, world_size: int = 1):
             f"{tc.seq_len + 1}; use more text, a larger val fraction or a smaller --seq-len"
         )
     rows = min(W, tc.eval_batches * tc.batch_size * world_size)
+    # Every rank must run the same batch shapes: expert-parallel collectives exchange equal splits.
+    rows -= rows % world_size
+    if rows == 0:
+        raise UserError(
+            f"the validation split has {W} sequences of {tc.seq_len + 1} tokens, fewer than the "
+            f"{world_size} processes; use more text or a smaller --seq-len"
+        )
     per_rank = list(range(rows))[rank::world_size]
     for start in range(0, len(per_rank), tc.batch_size):
         yield td.batch("val", per_rank[start : start + tc.batch_size], tc.seq_len, seed=VAL_SEED)
