@@ -1,5 +1,7 @@
 """mogelm compare (the main job) on the debug preset: report, plots, summary, and no overwrite."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -17,13 +19,15 @@ def compared(tmp_path_factory):
     argv = ["compare", "--runs-dir", str(runs), "--name", "t", "--preset", "debug", "--data", str(FIXTURES),
             "--max-steps", "16", "--eval-every", "8", "--eval-batches", "2", "--seq-len", "64", "--batch-size", "4",
             "--cache-dir", str(runs / ".cache")]
-    return runs / "t", argv
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # run once for the module: both tests read its output
+        status = cli.main(argv)
+    return runs / "t", argv, status, stdout.getvalue()
 
 
-def test_compare_writes_report_and_plots(compared, capsys):
-    run_dir, argv = compared
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+def test_compare_writes_report_and_plots(compared):
+    run_dir, argv, status, out = compared
+    assert status == 0
     assert "moge" in out and "topk" in out and "val loss" in out
     for name in PNGS:
         data = (run_dir / name).read_bytes()
@@ -45,9 +49,8 @@ def test_compare_writes_report_and_plots(compared, capsys):
 
 
 def test_compare_refuses_to_overwrite(compared, capsys):
-    run_dir, argv = compared
-    if not (run_dir / "report.md").exists():
-        pytest.skip("needs the previous test's run")
+    run_dir, argv, status, _ = compared
+    assert status == 0 and (run_dir / "report.md").exists()
     before = (run_dir / "report.md").read_bytes()
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
