@@ -45,12 +45,18 @@ def moge_route(
     _, local_TGk = topk_stable(scores_TE.view(T, num_groups, per_group), experts_per_group_per_tok)
     base_G1 = torch.arange(num_groups, device=logits_TE.device).unsqueeze(-1) * per_group
     ids_TK = (local_TGk + base_G1).reshape(T, num_groups * experts_per_group_per_tok)
+    return gate_weights(probs_TE, ids_TK, router_scale_E, renormalize), ids_TK, probs_TE
+
+
+def gate_weights(probs_TE: Tensor, ids_TK: Tensor, router_scale_E: Tensor | None, renormalize: bool) -> Tensor:
+    """Gate weights of the chosen experts: their probabilities, optionally renormalised over the
+    K kept, times router_scale[expert] when present (fp32 [T, K])."""
     weights_TK = probs_TE.gather(-1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
     if router_scale_E is not None:
         weights_TK = weights_TK * router_scale_E.float().reshape(-1)[ids_TK]
-    return weights_TK, ids_TK, probs_TE
+    return weights_TK
 
 
 def expert_counts(expert_ids_TK: Tensor, num_experts: int) -> Tensor:

@@ -24,11 +24,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mogelm.kernels import ops
 from mogelm.kernels.torch_impl import expert_counts as _expert_counts
+from mogelm.kernels.torch_impl import gate_weights as _gate_weights
 from mogelm.kernels.torch_impl import topk_stable as _topk_stable
 
 
@@ -36,15 +36,6 @@ class Routing(NamedTuple):
     weights_TK: Tensor
     expert_ids_TK: Tensor
     probs_TE: Tensor
-
-
-def _finish(probs_TE: Tensor, ids_TK: Tensor, router_scale_E: Tensor | None, renormalize: bool) -> Tensor:
-    weights_TK = probs_TE.gather(-1, ids_TK)
-    if renormalize:
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    if router_scale_E is not None:
-        weights_TK = weights_TK * router_scale_E.float().reshape(-1)[ids_TK]
-    return weights_TK
 
 
 def moge_route(
@@ -91,7 +82,7 @@ def softmax_topk_route(
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     scores = probs_TE if expert_bias_E is None else probs_TE + expert_bias_E.float()
     _, ids_TK = _topk_stable(scores, k)
-    return Routing(_finish(probs_TE, ids_TK, router_scale_E, renormalize), ids_TK, probs_TE)
+    return Routing(_gate_weights(probs_TE, ids_TK, router_scale_E, renormalize), ids_TK, probs_TE)
 
 
 def group_limited_route(
@@ -117,7 +108,7 @@ def group_limited_route(
     keep_TG.scatter_(1, groups_TJ, True)
     masked_TE = scores_TE.masked_fill(~keep_TG.repeat_interleave(per_group, dim=1), float("-inf"))
     _, ids_TK = _topk_stable(masked_TE, k)
-    return Routing(_finish(probs_TE, ids_TK, router_scale_E, renormalize), ids_TK, probs_TE)
+    return Routing(_gate_weights(probs_TE, ids_TK, router_scale_E, renormalize), ids_TK, probs_TE)
 
 
 # Balancing losses ------------------------------------------------------------------------------
@@ -160,8 +151,3 @@ def update_expert_bias(expert_bias_E: Tensor, counts_E: Tensor, rate: float) -> 
     load, in place. Called by the training loop after the optimizer step, never inside forward."""
     counts = counts_E.float()
     expert_bias_E.add_(rate * torch.sign(counts.mean() - counts))
-
-
-def one_hot_mask(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
-    """[T, E] 0/1 float mask of the chosen experts (for analyses and tests)."""
-    return F.one_hot(expert_ids_TK, num_experts).sum(-2).float()
