@@ -18,6 +18,35 @@ ALIGN_ONE_PROGRAM_ROWS = 256  # single-program align kernel up to this many rout
 
 
 @triton.jit
+def _store_padded_layout(
+    counts, experts,  # [E_PAD] int32 rows per expert; expert index 0..E_PAD-1
+    sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr, counts_ptr,  # outputs, as in the align kernels
+    S, E, NB_MAX,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, NB_CHUNK: tl.constexpr,
+):
+    """Everything of the padded layout that follows from the counts alone: store the counts and the
+    padded total, fill each expert's padding slots (after its real rows, so disjoint from the
+    slots the caller writes) with the marker S, and label every row block with its expert (block b
+    belongs to the number of experts whose padded rows end at or before its first row).
+    Returns each expert's first padded slot."""
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    tl.store(counts_ptr + experts, counts, mask=experts < E)
+    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
+    j = tl.arange(0, BLOCK_M)
+    pad_pos = (pad_start + counts)[:, None] + j[None, :]
+    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
+    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
+    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
+        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
+        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
+        owner = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
+    return pad_start
+
+
+@triton.jit
 def _align_kernel(
     ids_ptr,  # [S] int64 expert id of each routed row, flat order s = t*K + k
     sorted_ids_ptr,  # [P_max] int32 out: flat row s for each padded row; S marks padding
@@ -38,11 +67,8 @@ def _align_kernel(
         offs = c * CHUNK + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    tl.store(counts_ptr + experts, counts, mask=experts < E)
-    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
+    pad_start = _store_padded_layout(counts, experts, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr, counts_ptr,
+                                     S, E, NB_MAX, BLOCK_M, E_PAD, NB_CHUNK)
     seen = tl.zeros((E_PAD,), tl.int32)  # rows of each expert placed by earlier chunks
     for c in range(0, tl.cdiv(S, CHUNK)):
         offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -52,17 +78,6 @@ def _align_kernel(
         dest = tl.sum(onehot * (pad_start[None, :] + rank), axis=1)
         tl.store(sorted_ids_ptr + dest, offs, mask=offs < S)
         seen += tl.sum(onehot, axis=0)
-    # padding rows after each expert's real rows (disjoint from the slots written above)
-    j = tl.arange(0, BLOCK_M)
-    pad_pos = (pad_start + counts)[:, None] + j[None, :]
-    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
-    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
-    # block b belongs to the number of experts whose padded rows end at or before its first row
-    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
-        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
-        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
-        owner = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
 
 
 @triton.jit
@@ -100,11 +115,8 @@ def _align_plan_kernel(
         rows = r0 * ROWS + tl.arange(0, ROWS)
         h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=(rows < NUM_CHUNKS)[:, None], other=0)
         counts += tl.sum(h, axis=0)
-    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
-    pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
-    tl.store(counts_ptr + experts, counts, mask=experts < E)
-    tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
+    pad_start = _store_padded_layout(counts, experts, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr, counts_ptr,
+                                     S, E, NB_MAX, BLOCK_M, E_PAD, NB_CHUNK)
     running = pad_start
     for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
         rows = r0 * ROWS + tl.arange(0, ROWS)
@@ -113,15 +125,6 @@ def _align_plan_kernel(
         base = tl.cumsum(h, axis=0) - h + running[None, :]
         tl.store(base_ptr + rows[:, None] * E_PAD + experts[None, :], base, mask=m)
         running += tl.sum(h, axis=0)
-    j = tl.arange(0, BLOCK_M)
-    pad_pos = (pad_start + counts)[:, None] + j[None, :]
-    pad_mask = (j[None, :] < (padded - counts)[:, None]) & (experts < E)[:, None]
-    tl.store(sorted_ids_ptr + pad_pos, tl.zeros((E_PAD, BLOCK_M), tl.int32) + S, mask=pad_mask)
-    for b0 in range(0, tl.cdiv(NB_MAX, NB_CHUNK)):
-        blk = b0 * NB_CHUNK + tl.arange(0, NB_CHUNK)
-        ended = (blk[:, None] * BLOCK_M >= pad_end[None, :]) & (experts < E)[None, :]
-        owner = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blk, tl.minimum(owner, E - 1), mask=blk < NB_MAX)
 
 
 @triton.jit
