@@ -8,6 +8,11 @@ Backends:
 
 Choose with `use_backend("loop")` (a context manager, for tests and benchmarks),
 `set_backend(...)`, or the environment variable MOGELM_KERNEL_BACKEND.
+
+Routing: `moge_route` has a fused Triton kernel and its PyTorch twin. The small helpers the other
+routers are built from (`topk_stable`, `gate_weights`, `apply_router_scale`) and `expert_counts`
+have one PyTorch implementation on every backend; they are exported here so that callers outside
+kernels/ (moe/, analysis/) import nothing else.
 """
 
 from __future__ import annotations
@@ -104,6 +109,13 @@ def moge_route(
     return torch_impl.moge_route(
         logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
     )
+
+
+# One implementation on every backend (readable PyTorch, no host sync).
+topk_stable = torch_impl.topk_stable
+gate_weights = torch_impl.gate_weights
+apply_router_scale = torch_impl.apply_router_scale
+expert_counts = torch_impl.expert_counts
 
 
 def quantize_experts_fp8(gate_up_EFD: Tensor, down_EDF: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -54,9 +54,15 @@ def gate_weights(probs_TE: Tensor, ids_TK: Tensor, router_scale_E: Tensor | None
     weights_TK = probs_TE.gather(-1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    if router_scale_E is not None:
-        weights_TK = weights_TK * router_scale_E.float().reshape(-1)[ids_TK]
-    return weights_TK
+    return apply_router_scale(weights_TK, ids_TK, router_scale_E)
+
+
+def apply_router_scale(weights_TK: Tensor, ids_TK: Tensor, router_scale_E: Tensor | None) -> Tensor:
+    """Gate weights times the learned per-expert router_scale[expert] ([1, E] or [E]); unchanged
+    when there is none. Every router scales its gate weights here, whatever made them."""
+    if router_scale_E is None:
+        return weights_TK
+    return weights_TK * router_scale_E.float().reshape(-1)[ids_TK]
 
 
 def expert_counts(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
