@@ -1,7 +1,8 @@
 """MoGELayer: the MoE feed-forward block of Pangu Pro MoE, with top-k and group-limited baselines.
 
     x_TD ──► gate (Linear D->E, no bias) ──► logits_TE
-               │                              │ route: moge | topk | softmax_topk | group_limited
+               │                              │ router (built from cfg.routing, moe/routing.py):
+               │                              │   MoGE | top-k | softmax-top-k | group-limited
                │                              ▼
                │                  weights_TK, expert_ids_TK, probs_TE ──► aux loss, z-loss, counts
                ▼
@@ -13,7 +14,8 @@ Legend: B sequences, S positions, T = B*S tokens, D hidden, E experts, K experts
 
 Parameter names match the Pangu Pro MoE checkpoint under `model.layers.{l}.mlp.`: `gate.weight`,
 `router_scale` [1, E], `shared_expert.{gate,up,down}_proj.weight`; the stacked routed experts are
-split into `experts.{e}.*_proj.weight` by mogelm.checkpoint.
+split into `experts.{e}.*_proj.weight` by mogelm.checkpoint. That is why `router_scale` and the
+aux-loss-free `expert_bias_E` buffer live here and are handed to the router (which holds none).
 
 The dispatcher is LocalDispatcher by default; mogelm.parallel swaps in an expert-parallel one
 (and shards `experts`) from outside, so this module never touches torch.distributed.
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mogelm.config import ModelConfig
+from mogelm.kernels import ops
 from mogelm.moe import routing as R
 from mogelm.moe.dispatch import Dispatcher, LocalDispatcher
 from mogelm.moe.experts import RoutedExperts, SwiGLU, output_std
@@ -51,6 +54,7 @@ class MoGELayer(nn.Module):
         self.router_scale = nn.Parameter(torch.ones(1, E)) if cfg.router_scale else None
         # Aux-loss-free balancing: selection-only bias, updated by the training loop (not autograd).
         self.register_buffer("expert_bias_E", torch.zeros(E) if cfg.aux_free_bias else None)
+        self.router = R.build_router(cfg)
         self.experts = RoutedExperts(E, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_expert = (
             SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
@@ -71,20 +75,6 @@ class MoGELayer(nn.Module):
         if self.shared_expert is not None:
             self.shared_expert.reset_parameters(std, out_std)
 
-    def route(self, logits_TE: Tensor) -> R.Routing:
-        cfg = self.cfg
-        scale = self.router_scale
-        bias = self.expert_bias_E
-        if cfg.routing == "moge":
-            return R.moge_route(logits_TE, cfg.num_groups, cfg.experts_per_group_per_tok, scale, cfg.renormalize, bias)
-        if cfg.routing == "topk":
-            return R.topk_route(logits_TE, cfg.num_experts_per_tok, scale, bias)
-        if cfg.routing == "softmax_topk":
-            return R.softmax_topk_route(logits_TE, cfg.num_experts_per_tok, scale, cfg.renormalize, bias)
-        return R.group_limited_route(
-            logits_TE, cfg.num_groups, cfg.topk_groups, cfg.num_experts_per_tok, scale, cfg.renormalize, bias
-        )
-
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         """x [..., D] (e.g. [B, S, D]) -> (y of the same shape, MoEStats)."""
         cfg = self.cfg
@@ -92,7 +82,7 @@ class MoGELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
 
         logits_TE = self.gate(x_TD)
-        routing = self.route(logits_TE)
+        routing = self.router(logits_TE, self.router_scale, self.expert_bias_E)
 
         x_RD, weights_RK, ids_RK, ctx = self.dispatcher.dispatch(x_TD, routing.weights_TK, routing.expert_ids_TK)
         y_RD = self.experts(x_RD, weights_RK, ids_RK)
@@ -100,18 +90,20 @@ class MoGELayer(nn.Module):
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
 
+        ids_TK = routing.expert_ids_TK.detach()
+        T, K = ids_TK.shape
+        counts_E = ops.expert_counts(ids_TK, cfg.num_experts)
+        probs_mean_E = routing.probs_TE.mean(0)
         zero = logits_TE.new_zeros((), dtype=torch.float32)
         aux = zero
         if self.training and cfg.aux_loss_alpha > 0 and cfg.aux_loss_type != "none":
             if cfg.aux_loss_type == "batch":
-                aux = cfg.aux_loss_alpha * R.batch_aux_loss(routing.probs_TE, routing.expert_ids_TK)
+                aux = cfg.aux_loss_alpha * R.batch_aux_loss_from_counts(counts_E, probs_mean_E, T, K)
             else:
                 seq_shape = (-1, lead[-1]) if len(lead) > 1 else (1, -1)
                 aux = cfg.aux_loss_alpha * R.sequence_aux_loss(
                     routing.probs_TE.reshape(*seq_shape, cfg.num_experts),
-                    routing.expert_ids_TK.reshape(*seq_shape, routing.expert_ids_TK.shape[-1]),
+                    ids_TK.reshape(*seq_shape, K),
                 )
         z = cfg.z_loss_coef * R.router_z_loss(logits_TE) if self.training and cfg.z_loss_coef > 0 else zero
-        ids = routing.expert_ids_TK.detach()
-        stats = MoEStats(R.expert_counts(ids, cfg.num_experts), aux, z, ids, routing.probs_TE.mean(0))
-        return y_TD.reshape(*lead, -1), stats
+        return y_TD.reshape(*lead, -1), MoEStats(counts_E, aux, z, ids_TK, probs_mean_E)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mogelm.moe.routing import batch_aux_loss_from_counts
 from mogelm.parallel.dispatchers import CollectiveError, _run
 from mogelm.parallel.expert_parallel import apply_expert_parallel, is_expert_sharded, validate_ep
 
@@ -175,8 +176,9 @@ class ParallelContext:
 
 def _global_batch_stats(layer, args, output):
     """Forward hook (training only) that makes a MoGELayer's load statistics global-batch ones:
-    counts_E all-reduced over every rank, and the batch-level aux loss (paper Eq. 8) rebuilt as
-    alpha * sum_i f_i(global counts) * p_i(this rank's tokens). Averaged over ranks (as gradients
+    counts_E all-reduced over every rank, and the batch-level aux loss (paper Eq. 8) rebuilt by
+    the layer's own function, batch_aux_loss_from_counts, as alpha * sum_i f_i(global counts, global
+    T) * p_i(this rank's tokens). Averaged over ranks (as gradients
     are) that is exactly the one-process aux loss of the global batch, and the aux-loss-free bias
     update sees the same counts on every rank. Costs one [E] all-reduce."""
     if not layer.training:
@@ -187,9 +189,8 @@ def _global_batch_stats(layer, args, output):
     cfg, aux = layer.cfg, stats.aux_loss
     if cfg.aux_loss_type == "batch" and cfg.aux_loss_alpha > 0:
         T, K = stats.expert_ids_TK.shape
-        probs_E = stats.probs_mean_E
-        f_E = counts_E.to(probs_E.dtype) * (cfg.num_experts / (K * T * dist.get_world_size()))
-        aux = cfg.aux_loss_alpha * (f_E * probs_E).sum()
+        global_tokens = T * dist.get_world_size()
+        aux = cfg.aux_loss_alpha * batch_aux_loss_from_counts(counts_E, stats.probs_mean_E, global_tokens, K)
     return y, stats._replace(counts_E=counts_E, aux_loss=aux)
 
 

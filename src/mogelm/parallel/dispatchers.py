@@ -4,11 +4,13 @@
     combine(y_RD, ctx) -> y_TD
 
 EP rank j of an expert-parallel process group of size P holds experts [j*E_loc, (j+1)*E_loc),
-E_loc = E/P; for MoGE that is groups [j*M/P, (j+1)*M/P). Three dispatchers:
+E_loc = E/P; for MoGE that is groups [j*M/P, (j+1)*M/P). Three dispatchers; `make_dispatcher`
+picks one from the router's `balanced_groups` (does every expert group get exactly T*K' rows?):
 
-  MoGEAllToAll      MoGE only. Every token has exactly Kr = K/P selections on every rank (the
-                    MoGE column slice [:, j*Kr:(j+1)*Kr] lies in rank j's groups), so each rank
-                    sends every token once to every rank with its Kr (weight, local id) pairs:
+  MoGEAllToAll      MoGE only (balanced groups). Every token has exactly Kr = K/P selections on
+                    every rank (the MoGE column slice [:, j*Kr:(j+1)*Kr] lies in rank j's
+                    groups), so each rank sends every token once to every rank with its Kr
+                    (weight, local id) pairs:
                     equal-split all_to_all_single, fixed shapes [P*T, D], no count exchange, no
                     capacity factor, no dropped token, no host sync (CUDA-graph capturable).
   MoGEAllGather     MoGE only, the paper's inference layout (PAPER.md §6.1): all-gather tokens
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from mogelm.moe.routing import ROUTERS, Router
 
 
 class CollectiveError(RuntimeError):
@@ -262,12 +266,19 @@ class TopKAllToAll:
 DISPATCHERS = ("auto", "moge_a2a", "moge_agrs", "topk_a2a")
 
 
-def make_dispatcher(kind: str, process_group, num_experts: int, num_experts_per_tok: int, routing: str):
-    """Build a dispatcher by name; "auto" = moge_a2a for MoGE routing, topk_a2a otherwise."""
+def make_dispatcher(kind: str, process_group, num_experts: int, num_experts_per_tok: int, router: Router | str):
+    """Build a dispatcher by name for the layer's `router` (or its ModelConfig.routing name).
+    Only the router's `balanced_groups` matters: "does every expert group receive exactly T*K'
+    rows?" (MoGE). "auto" then picks moge_a2a, otherwise topk_a2a; the MoGE dispatchers are
+    refused for a router without it."""
+    balanced_groups = (ROUTERS[router] if isinstance(router, str) else router).balanced_groups
     if kind == "auto":
-        kind = "moge_a2a" if routing == "moge" else "topk_a2a"
-    if kind in ("moge_a2a", "moge_agrs") and routing != "moge":
-        raise ValueError(f"dispatcher {kind!r} needs MoGE routing (got routing={routing!r}); use topk_a2a")
+        kind = "moge_a2a" if balanced_groups else "topk_a2a"
+    if kind in ("moge_a2a", "moge_agrs") and not balanced_groups:
+        raise ValueError(
+            f"dispatcher {kind!r} needs MoGE routing (every expert group receiving exactly T*K' rows); "
+            "use topk_a2a"
+        )
     if kind == "moge_a2a":
         return MoGEAllToAll(process_group, num_experts, num_experts_per_tok)
     if kind == "moge_agrs":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mogelm.config import ModelConfig
+from mogelm.moe.routing import ROUTERS
 from mogelm.parallel.dispatchers import make_dispatcher
 
 EXPERT_ATTR = "_mogelm_expert_shard"  # on a Parameter: (ep_rank, ep_size, num_global_experts)
@@ -31,7 +32,9 @@ def validate_ep(cfg: ModelConfig, ep_size: int) -> None:
         if ep_size > 1:
             raise ValueError("expert parallel needs an MoE model (ffn_type='moe'); got a dense model")
         return
-    if cfg.routing == "moge" and cfg.num_groups % ep_size:
+    # A router that fills every group equally (MoGE) needs whole groups per rank: its dispatchers
+    # send each rank the token's selections from that rank's groups.
+    if ROUTERS[cfg.routing].balanced_groups and cfg.num_groups % ep_size:
         raise ValueError(
             f"EP size {ep_size} does not divide num_groups ({cfg.num_groups}): each EP rank must hold "
             f"whole expert groups (group g on rank g // (M / EP))"
@@ -75,5 +78,5 @@ def apply_expert_parallel(model: nn.Module, ep_process_group, dispatcher: str = 
             setattr(shard, EXPERT_ATTR, (ep_rank, ep_size, E))
             setattr(experts, name, shard)
         experts.num_experts = E_loc
-        layer.dispatcher = make_dispatcher(dispatcher, ep_process_group, E, cfg.num_experts_per_tok, cfg.routing)
+        layer.dispatcher = make_dispatcher(dispatcher, ep_process_group, E, cfg.num_experts_per_tok, layer.router)
     return model
