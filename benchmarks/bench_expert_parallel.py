@@ -42,7 +42,6 @@ import torch.distributed as dist
 from mogelm.config import from_name
 from mogelm.kernels import ops
 from mogelm.moe.layer import MoGELayer
-from mogelm.parallel import dispatchers as D
 from mogelm.parallel.expert_parallel import apply_expert_parallel
 
 # Expert shares (fraction of tokens routed to each expert; they sum to K = 4) of layer 0 of a
@@ -130,14 +129,14 @@ def gather_floats(values: list[float], device) -> list[list[float]]:
     return [o.tolist() for o in out]
 
 
-def build_layer(cfg, dispatcher: str, device, dtype) -> MoGELayer:
+def build_layer(cfg, dispatcher: str, device, dtype, comm_timer=None) -> MoGELayer:
     with torch.device(device):
         layer = MoGELayer(cfg)
     layer.to(dtype)
     torch.manual_seed(0)
     layer.reset_parameters()
     torch.nn.init.zeros_(layer.gate.weight)  # routing comes from the injected logits below
-    apply_expert_parallel(layer_holder(layer), dist.group.WORLD, dispatcher)
+    apply_expert_parallel(layer_holder(layer), dist.group.WORLD, dispatcher, comm_timer)
     return layer
 
 
@@ -158,7 +157,10 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
     torch.profiler over 3 steps instead, returning this rank's op table (self device time)."""
     cuda = device.type == "cuda"
     cfg = cfg_base.replace(routing=routing)
-    layer = build_layer(cfg, dispatcher, device, dtype)
+    # The dispatcher times its collectives into this (eager runs only: not under graph capture or
+    # the profiler); timed() reads and resets it every step.
+    timer = CommTimer(cuda) if not (graph or profile) else None
+    layer = build_layer(cfg, dispatcher, device, dtype, timer)
     rank, world = dist.get_rank(), dist.get_world_size()
     E, E_loc = cfg.num_experts, cfg.num_experts // world
     p = popularity(dist_name, E).to(device)
@@ -190,7 +192,6 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
                 x_static.copy_(xs[i % n_sets])
                 layer(x_static)
 
-    timer = CommTimer(cuda)
     fn = step
     graph_error = None
     if graph:
@@ -212,8 +213,6 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
                 bias_now.copy_(biases[i % n_sets])
                 x_static.copy_(xs[i % n_sets])
                 cg.replay()
-
-            timer = None
         except Exception as e:  # noqa: BLE001 - recorded in the results
             graph_error = f"{type(e).__name__}: {str(e)[:200]}"
     if graph_error:
@@ -239,11 +238,7 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
             table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
         return {"profile": f"## {mode} T={T} {dist_name} {routing}/{dispatcher} rank {dist.get_rank()}: "
                            f"wall {wall:.2f} ms/step (3 steps)\n{table}\n"}
-    D.set_comm_timer(timer)
-    try:
-        step_ms, comm_ms, count_ms = timed(fn, args.iters, args.warmup, cuda, timer)
-    finally:
-        D.set_comm_timer(None)
+    step_ms, comm_ms, count_ms = timed(fn, args.iters, args.warmup, cuda, timer)
 
     # Per-rank load over the routing sets: rows (token, expert assignments) this rank computes.
     loads = []

@@ -26,6 +26,10 @@ is the adjoint collective (all_to_all <-> all_to_all with swapped splits, all_ga
 reduce_scatter). All ranks of the process group must call dispatch/combine together; the MoGE
 dispatchers also need the same T on every rank (pad decode batches, as vLLM-Ascend does).
 
+Timing: every dispatcher takes an optional `comm_timer`, an object with begin(what) / end(what)
+that is called around each of its collectives, backward ones included (benchmarks use it to
+split communication from compute); None (the default) times nothing.
+
 Legend: T tokens on this rank, D hidden, K experts per token, P EP ranks, Kr = K/P selections a
 MoGE token has on each rank, R rows this rank's experts receive, A (token, expert) assignments.
 """
@@ -33,6 +37,7 @@ MoGE token has on each rank, R rows this rank's experts receive, A (token, exper
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -45,24 +50,22 @@ class CollectiveError(RuntimeError):
     """A collective failed: a peer rank died, timed out, or disagrees on shapes."""
 
 
-_comm_timer = None  # benchmarks: an object with begin(what) / end(what) around every collective
+class CommTimer(Protocol):
+    def begin(self, what: str) -> None: ...
+
+    def end(self, what: str) -> None: ...
 
 
-def set_comm_timer(timer) -> None:
-    """Install (or with None remove) a timer called around every collective of this module."""
-    global _comm_timer
-    _comm_timer = timer
-
-
-def _run(fn, what: str, process_group) -> None:
-    """Run one collective, turning backend errors into a message that names the cause."""
+def _run(fn, what: str, process_group, timer: CommTimer | None = None) -> None:
+    """Run one collective (inside timer.begin/end when a timer is given), turning backend errors
+    into a message that names the cause."""
     try:
-        if _comm_timer is None:
+        if timer is None:
             fn()
         else:
-            _comm_timer.begin(what)
+            timer.begin(what)
             fn()
-            _comm_timer.end(what)
+            timer.end(what)
     except CollectiveError:
         raise
     except (RuntimeError, dist.DistError) as e:
@@ -79,61 +82,72 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single; splits None = equal. Backward: the same collective with splits swapped."""
 
     @staticmethod
-    def forward(ctx, x, process_group, in_splits, out_splits):
-        ctx.process_group, ctx.in_splits, ctx.out_splits = process_group, in_splits, out_splits
+    def forward(ctx, x, process_group, in_splits, out_splits, timer):
+        ctx.process_group, ctx.timer = process_group, timer
+        ctx.in_splits, ctx.out_splits = in_splits, out_splits
         x = x.contiguous()
         rows = x.shape[0] if out_splits is None else sum(out_splits)
         out = x.new_empty((rows, *x.shape[1:]))
-        _run(lambda: dist.all_to_all_single(out, x, out_splits, in_splits, group=process_group), "all_to_all", process_group)
+        _run(lambda: dist.all_to_all_single(out, x, out_splits, in_splits, group=process_group), "all_to_all",
+             process_group, timer)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _AllToAll.apply(grad, ctx.process_group, ctx.out_splits, ctx.in_splits), None, None, None
+        grad_x = _AllToAll.apply(grad, ctx.process_group, ctx.out_splits, ctx.in_splits, ctx.timer)
+        return grad_x, None, None, None, None
 
 
 class _AllGather(torch.autograd.Function):
     """[T, ...] on each of P ranks -> [P*T, ...] (rank order). Backward: reduce-scatter (sum)."""
 
     @staticmethod
-    def forward(ctx, x, process_group):
-        ctx.process_group = process_group
+    def forward(ctx, x, process_group, timer):
+        ctx.process_group, ctx.timer = process_group, timer
         P = dist.get_world_size(process_group)
         out = x.new_empty((P * x.shape[0], *x.shape[1:]))
-        _run(lambda: dist.all_gather_into_tensor(out, x.contiguous(), group=process_group), "all_gather", process_group)
+        _run(lambda: dist.all_gather_into_tensor(out, x.contiguous(), group=process_group), "all_gather",
+             process_group, timer)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _ReduceScatter.apply(grad, ctx.process_group), None
+        return _ReduceScatter.apply(grad, ctx.process_group, ctx.timer), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     """[P*T, ...] -> sum over ranks of block `rank` [T, ...]. Backward: all-gather."""
 
     @staticmethod
-    def forward(ctx, x, process_group):
-        ctx.process_group = process_group
+    def forward(ctx, x, process_group, timer):
+        ctx.process_group, ctx.timer = process_group, timer
         P = dist.get_world_size(process_group)
         out = x.new_empty((x.shape[0] // P, *x.shape[1:]))
-        _run(lambda: dist.reduce_scatter_tensor(out, x.contiguous(), group=process_group), "reduce_scatter", process_group)
+        _run(lambda: dist.reduce_scatter_tensor(out, x.contiguous(), group=process_group), "reduce_scatter",
+             process_group, timer)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _AllGather.apply(grad, ctx.process_group), None
+        return _AllGather.apply(grad, ctx.process_group, ctx.timer), None, None
 
 
-def all_to_all(x: Tensor, process_group, in_splits: list[int] | None = None, out_splits: list[int] | None = None) -> Tensor:
-    return _AllToAll.apply(x, process_group, in_splits, out_splits)
+def all_to_all(
+    x: Tensor,
+    process_group,
+    in_splits: list[int] | None = None,
+    out_splits: list[int] | None = None,
+    timer: CommTimer | None = None,
+) -> Tensor:
+    return _AllToAll.apply(x, process_group, in_splits, out_splits, timer)
 
 
-def all_gather(x: Tensor, process_group) -> Tensor:
-    return _AllGather.apply(x, process_group)
+def all_gather(x: Tensor, process_group, timer: CommTimer | None = None) -> Tensor:
+    return _AllGather.apply(x, process_group, timer)
 
 
-def reduce_scatter(x: Tensor, process_group) -> Tensor:
-    return _ReduceScatter.apply(x, process_group)
+def reduce_scatter(x: Tensor, process_group, timer: CommTimer | None = None) -> Tensor:
+    return _ReduceScatter.apply(x, process_group, timer)
 
 
 def _pack_routing(weights_TK: Tensor, local_ids_TK: Tensor) -> Tensor:
@@ -156,8 +170,10 @@ class _MoGECtx:
 class MoGEAllToAll:
     """Fixed-shape MoGE dispatcher (equal-split all_to_all_single); see the module docstring."""
 
-    def __init__(self, process_group, num_experts: int, num_experts_per_tok: int):
-        self.process_group = process_group
+    def __init__(
+        self, process_group, num_experts: int, num_experts_per_tok: int, comm_timer: CommTimer | None = None
+    ):
+        self.process_group, self.comm_timer = process_group, comm_timer
         self.ep_size = dist.get_world_size(process_group)
         assert num_experts % self.ep_size == 0 and num_experts_per_tok % self.ep_size == 0
         self.experts_per_rank = num_experts // self.ep_size
@@ -176,14 +192,16 @@ class MoGEAllToAll:
         weights_PTK = weights_TK.view(T, P, Kr).transpose(0, 1)
         meta_PTK2 = _pack_routing(weights_PTK, self._local_ids_PTK(expert_ids_TK))
         # Every token goes once to every rank: block j of the send buffer is for rank j.
-        x_RD = all_to_all(x_TD.unsqueeze(0).expand(P, T, D).reshape(P * T, D), self.process_group)
-        meta_RK2 = all_to_all(meta_PTK2.reshape(P * T, 2 * Kr), self.process_group)
+        x_RD = all_to_all(x_TD.unsqueeze(0).expand(P, T, D).reshape(P * T, D), self.process_group,
+                          timer=self.comm_timer)
+        meta_RK2 = all_to_all(meta_PTK2.reshape(P * T, 2 * Kr), self.process_group, timer=self.comm_timer)
         weights_RK, local_ids_RK = _unpack_routing(meta_RK2)
         return x_RD, weights_RK, local_ids_RK, _MoGECtx(T)
 
     def combine(self, y_RD: Tensor, ctx: _MoGECtx) -> Tensor:
         # Block j of the result is rank j's partial sum over its Kr experts for our T tokens.
-        y_PTD = all_to_all(y_RD, self.process_group).view(self.ep_size, ctx.num_tokens, -1)
+        P, T = self.ep_size, ctx.num_tokens
+        y_PTD = all_to_all(y_RD, self.process_group, timer=self.comm_timer).view(P, T, -1)
         return y_PTD.sum(0)
 
 
@@ -194,8 +212,8 @@ class MoGEAllGather(MoGEAllToAll):
         T, _ = x_TD.shape
         rank = dist.get_rank(self.process_group)
         cols = slice(rank * self.k_per_rank, (rank + 1) * self.k_per_rank)
-        x_RD = all_gather(x_TD, self.process_group)  # [P*T, D], tokens of rank 0, 1, ...
-        meta_RK2 = all_gather(_pack_routing(weights_TK, expert_ids_TK), self.process_group)
+        x_RD = all_gather(x_TD, self.process_group, self.comm_timer)  # [P*T, D], tokens of rank 0, 1, ...
+        meta_RK2 = all_gather(_pack_routing(weights_TK, expert_ids_TK), self.process_group, self.comm_timer)
         K = expert_ids_TK.shape[1]
         # Keep our column block; the gradient flows back only through those columns.
         weights_RK = meta_RK2[:, cols]
@@ -204,7 +222,7 @@ class MoGEAllGather(MoGEAllToAll):
         return x_RD, weights_RK, local_ids_RK, _MoGECtx(T)
 
     def combine(self, y_RD: Tensor, ctx: _MoGECtx) -> Tensor:
-        return reduce_scatter(y_RD, self.process_group)
+        return reduce_scatter(y_RD, self.process_group, self.comm_timer)
 
 
 # Top-k: count exchange + variable-split all-to-all -------------------------------------------------
@@ -224,8 +242,8 @@ class TopKAllToAll:
     A token sends one row to each rank that holds at least one of its K experts; the receiver
     expands rows to (row, expert) assignments, so experts see R = A rows with K = 1."""
 
-    def __init__(self, process_group, num_experts: int):
-        self.process_group = process_group
+    def __init__(self, process_group, num_experts: int, comm_timer: CommTimer | None = None):
+        self.process_group, self.comm_timer = process_group, comm_timer
         self.ep_size = dist.get_world_size(process_group)
         assert num_experts % self.ep_size == 0
         self.experts_per_rank = num_experts // self.ep_size
@@ -238,7 +256,8 @@ class TopKAllToAll:
         # Count exchange: how many rows each rank sends to each rank. The .tolist() is the host sync.
         send_counts_P = uses_PT.sum(1)
         recv_counts_P = torch.empty_like(send_counts_P)
-        _run(lambda: dist.all_to_all_single(recv_counts_P, send_counts_P, group=self.process_group), "count exchange", self.process_group)
+        _run(lambda: dist.all_to_all_single(recv_counts_P, send_counts_P, group=self.process_group), "count exchange",
+             self.process_group, self.comm_timer)
         in_splits, out_splits = send_counts_P.tolist(), recv_counts_P.tolist()
 
         dest_S, token_S = uses_PT.nonzero(as_tuple=True)  # rank-major: rows for rank 0 first
@@ -246,8 +265,11 @@ class TopKAllToAll:
         on_dest_SK = dest_TK.index_select(0, token_S) == dest_S.unsqueeze(-1)
         local_SK = torch.where(on_dest_SK, expert_ids_TK.index_select(0, token_S) - dest_S.unsqueeze(-1) * E_loc, -1)
         weights_SK = weights_TK.index_select(0, token_S) * on_dest_SK
-        x_recv = all_to_all(x_TD.index_select(0, token_S), self.process_group, in_splits, out_splits)
-        meta_recv = all_to_all(_pack_routing(weights_SK, local_SK), self.process_group, in_splits, out_splits)
+        x_recv = all_to_all(
+            x_TD.index_select(0, token_S), self.process_group, in_splits, out_splits, self.comm_timer
+        )
+        meta_recv = all_to_all(_pack_routing(weights_SK, local_SK), self.process_group, in_splits, out_splits,
+                               self.comm_timer)
         weights_recv, ids_recv = _unpack_routing(meta_recv)
 
         row_A, slot_A = (ids_recv >= 0).nonzero(as_tuple=True)
@@ -259,14 +281,21 @@ class TopKAllToAll:
 
     def combine(self, y_AD: Tensor, ctx: _TopKCtx) -> Tensor:
         y_recv = y_AD.new_zeros(ctx.num_recv, y_AD.shape[1]).index_add(0, ctx.recv_row_A, y_AD)
-        y_SD = all_to_all(y_recv, self.process_group, ctx.out_splits, ctx.in_splits)
+        y_SD = all_to_all(y_recv, self.process_group, ctx.out_splits, ctx.in_splits, self.comm_timer)
         return y_SD.new_zeros(ctx.num_tokens, y_SD.shape[1]).index_add(0, ctx.send_token_S, y_SD)
 
 
 DISPATCHERS = ("auto", "moge_a2a", "moge_agrs", "topk_a2a")
 
 
-def make_dispatcher(kind: str, process_group, num_experts: int, num_experts_per_tok: int, router: Router | str):
+def make_dispatcher(
+    kind: str,
+    process_group,
+    num_experts: int,
+    num_experts_per_tok: int,
+    router: Router | str,
+    comm_timer: CommTimer | None = None,
+):
     """Build a dispatcher by name for the layer's `router` (or its ModelConfig.routing name).
     Only the router's `balanced_groups` matters: "does every expert group receive exactly T*K'
     rows?" (MoGE). "auto" then picks moge_a2a, otherwise topk_a2a; the MoGE dispatchers are
@@ -280,9 +309,9 @@ def make_dispatcher(kind: str, process_group, num_experts: int, num_experts_per_
             "use topk_a2a"
         )
     if kind == "moge_a2a":
-        return MoGEAllToAll(process_group, num_experts, num_experts_per_tok)
+        return MoGEAllToAll(process_group, num_experts, num_experts_per_tok, comm_timer)
     if kind == "moge_agrs":
-        return MoGEAllGather(process_group, num_experts, num_experts_per_tok)
+        return MoGEAllGather(process_group, num_experts, num_experts_per_tok, comm_timer)
     if kind == "topk_a2a":
-        return TopKAllToAll(process_group, num_experts)
+        return TopKAllToAll(process_group, num_experts, comm_timer)
     raise ValueError(f"unknown dispatcher {kind!r}; choose one of {DISPATCHERS}")

@@ -4,6 +4,7 @@ MoGELayer to this EP rank's groups and swap in a collective dispatcher.
     from mogelm.parallel.expert_parallel import apply_expert_parallel
     apply_expert_parallel(model, ep_process_group)            # dispatcher "auto"
     apply_expert_parallel(model, ep_process_group, "moge_agrs")
+    apply_expert_parallel(model, ep_process_group, comm_timer=timer)  # benchmarks: time collectives
 
 EP rank r of P holds groups [r*M/P, (r+1)*M/P), i.e. experts [r*E/P, (r+1)*E/P) (DESIGN.md §4).
 Sharded expert parameters are tagged (`is_expert_sharded`) so gradient sync, clipping and
@@ -19,7 +20,7 @@ from torch import nn
 
 from mogelm.config import ModelConfig
 from mogelm.moe.routing import ROUTERS
-from mogelm.parallel.dispatchers import make_dispatcher
+from mogelm.parallel.dispatchers import CommTimer, make_dispatcher
 
 EXPERT_ATTR = "_mogelm_expert_shard"  # on a Parameter: (ep_rank, ep_size, num_global_experts)
 
@@ -52,11 +53,14 @@ def shard_info(p: torch.Tensor) -> tuple[int, int, int] | None:
     return getattr(p, EXPERT_ATTR, None)
 
 
-def apply_expert_parallel(model: nn.Module, ep_process_group, dispatcher: str = "auto") -> nn.Module:
+def apply_expert_parallel(
+    model: nn.Module, ep_process_group, dispatcher: str = "auto", comm_timer: CommTimer | None = None
+) -> nn.Module:
     """Shard experts of every MoGELayer in `model` over `ep_process_group`; returns `model`.
 
     Call on every rank of the group, after all ranks hold the same full weights (the shards are
-    slices of them). With a group of size 1 only the dispatcher changes (stays local)."""
+    slices of them). With a group of size 1 nothing changes (the dispatcher stays local).
+    `comm_timer` (begin(what) / end(what)) is called around every collective of the dispatchers."""
     layers = model.moe_layers() if hasattr(model, "moe_layers") else []
     if not layers:
         return model
@@ -78,5 +82,7 @@ def apply_expert_parallel(model: nn.Module, ep_process_group, dispatcher: str = 
             setattr(shard, EXPERT_ATTR, (ep_rank, ep_size, E))
             setattr(experts, name, shard)
         experts.num_experts = E_loc
-        layer.dispatcher = make_dispatcher(dispatcher, ep_process_group, E, cfg.num_experts_per_tok, layer.router)
+        layer.dispatcher = make_dispatcher(
+            dispatcher, ep_process_group, E, cfg.num_experts_per_tok, layer.router, comm_timer
+        )
     return model
