@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from mogelm.kernels import ops  # plain-tensor functions only; no model code behind it
+
 
 def expert_loads(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
-    """Rows per expert, int64 [E]."""
-    return torch.bincount(expert_ids_TK.reshape(-1).cpu(), minlength=num_experts)
+    """Rows per expert, int64 [E] on the CPU (the model's own count, kernels.ops.expert_counts)."""
+    return ops.expert_counts(expert_ids_TK.cpu().long(), num_experts)
 
 
 def device_loads(expert_ids_TK: Tensor, num_experts: int, num_devices: int) -> Tensor:
