@@ -16,11 +16,16 @@ from mogelm.config import ModelConfig
 from mogelm.errors import UserError
 
 CONFIG_NAME = "config.json"
+# A published PanguProMoE config.json names no routing; it is MoGE (paper Eq. 5-6). Writing and
+# reading that format use this one constant, so a config is labelled PanguProMoE only when reading
+# the label back gives its routing.
+PANGU_ROUTING = "moge"
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     pangu_style = (
-        cfg.is_moe and cfg.routing == "moge" and cfg.num_groups == cfg.num_experts_per_tok and not cfg.renormalize
+        cfg.is_moe and cfg.routing == PANGU_ROUTING and cfg.num_groups == cfg.num_experts_per_tok
+        and not cfg.renormalize
     )
     hf = {
         "architectures": ["PanguProMoEForCausalLM" if pangu_style else "MogelmForCausalLM"],
@@ -82,7 +87,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         moe_intermediate_size=hf["moe_intermediate_size"],
         shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
         aux_loss_alpha=hf.get("router_aux_loss_coef", 1e-3),
-        routing="moge",
+        routing=PANGU_ROUTING,
         name="PanguProMoE",
     )
 
