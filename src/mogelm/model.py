@@ -10,6 +10,10 @@
 
 Incremental decoding: pass a KVCache and explicit positions; logits equal the full forward.
 
+A Block is handed its FFN (`build_ffn(cfg)` picks it per layer); every FFN returns
+(y, MoEStats | None), so the block never asks which kind it holds. `model.moe_layers()` lists the
+MoE layers for the code that works on them from outside (parallel, training, evaluation).
+
 Legend: B batch, T positions in this call, D hidden, H query heads, Hkv KV heads, hd head dim,
 L cache length, V vocab. Attribute names follow the HF/Pangu checkpoint (mogelm.checkpoint adds
 the `model.` prefix), so state_dict keys map one to one except the stacked routed experts.
@@ -130,20 +134,31 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+class DenseFFN(SwiGLU):
+    """The dense baseline's feed-forward: one SwiGLU, with the FFN contract x -> (y, None)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return super().forward(x), None
+
+
+def build_ffn(cfg: ModelConfig) -> MoGELayer | DenseFFN:
+    """One block's feed-forward: the MoE layer (routed + shared experts) or the dense baseline.
+    Contract: ffn(x [..., D]) -> (y [..., D], MoEStats or None); ffn.reset_parameters(std, out_std)."""
+    return MoGELayer(cfg) if cfg.is_moe else DenseFFN(cfg.hidden_size, cfg.dense_intermediate_size)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MoGELayer(cfg) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
+        self.mlp = ffn  # checkpoint name: model.layers.{l}.mlp.*
 
     def forward(self, x, cos, sin, positions_BT=None, kv=None, kv_len=None) -> tuple[Tensor, MoEStats | None]:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions_BT, kv, kv_len)
-        if isinstance(self.mlp, MoGELayer):
-            y, stats = self.mlp(self.post_attention_layernorm(h))
-            return h + y, stats
-        return h + self.mlp(self.post_attention_layernorm(h)), None
+        y, stats = self.mlp(self.post_attention_layernorm(h))
+        return h + y, stats
 
 
 class Transformer(nn.Module):
@@ -151,7 +166,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, build_ffn(cfg)) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -217,6 +232,7 @@ class Transformer(nn.Module):
         return ModelOutput(logits, aux, stats)
 
     def moe_layers(self) -> list[MoGELayer]:
+        """The MoE layers, in depth order (empty for a dense model)."""
         return [b.mlp for b in self.layers if isinstance(b.mlp, MoGELayer)]
 
     def num_parameters(self) -> int:
