@@ -1,12 +1,11 @@
-"""Expert backends against the loop-over-experts oracle, forward and gradients."""
+"""Expert backends against the loop-over-experts oracle, forward and gradients (the layer's own
+tests are in test_layer.py)."""
 
 import pytest
 import torch
 from conftest import assert_close
 
-from mogelm.config import from_name
 from mogelm.kernels import ops
-from mogelm.moe.layer import MoGELayer
 from mogelm.moe.reference import reference_routed_experts
 
 
@@ -22,7 +21,8 @@ def make_problem(T, D, F, E, K, dtype=torch.float32, empty_experts=()):
 
 def grads(fn, x, weights, ids, gate_up, down):
     y = fn(x, weights, ids, gate_up, down)
-    g_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)  # same for both sides
+    # the same output gradient for both sides
+    g_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)
     return (y, *torch.autograd.grad(y, (x, weights, gate_up, down), g_out))
 
 
@@ -52,25 +52,6 @@ def test_bf16_grouped_mm_close_to_fp32_oracle():
     ref = reference_routed_experts(x.double(), w.double(), ids, gu.double(), dn.double())
     rel = (y.double() - ref).norm() / ref.norm()
     assert y.dtype == torch.bfloat16 and rel < 1e-2, rel
-
-
-def test_layer_with_backends_agree_and_shared_expert_added():
-    cfg = from_name("debug")
-    layer = MoGELayer(cfg)
-    layer.reset_parameters()
-    x = torch.randn(2, 9, cfg.hidden_size)
-    with ops.use_backend("torch"):
-        y_torch, stats = layer(x)
-    with ops.use_backend("loop"):
-        y_loop, _ = layer(x)
-    assert_close(y_torch, y_loop)
-    # MoGE: every group receives exactly T*K' rows
-    per_group = stats.counts_E.view(cfg.num_groups, -1).sum(-1)
-    assert per_group.tolist() == [18 * cfg.experts_per_group_per_tok] * cfg.num_groups
-    layer_no_shared = MoGELayer(cfg.replace(shared_expert_intermediate_size=0))
-    layer_no_shared.load_state_dict({k: v for k, v in layer.state_dict().items() if "shared" not in k})
-    y_routed, _ = layer_no_shared(x)
-    assert_close(y_torch - y_routed, layer.shared_expert(x))
 
 
 def test_unknown_backend_is_refused():
