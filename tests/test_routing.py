@@ -1,4 +1,5 @@
-"""Routing invariants (hypothesis) and balancing losses against hand-computed values."""
+"""Routing invariants (hypothesis), the router modules against the routing functions, and
+balancing losses against hand-computed values."""
 
 import math
 
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mogelm.analysis.metrics import device_loads, imbalance_score
+from mogelm.config import ROUTINGS, from_name
 from mogelm.moe import routing as R
 from mogelm.moe.reference import reference_moge_route
 
@@ -53,6 +55,9 @@ def test_moge_invariants(problem):
     loads = device_loads(r.expert_ids_TK, E, G)
     assert imbalance_score(loads, T) == 0.0
     assert torch.all(loads == T * kpg)
+    # the module the layer holds routes exactly like the function
+    assert R.MoGERouter(G, kpg).balanced_groups
+    _assert_same_routing(R.MoGERouter(G, kpg)(logits, scale), r)
 
 
 def test_ties_break_toward_lower_expert_id():
@@ -121,6 +126,31 @@ def test_sequence_aux_loss_is_mean_of_per_sequence_losses():
     torch.testing.assert_close(R.sequence_aux_loss(probs, ids), per_seq.mean())
 
 
+def test_aux_loss_from_counts_equals_the_layer_and_ep_derivations():
+    """One Eq. 8 function replaced two derivations: the layer's, from its own routing, and the EP
+    statistics hook's, from counts all-reduced over W ranks and this rank's mean probabilities.
+    Both are written out here as they were; and averaged over ranks, the hook's loss is the
+    one-process loss of the global batch."""
+    g = torch.Generator().manual_seed(5)
+    W, T, E, K = 3, 11, 8, 2
+    probs_WTE = torch.softmax(torch.randn(W, T, E, generator=g), -1)
+    ids_WTK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(W * T)]).view(W, T, K)
+    counts_WE = torch.stack([torch.bincount(ids_WTK[w].flatten(), minlength=E) for w in range(W)])
+    # the layer: f = counts * E/(K*T), p = mean over its tokens
+    layer_old = ((counts_WE[0].float() * (E / (K * T))) * probs_WTE[0].mean(0)).sum()
+    layer_new = R.batch_aux_loss_from_counts(counts_WE[0], probs_WTE[0].mean(0), T, K)
+    assert torch.equal(layer_new, layer_old)
+    assert torch.equal(R.batch_aux_loss(probs_WTE[0], ids_WTK[0]), layer_old)
+    # the EP hook on rank w: global counts, f = counts * E/(K*T*W), p of rank w's tokens
+    global_E = counts_WE.sum(0)
+    for w in range(W):
+        hook_old = ((global_E.float() * (E / (K * T * W))) * probs_WTE[w].mean(0)).sum()
+        assert torch.equal(R.batch_aux_loss_from_counts(global_E, probs_WTE[w].mean(0), T * W, K), hook_old)
+    per_rank = [R.batch_aux_loss_from_counts(global_E, probs_WTE[w].mean(0), T * W, K) for w in range(W)]
+    one_process = R.batch_aux_loss(probs_WTE.reshape(W * T, E), ids_WTK.reshape(W * T, K))
+    torch.testing.assert_close(torch.stack(per_rank).mean(), one_process)
+
+
 def test_z_loss_and_expert_bias():
     logits = torch.zeros(4, 8)
     assert R.router_z_loss(logits).item() == pytest.approx(math.log(8) ** 2)
@@ -136,3 +166,68 @@ def test_expert_bias_changes_selection_not_weights():
     assert r.expert_ids_TK.tolist() == [[0, 3]]
     probs = torch.softmax(logits, -1)
     torch.testing.assert_close(r.weights_TK, probs[:, [0, 3]])
+
+
+# Router modules ------------------------------------------------------------------------------------
+def _assert_same_routing(got: R.Routing, want: R.Routing) -> None:
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _moge_sizes(c):
+    return c.num_groups, c.experts_per_group_per_tok
+
+
+def _k(c):
+    return (c.num_experts_per_tok,)
+
+
+def _group_limited_sizes(c):
+    return c.num_groups, c.topk_groups, c.num_experts_per_tok
+
+
+# (config overrides, the routing function the router must equal, its sizes, whether it takes renormalize)
+ROUTER_CASES = [
+    (dict(routing="moge"), R.moge_route, _moge_sizes, True),
+    (dict(routing="moge", num_experts_per_tok=8, renormalize=True), R.moge_route, _moge_sizes, True),
+    (dict(routing="topk"), R.topk_route, _k, False),
+    (dict(routing="softmax_topk"), R.softmax_topk_route, _k, True),
+    (dict(routing="softmax_topk", renormalize=True), R.softmax_topk_route, _k, True),
+    (dict(routing="group_limited", topk_groups=2), R.group_limited_route, _group_limited_sizes, True),
+    (dict(routing="group_limited", topk_groups=3, renormalize=True), R.group_limited_route,
+     _group_limited_sizes, True),
+]
+
+
+@pytest.mark.parametrize("overrides, fn, sizes, takes_renormalize", ROUTER_CASES)
+@pytest.mark.parametrize("with_scale, with_bias", [(False, False), (True, False), (True, True)])
+def test_router_built_from_config_equals_its_routing_function(overrides, fn, sizes, takes_renormalize,
+                                                              with_scale, with_bias):
+    cfg = from_name("debug", **overrides)
+    router = R.build_router(cfg)
+    assert isinstance(router, R.ROUTERS[cfg.routing]) and list(router.state_dict()) == []  # holds no tensors
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(37, cfg.num_experts, generator=g).round(decimals=1)  # coarse: ties happen
+    scale = torch.rand(1, cfg.num_experts, generator=g) + 0.5 if with_scale else None
+    bias = torch.randn(cfg.num_experts, generator=g) * 0.1 if with_bias else None
+    extra = (cfg.renormalize,) if takes_renormalize else ()
+    want = fn(logits, *sizes(cfg), scale, *extra, bias)
+    _assert_same_routing(router(logits, scale, bias), want)
+
+
+def test_every_config_routing_has_a_router():
+    assert set(R.ROUTERS) == set(ROUTINGS)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_balanced_groups_says_whether_every_group_gets_exactly_t_k_rows(routing):
+    """The property the dispatchers trust: True only for a router that gives every expert group
+    exactly T*K' rows on *any* batch; the others break it on a batch that prefers one group."""
+    cfg = from_name("debug", routing=routing)
+    router = R.build_router(cfg)
+    T, G, E = 64, cfg.num_groups, cfg.num_experts
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(0))
+    logits[:, : E // G] += 5.0  # every token prefers group 0
+    rows_per_group = device_loads(router(logits).expert_ids_TK, E, G)
+    equal = bool(torch.all(rows_per_group == T * cfg.experts_per_group_per_tok))
+    assert router.balanced_groups == equal == (routing == "moge")
