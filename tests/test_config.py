@@ -1,12 +1,21 @@
 import pytest
+import torch
 
 from mogelm.config import PRESETS, ModelConfig, count_parameters, from_name
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_are_valid(name):
+    """A preset builds the config it lists, survives the config.json round trip, and its analytic
+    parameter count is the built model's."""
+    from mogelm.model import Transformer
+
     cfg = from_name(name)
-    assert cfg.name == name
+    assert {k: getattr(cfg, k) for k in PRESETS[name]} == PRESETS[name]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert count_parameters(cfg)[0] == model.num_parameters()
 
 
 def test_pangu_72b_matches_paper_table_1():
@@ -14,9 +23,11 @@ def test_pangu_72b_matches_paper_table_1():
     total, active = count_parameters(cfg)
     assert round(total / 1e9, 2) == 71.99
     assert round(active / 1e9, 2) == 16.50
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (48, 5120, 40, 8, 128)
+    trunk = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    assert trunk == (48, 5120, 40, 8, 128)
     assert (cfg.num_experts, cfg.num_groups, cfg.experts_per_group_per_tok) == (64, 8, 1)
-    assert (cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.vocab_size) == (1344, 5376, 153376)
+    widths = (cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.vocab_size)
+    assert widths == (1344, 5376, 153376)
     assert cfg.rope_theta == 1.6e7 and cfg.norm_eps == 1e-5 and not cfg.tie_embeddings
 
 
