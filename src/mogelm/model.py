@@ -5,8 +5,8 @@
     logits = lm_head(RMSNorm_final(y_L))                           untied
 
     model = Transformer(cfg)
-    logits = model(input_ids)                                      # [B, T, vocab]
-    out = model(input_ids, return_stats=True)                      # ModelOutput(logits, aux_loss, layer_stats)
+    logits = model(input_ids)                    # [B, T, vocab]
+    out = model(input_ids, return_stats=True)    # ModelOutput(logits, aux_loss, layer_stats)
 
 Incremental decoding: pass a KVCache and explicit positions; logits equal the full forward.
 
@@ -71,7 +71,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
     """Rotary frequencies theta^(-2i/hd), computed in float64 for accuracy at theta = 1.6e7."""
-    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))).float().to(device)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    return (1.0 / (theta**exponents)).float().to(device)
 
 
 class RotaryEmbedding(nn.Module):
@@ -129,7 +130,8 @@ class Attention(nn.Module):
             keys_pos_L = torch.arange(L, device=x_BTD.device)
             visible_B1TL = (keys_pos_L <= positions_BT.unsqueeze(-1)).unsqueeze(1)
             out = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=visible_B1TL, enable_gqa=True
+                q, k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=visible_B1TL,
+                enable_gqa=True,
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

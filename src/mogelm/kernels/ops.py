@@ -75,7 +75,9 @@ def resolve_backend(x: Tensor) -> str:
     return "torch"
 
 
-def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor) -> Tensor:
+def routed_experts(
+    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor
+) -> Tensor:
     """Routed SwiGLU experts with gate weights applied and rows combined back to token order.
     x_TD [T, D]; weights_TK fp32 [T, K]; expert_ids_TK int64 [T, K] in [0, E);
     gate_up_EFD [E, 2F, D]; down_EDF [E, D, F]. Returns y_TD [T, D] in x's dtype. Differentiable."""

@@ -48,7 +48,9 @@ def moge_route(
     return gate_weights(probs_TE, ids_TK, router_scale_E, renormalize), ids_TK, probs_TE
 
 
-def gate_weights(probs_TE: Tensor, ids_TK: Tensor, router_scale_E: Tensor | None, renormalize: bool) -> Tensor:
+def gate_weights(
+    probs_TE: Tensor, ids_TK: Tensor, router_scale_E: Tensor | None, renormalize: bool
+) -> Tensor:
     """Gate weights of the chosen experts: their probabilities, optionally renormalised over the
     K kept, times router_scale[expert] when present (fp32 [T, K])."""
     weights_TK = probs_TE.gather(-1, ids_TK)
@@ -98,7 +100,8 @@ def grouped_swiglu(x_SD: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor, offsets_
     if _grouped_mm_ok(x_SD, gate_up_EFD, down_EDF):
         h_S2F = torch._grouped_mm(x_SD, gate_up_EFD.transpose(-2, -1), offs=offsets_E)
         gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
-        return torch._grouped_mm((F.silu(gate_SF) * up_SF).contiguous(), down_EDF.transpose(-2, -1), offs=offsets_E)
+        h_SF = (F.silu(gate_SF) * up_SF).contiguous()
+        return torch._grouped_mm(h_SF, down_EDF.transpose(-2, -1), offs=offsets_E)
     return loop_swiglu(x_SD, gate_up_EFD, down_EDF, offsets_E)
 
 

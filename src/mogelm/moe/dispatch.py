@@ -20,7 +20,9 @@ from torch import Tensor
 
 
 class Dispatcher(Protocol):
-    def dispatch(self, x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor) -> tuple[Tensor, Tensor, Tensor, Any]: ...
+    def dispatch(
+        self, x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Any]: ...
 
     def combine(self, y_RD: Tensor, ctx: Any) -> Tensor: ...
 
@@ -28,7 +30,9 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """All experts on this process: identity dispatch and combine."""
 
-    def dispatch(self, x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    def dispatch(
+        self, x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, None]:
         return x_TD, weights_TK, expert_ids_TK, None
 
     def combine(self, y_RD: Tensor, ctx: None) -> Tensor:

@@ -84,7 +84,9 @@ class MoGELayer(nn.Module):
         logits_TE = self.gate(x_TD)
         routing = self.router(logits_TE, self.router_scale, self.expert_bias_E)
 
-        x_RD, weights_RK, ids_RK, ctx = self.dispatcher.dispatch(x_TD, routing.weights_TK, routing.expert_ids_TK)
+        x_RD, weights_RK, ids_RK, ctx = self.dispatcher.dispatch(
+            x_TD, routing.weights_TK, routing.expert_ids_TK
+        )
         y_RD = self.experts(x_RD, weights_RK, ids_RK)
         y_TD = self.dispatcher.combine(y_RD, ctx)
         if self.shared_expert is not None:

@@ -32,7 +32,9 @@ def reference_routed_experts(
     return y_TD
 
 
-def reference_moge_route(logits_TE: Tensor, num_groups: int, k_per_group: int, router_scale_E: Tensor | None = None):
+def reference_moge_route(
+    logits_TE: Tensor, num_groups: int, k_per_group: int, router_scale_E: Tensor | None = None
+):
     """MoGE routing written token by token, group by group (paper Eq. 5-6)."""
     T, E = logits_TE.shape
     per_group = E // num_groups

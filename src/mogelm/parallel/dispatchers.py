@@ -183,7 +183,8 @@ class MoGEAllToAll:
         # Column block j holds rank j's groups; shift to rank j's local numbering.
         T = expert_ids_TK.shape[0]
         ids_PTK = expert_ids_TK.view(T, self.ep_size, self.k_per_rank).transpose(0, 1)
-        base_P11 = torch.arange(self.ep_size, device=expert_ids_TK.device).view(-1, 1, 1) * self.experts_per_rank
+        rank_P11 = torch.arange(self.ep_size, device=expert_ids_TK.device).view(-1, 1, 1)
+        base_P11 = rank_P11 * self.experts_per_rank
         return ids_PTK - base_P11
 
     def dispatch(self, x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor):
@@ -256,14 +257,17 @@ class TopKAllToAll:
         # Count exchange: how many rows each rank sends to each rank. The .tolist() is the host sync.
         send_counts_P = uses_PT.sum(1)
         recv_counts_P = torch.empty_like(send_counts_P)
-        _run(lambda: dist.all_to_all_single(recv_counts_P, send_counts_P, group=self.process_group), "count exchange",
-             self.process_group, self.comm_timer)
+        _run(
+            lambda: dist.all_to_all_single(recv_counts_P, send_counts_P, group=self.process_group),
+            "count exchange", self.process_group, self.comm_timer,
+        )
         in_splits, out_splits = send_counts_P.tolist(), recv_counts_P.tolist()
 
         dest_S, token_S = uses_PT.nonzero(as_tuple=True)  # rank-major: rows for rank 0 first
         # Each row carries all K (weight, local id) pairs; slots for other ranks get id -1.
         on_dest_SK = dest_TK.index_select(0, token_S) == dest_S.unsqueeze(-1)
-        local_SK = torch.where(on_dest_SK, expert_ids_TK.index_select(0, token_S) - dest_S.unsqueeze(-1) * E_loc, -1)
+        shifted_SK = expert_ids_TK.index_select(0, token_S) - dest_S.unsqueeze(-1) * E_loc
+        local_SK = torch.where(on_dest_SK, shifted_SK, -1)
         weights_SK = weights_TK.index_select(0, token_S) * on_dest_SK
         x_recv = all_to_all(
             x_TD.index_select(0, token_S), self.process_group, in_splits, out_splits, self.comm_timer
