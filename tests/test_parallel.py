@@ -416,6 +416,32 @@ def test_ep2_x_dp2_on_four_ranks(tmp_path):
         assert (t - ref[name]).abs().max() < 1e-4, name
 
 
+# One process: LocalContext, the world-size-1 context of the training loop ----------------------------
+def test_local_context_is_the_plain_one_process_path():
+    """No collectives, and clipping is torch's clip_grad_norm_ bit for bit (the loop's numerics in
+    one process; tests/test_train.py checks a whole run)."""
+    from mogelm.parallel.local import LocalContext
+
+    ctx = LocalContext("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
+    model = _model(_debug_cfg(), seed=1)
+    ref = copy.deepcopy(model)
+    assert ctx.parallelize(model) is model
+    batch = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    for m in (model, ref):
+        ce, aux = _loss(m, batch)
+        (100 * (ce + aux)).backward()  # large gradients: clipping has to scale them
+    ctx.sync_gradients(model)
+    norm = ctx.clip_grad_norm(model, 1.0)
+    assert norm == float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)) and norm > 1.0
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert ctx.all_reduce_mean(0.1234) == 0.1234
+    ctx.barrier()
+    ctx.destroy()
+    assert not dist.is_initialized()
+
+
 # Failure behaviour -------------------------------------------------------------------------------------
 def _dead_peer_worker(rank, world, tmp, errors):
     from mogelm.parallel.dispatchers import CollectiveError, make_dispatcher

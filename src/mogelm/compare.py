@@ -121,6 +121,7 @@ def _train_concurrently(configs: list) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mogelm.parallel.local import LocalContext
     from mogelm.train import prepare_data, resolve_device, train
 
     run_dir = Path(args.runs_dir) / args.name
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     configs = [_train_config(args, r, run_dir, threads) for r in routings]
     # Tokenizer and shards once, here, so bad input fails once and cleanly before any training.
     preset_vocab = configs[0].vocab_size or _preset_vocab(args.preset)
-    prepare_data(configs[0], preset_vocab, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    prepare_data(configs[0], preset_vocab, LocalContext(), log=lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir.mkdir(parents=True, exist_ok=True)
     if jobs == 2:
         timings = _train_concurrently(configs)
