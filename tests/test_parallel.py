@@ -514,10 +514,14 @@ def test_bad_ep_sizes_refused_before_any_collective(monkeypatch):
     assert not dist.is_initialized()
 
 
-def test_relaunch_runs_the_command_under_torchrun(monkeypatch):
-    """relaunch(2) starts 2 workers that each run `mogelm <argv>` with the torchrun environment."""
+def test_relaunch_runs_the_command_under_torchrun(monkeypatch, capsys):
+    """relaunch(2) starts torchrun with 2 workers on this machine, and what torchrun runs in each
+    worker, given relaunch's environment plus torchrun's, is `mogelm <argv>` itself."""
+    import json
     import subprocess
+    import sys
 
+    from mogelm import cli
     from mogelm.parallel import launch
 
     seen = {}
@@ -526,10 +530,20 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch):
         seen["cmd"], seen["env"] = cmd, env
         return 7
 
+    argv = ["info", "debug", "--json"]
     monkeypatch.setattr(subprocess, "call", fake_call)
-    assert launch.relaunch(2, ["train", "--nproc", "2", "--ep", "2"]) == 7
-    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mogelm.parallel.launch"]
-    assert seen["env"][launch.ARGV_ENV] == '["train", "--nproc", "2", "--ep", "2"]'
+    assert launch.relaunch(2, argv) == 7  # torchrun's exit status comes back
+    cmd, env = seen["cmd"], seen["env"]
+    worker_at = cmd.index("-m", 3)  # torchrun's own options end where the worker's module begins
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--standalone", "--nproc-per-node=2"} == set(cmd[3:worker_at])
+    assert json.loads(env[launch.ARGV_ENV]) == argv
+    torchrun_env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    worker = subprocess.run([sys.executable, *cmd[worker_at:]], env={**env, **torchrun_env},
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    assert cli.main(argv) == 0
+    assert worker.stdout == capsys.readouterr().out
 
 
 def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):

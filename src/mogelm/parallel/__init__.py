@@ -20,4 +20,5 @@ Modules:
                         training loop has one path
     checkpoint.py       torch.distributed.checkpoint save/load at any layout, one process included
     launch.py           relaunch(nproc): re-run the current `mogelm` command under torchrun
+                        (workers: `python -m mogelm`, arguments in $MOGELM_ARGV)
 """
