@@ -132,4 +132,5 @@ def run(args: argparse.Namespace) -> int:
     res = train(tc, ctx)
     if res.get("final_val") and ctx.is_main:
         print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
+    ctx.destroy()
     return 0

@@ -120,10 +120,6 @@ def load_distributed(path: str, model: nn.Module, optimizer=None) -> dict:
     return json.loads(state["extra"])
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 # Training checkpoints (the `mogelm train` directory layout) ----------------------------------------
 DCP_SUBDIR = "distributed"
 
