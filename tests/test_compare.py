@@ -62,3 +62,39 @@ def test_compare_refuses_to_overwrite(compared, capsys):
     again = json.loads((run_dir / "summary.json").read_text())
     assert again["models"]["moge"]["final_val_loss"] == summary["models"]["moge"]["final_val_loss"]
     assert again["models"]["topk"]["steps"] == 16
+
+
+def test_model_overrides_reach_both_twin_runs(tmp_path, monkeypatch):
+    """Both models get the comparison's model overrides, whether trained in this process (jobs 1)
+    or each in its own worker process (jobs 2: the TrainConfig travels as JSON to the worker)."""
+    import subprocess
+
+    from mogelm import compare
+
+    cc = compare.CompareConfig(runs_dir=str(tmp_path), preset="debug", baseline="softmax_topk", max_steps=3,
+                               model_overrides={"aux_free_bias": True, "z_loss_coef": 1e-3})
+    configs = compare.twin_configs(cc, threads=1)
+    assert [tc.routing for tc in configs] == ["moge", "softmax_topk"]
+    assert all(tc.model_overrides == cc.model_overrides for tc in configs)
+
+    trained = []
+    monkeypatch.setattr(compare, "train", lambda tc: trained.append(tc) or {})
+    compare.train_twins(configs, jobs=1)
+    assert trained == configs
+
+    class FinishedProcess:  # what Popen returns, for a worker that has already exited
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    envs = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, env: envs.append(env) or FinishedProcess())
+    compare.train_twins(configs, jobs=2)
+    trained.clear()
+    monkeypatch.setattr(compare, "train", lambda tc: trained.append(tc) or {"final_val": {"val_loss": 1.0},
+                                                                           "final_dir": "final"})
+    for env in envs:  # each worker's entry point, with the environment its process was given
+        monkeypatch.setattr(compare.os, "environ", env)
+        assert compare._train_worker() == 0
+    assert trained == configs

@@ -74,3 +74,42 @@ def test_load_summary():
     s = load_summary(torch.tensor([8, 0, 0, 0]), num_devices=2)
     assert s["jain_fairness"] == pytest.approx(0.25) and s["dead_experts"] == 3
     assert s["expert_max_over_mean"] == pytest.approx(4.0) and s["device_max_over_mean"] == pytest.approx(2.0)
+
+
+# Routing statistics of model forwards (RoutingStats, step_balance) -----------------------------------
+def _layer_stats(ids_TK, num_experts=4):
+    """What a MoE layer reports, reduced to the fields the statistics read."""
+    from collections import namedtuple
+
+    Stats = namedtuple("Stats", "counts_E expert_ids_TK")
+    ids_TK = torch.tensor(ids_TK)
+    return Stats(torch.bincount(ids_TK.reshape(-1), minlength=num_experts), ids_TK)
+
+
+def test_routing_stats_hand_computed():
+    from mogelm.analysis.metrics import RoutingStats
+
+    # 4 experts, top-2, on 2 devices (experts 0-1 on device 0); 3 devices do not divide 4: skipped.
+    stats = RoutingStats(num_layers=1, num_experts=4, devices=(2, 3))
+    stats.add([_layer_stats([[0, 1], [0, 2], [1, 3]])])  # device loads [4, 2]: IS 2/3, busiest/mean 4/3
+    stats.add([_layer_stats([[2, 3], [2, 3]])])  # device loads [0, 4]: IS 2, busiest/mean 2
+    s = stats.summary()
+    assert (s["tokens"], s["batches"]) == (5, 2) and list(s["imbalance"]) == ["2"]
+    assert s["expert_share"] == [[2 / 5, 2 / 5, 3 / 5, 3 / 5]]
+    imb = s["imbalance"]["2"]
+    assert imb["mean_per_layer"] == [pytest.approx((2 / 3 + 2) / 2)] and imb["max_per_layer"] == [2.0]
+    assert imb["max_over_mean_per_layer"] == [pytest.approx((4 / 3 + 2) / 2)]
+    tokens_together = [[2, 1, 1, 0], [1, 2, 0, 1], [1, 0, 3, 2], [0, 1, 2, 3]]  # diagonal: tokens per expert
+    assert s["coactivation"] == [[[v / 5 for v in row] for row in tokens_together]]
+    assert "coactivation" not in RoutingStats(1, 4, coactivation=False).summary()
+
+
+def test_step_balance_per_layer():
+    from mogelm.analysis.metrics import step_balance
+
+    layers = [_layer_stats([[0, 1], [0, 2], [1, 3]]), _layer_stats([[0, 2], [1, 3], [0, 3]])]
+    out = step_balance(layers, num_experts=4, devices=(2, 4, 3))
+    assert list(out) == ["is2", "mom2", "is4", "mom4"]
+    assert out["is2"] == [pytest.approx(2 / 3), 0.0] and out["mom2"] == [pytest.approx(4 / 3), 1.0]
+    assert out["is4"] == [pytest.approx(1 / 3), pytest.approx(1 / 3)]
+    assert out["mom4"] == [pytest.approx(4 / 3), pytest.approx(4 / 3)]

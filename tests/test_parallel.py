@@ -416,6 +416,32 @@ def test_ep2_x_dp2_on_four_ranks(tmp_path):
         assert (t - ref[name]).abs().max() < 1e-4, name
 
 
+# One process: LocalContext, the world-size-1 context of the training loop ----------------------------
+def test_local_context_is_the_plain_one_process_path():
+    """No collectives, and clipping is torch's clip_grad_norm_ bit for bit (the loop's numerics in
+    one process; tests/test_train.py checks a whole run)."""
+    from mogelm.parallel.local import LocalContext
+
+    ctx = LocalContext("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
+    model = _model(_debug_cfg(), seed=1)
+    ref = copy.deepcopy(model)
+    assert ctx.parallelize(model) is model
+    batch = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    for m in (model, ref):
+        ce, aux = _loss(m, batch)
+        (100 * (ce + aux)).backward()  # large gradients: clipping has to scale them
+    ctx.sync_gradients(model)
+    norm = ctx.clip_grad_norm(model, 1.0)
+    assert norm == float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)) and norm > 1.0
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert ctx.all_reduce_mean(0.1234) == 0.1234
+    ctx.barrier()
+    ctx.destroy()
+    assert not dist.is_initialized()
+
+
 # Failure behaviour -------------------------------------------------------------------------------------
 def _dead_peer_worker(rank, world, tmp, errors):
     from mogelm.parallel.dispatchers import CollectiveError, make_dispatcher
@@ -488,10 +514,14 @@ def test_bad_ep_sizes_refused_before_any_collective(monkeypatch):
     assert not dist.is_initialized()
 
 
-def test_relaunch_runs_the_command_under_torchrun(monkeypatch):
-    """relaunch(2) starts 2 workers that each run `mogelm <argv>` with the torchrun environment."""
+def test_relaunch_runs_the_command_under_torchrun(monkeypatch, capsys):
+    """relaunch(2) starts torchrun with 2 workers on this machine, and what torchrun runs in each
+    worker, given relaunch's environment plus torchrun's, is `mogelm <argv>` itself."""
+    import json
     import subprocess
+    import sys
 
+    from mogelm import cli
     from mogelm.parallel import launch
 
     seen = {}
@@ -500,10 +530,20 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch):
         seen["cmd"], seen["env"] = cmd, env
         return 7
 
+    argv = ["info", "debug", "--json"]
     monkeypatch.setattr(subprocess, "call", fake_call)
-    assert launch.relaunch(2, ["train", "--nproc", "2", "--ep", "2"]) == 7
-    assert seen["cmd"][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mogelm.parallel.launch"]
-    assert seen["env"][launch.ARGV_ENV] == '["train", "--nproc", "2", "--ep", "2"]'
+    assert launch.relaunch(2, argv) == 7  # torchrun's exit status comes back
+    cmd, env = seen["cmd"], seen["env"]
+    worker_at = cmd.index("-m", 3)  # torchrun's own options end where the worker's module begins
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--standalone", "--nproc-per-node=2"} == set(cmd[3:worker_at])
+    assert json.loads(env[launch.ARGV_ENV]) == argv
+    torchrun_env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    worker = subprocess.run([sys.executable, *cmd[worker_at:]], env={**env, **torchrun_env},
+                            capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    assert cli.main(argv) == 0
+    assert worker.stdout == capsys.readouterr().out
 
 
 def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):

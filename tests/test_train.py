@@ -1,5 +1,6 @@
 """mogelm train / eval: the loss falls, resume (also after kill -9) continues the same curve,
-reload gives the same eval loss, and bad input ends with a clear message and nothing overwritten."""
+reload gives the same eval loss, and bad input ends with a clear message and nothing overwritten;
+the pieces of the mogelm.train package (config, loop on one process, checkpointing, logs)."""
 
 import json
 import os
@@ -17,6 +18,8 @@ from mogelm.checkpoint import from_pretrained
 from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
 from mogelm.train import TrainConfig, lr_at, read_log, sample_ids, train, val_batches
+from mogelm.train.checkpointing import find_checkpoints, prune_checkpoints
+from mogelm.train.logs import JsonlLog
 
 FIXTURES = Path(__file__).parent / "data"
 SMALL = dict(preset="debug", seq_len=64, batch_size=4, eval_batches=2, threads=1, data=[str(FIXTURES)])
@@ -212,8 +215,6 @@ def test_existing_run_is_not_overwritten(trained, capsys):
 @pytest.mark.parametrize("windows", [1, 7, 8, 13])
 def test_validation_batches_have_the_same_shapes_on_every_rank(windows):
     # Expert-parallel validation exchanges equal splits: ranks must see identical batch shapes.
-    from mogelm.train import TrainConfig, val_batches
-
     class FakeData:
         def num_windows(self, split, seq_len):
             return windows
@@ -231,3 +232,78 @@ def test_validation_batches_have_the_same_shapes_on_every_rank(windows):
         return
     shapes = [[tuple(x.shape) for x, _ in val_batches(FakeData(), tc, r, 2)] for r in range(2)]
     assert shapes[0] == shapes[1] and shapes[0]
+
+
+# The loop on one process (train/loop.py through parallel/local.py) ---------------------------------
+def test_one_process_loop_equals_a_plain_loop(tmp_path, cache):
+    """train() on its world-size-1 context computes exactly what a plain one-process loop does
+    (schedule, accumulation, aux loss, torch's clipping, AdamW): the same losses and gradient
+    norms, bit for bit, and the same final weights."""
+    import torch.nn.functional as F
+
+    from mogelm.parallel.local import LocalContext
+    from mogelm.train import build_model, build_model_config, build_optimizer, prepare_data, train_batch
+
+    tc = cfg(tmp_path, cache, max_steps=3, grad_accum=2, eval_every=100)
+    train(tc, log=lambda msg: None)
+    got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(Path(tc.out) / "log.jsonl") if r["kind"] == "train"]
+
+    vocab = build_model_config(tc).vocab_size
+    td = prepare_data(tc, vocab, LocalContext(), log=lambda msg: None)
+    model = build_model(build_model_config(tc, vocab), tc.seed)
+    opt = build_optimizer(model, tc)
+    want = []
+    for step in range(tc.max_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc, tc.max_steps)
+        ce_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x_BT, y_BT = train_batch(td, tc, step, micro)
+            out = model(x_BT, return_stats=True)
+            ce = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), y_BT.reshape(-1))
+            ((ce + out.aux_loss) / tc.grad_accum).backward()
+            ce_sum += float(ce.detach()) / tc.grad_accum
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        want.append((step + 1, ce_sum, norm))
+    assert got == want
+    trained_sd = from_pretrained(Path(tc.out) / "final").state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(trained_sd[name], t), name
+
+
+# Config, checkpointing, logs ---------------------------------------------------------------------------
+def test_train_config_round_trips_through_json():
+    tc = TrainConfig(preset="debug", routing="topk", model_overrides={"aux_free_bias": True, "z_loss_coef": 1e-3},
+                     data=["a.txt"], sim_devices=(4, 2), lr=3e-3, max_steps=7)
+    again = TrainConfig.from_dict(json.loads(json.dumps(tc.to_dict())))
+    assert again == tc and again.sim_devices == (4, 2)
+
+
+def test_checkpoints_are_found_in_order_and_pruned(tmp_path):
+    for step in (5, 10, 15, 20):
+        (tmp_path / f"checkpoint-{step:06d}").mkdir()
+        (tmp_path / f"checkpoint-{step:06d}" / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "checkpoint-000025").mkdir()  # no trainer_state.pt: incomplete, ignored
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "final" / "trainer_state.json").write_text('{"step": 30}')
+    assert [(s, d.name) for s, d in find_checkpoints(tmp_path)] == [
+        (5, "checkpoint-000005"), (10, "checkpoint-000010"), (15, "checkpoint-000015"), (20, "checkpoint-000020"),
+        (30, "final")]
+    prune_checkpoints(tmp_path, keep=2, before_step=20)  # keep the one just written (20) and one more
+    assert [d.name for _, d in find_checkpoints(tmp_path)] == ["checkpoint-000015", "checkpoint-000020", "final"]
+
+
+def test_jsonl_log_on_resume_drops_later_and_cut_records(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "val", "step": 2}\n{"kind": "train", "step": 3}\n'
+                    '{"kind": "train", "st')  # the last line cut by a kill
+    log = JsonlLog(path, keep_until_step=2, enabled=True)
+    log.write({"kind": "train", "step": 3, "loss": 1.5})
+    log.close()
+    assert read_log(path) == [{"kind": "train", "step": 1}, {"kind": "val", "step": 2},
+                              {"kind": "train", "step": 3, "loss": 1.5}]
+    JsonlLog(tmp_path / "other.jsonl", keep_until_step=None, enabled=False).write({"kind": "train", "step": 1})
+    assert not (tmp_path / "other.jsonl").exists()  # only the main rank writes

@@ -20,9 +20,9 @@ from mogelm.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mogelm.train", "train a MoGE (or top-k / dense) language model on text"),
-    "compare": ("mogelm.compare", "train MoGE and its top-k twin on the same data and write a report (the main job)"),
-    "eval": ("mogelm.evaluate", "loss, perplexity and routing statistics of a checkpoint on text"),
+    "train": ("mogelm.commands.train", "train a MoGE (or top-k / dense) language model on text"),
+    "compare": ("mogelm.commands.compare", "train MoGE and its top-k twin on the same data and write a report (the main job)"),
+    "eval": ("mogelm.commands.eval", "loss, perplexity and routing statistics of a checkpoint on text"),
     "generate": ("mogelm.generate", "sample text from a checkpoint through the KV cache"),
     "serve": ("mogelm.inference.server", "OpenAI-compatible HTTP server on loopback"),
     "bench": ("mogelm.bench", "benchmarks: `bench serve` load-tests a running server"),

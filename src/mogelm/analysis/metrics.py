@@ -143,3 +143,84 @@ def load_summary(counts_E: Tensor, num_devices: int | None = None) -> dict[str, 
         # IS needs the token count; with K rows per token, rows/K tokens: report per-row spread instead
         out["device_spread_over_rows"] = float(dev.max() - dev.min()) / rows if rows > 0 else float("nan")
     return out
+
+
+# Routing statistics of a model's forward passes (training log, validation, `mogelm eval`) ------------
+DEFAULT_DEVICES = (8, 4)  # simulated expert-parallel device counts the statistics are given for
+
+
+class RoutingStats:
+    """Accumulates per-layer expert loads, co-activation and per-batch device balance over batches.
+
+    Legend: L MoE layers, E experts, P simulated devices (experts in contiguous blocks).
+    `add` takes the per-layer stats of one forward (anything with `counts_E` [E] and
+    `expert_ids_TK` [T, K], e.g. mogelm.MoEStats); `summary` returns plain JSON."""
+
+    def __init__(self, num_layers: int, num_experts: int, devices=DEFAULT_DEVICES, coactivation: bool = True):
+        self.E = num_experts
+        self.devices = [p for p in devices if num_experts % p == 0]
+        self.loads_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.coact_LEE = (
+            torch.zeros(num_layers, num_experts, num_experts, dtype=torch.float64) if coactivation else None
+        )
+        self.tokens = 0
+        self.batches = 0
+        self.is_sum = {p: [0.0] * num_layers for p in self.devices}
+        self.is_max = {p: [0.0] * num_layers for p in self.devices}
+        self.mom_sum = {p: [0.0] * num_layers for p in self.devices}
+
+    def add(self, layer_stats) -> None:
+        T = layer_stats[0].expert_ids_TK.shape[0] if layer_stats else 0
+        for layer, s in enumerate(layer_stats):
+            self.loads_LE[layer] += s.counts_E.detach().double().cpu()
+            if self.coact_LEE is not None:
+                # coactivation() is a fp32 probability; times T it is the integer token count up to
+                # a rounding error far below 0.5 (T < 2**23), so rounding gives the exact count.
+                self.coact_LEE[layer] += torch.round(coactivation(s.expert_ids_TK, self.E).double() * T)
+            for p, (score, mom) in _balance(s.expert_ids_TK, self.E, self.devices).items():
+                self.is_sum[p][layer] += score
+                self.is_max[p][layer] = max(self.is_max[p][layer], score)
+                self.mom_sum[p][layer] += mom
+        self.tokens += T
+        self.batches += 1
+
+    def summary(self) -> dict:
+        """Plain-JSON summary: shares [L][E], IS mean/max per layer per device count, max/mean."""
+        n = max(self.batches, 1)
+        out = {
+            "tokens": self.tokens,
+            "batches": self.batches,
+            "expert_share": (self.loads_LE / max(self.tokens, 1)).tolist(),  # fraction of tokens per expert
+            "imbalance": {
+                str(p): {
+                    "mean_per_layer": [v / n for v in self.is_sum[p]],
+                    "max_per_layer": list(self.is_max[p]),
+                    "max_over_mean_per_layer": [v / n for v in self.mom_sum[p]],
+                }
+                for p in self.devices
+            },
+        }
+        if self.coact_LEE is not None:
+            out["coactivation"] = (self.coact_LEE / max(self.tokens, 1)).tolist()
+        return out
+
+
+def step_balance(layer_stats, num_experts: int, devices=DEFAULT_DEVICES) -> dict:
+    """IS and busiest/mean per layer of one batch, {"is<P>": [L], "mom<P>": [L]} (cheap, for train logs)."""
+    usable = [p for p in devices if num_experts % p == 0]
+    per_layer = [_balance(s.expert_ids_TK, num_experts, usable) for s in layer_stats]
+    out = {}
+    for p in usable:
+        out[f"is{p}"] = [b[p][0] for b in per_layer]
+        out[f"mom{p}"] = [b[p][1] for b in per_layer]
+    return out
+
+
+def _balance(expert_ids_TK: Tensor, num_experts: int, devices) -> dict[int, tuple[float, float]]:
+    """{P: (Imbalance Score, busiest over mean)} of one layer's selection on P devices."""
+    T = expert_ids_TK.shape[0]
+    out = {}
+    for p in devices:
+        loads_P = device_loads(expert_ids_TK.detach(), num_experts, p)
+        out[p] = (imbalance_score(loads_P, T), max_over_mean(loads_P))
+    return out

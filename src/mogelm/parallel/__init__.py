@@ -16,6 +16,9 @@ Modules:
     expert_parallel.py  apply_expert_parallel(model, ep_process_group, dispatcher)
     context.py          ParallelContext: DP x EP process groups, gradient sync, global clipping,
                         global-batch load statistics, failure messages
+    local.py            LocalContext: the same methods for one process (world size 1), so the
+                        training loop has one path
     checkpoint.py       torch.distributed.checkpoint save/load at any layout, one process included
     launch.py           relaunch(nproc): re-run the current `mogelm` command under torchrun
+                        (workers: `python -m mogelm`, arguments in $MOGELM_ARGV)
 """

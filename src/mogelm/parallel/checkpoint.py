@@ -120,10 +120,6 @@ def load_distributed(path: str, model: nn.Module, optimizer=None) -> dict:
     return json.loads(state["extra"])
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 # Training checkpoints (the `mogelm train` directory layout) ----------------------------------------
 DCP_SUBDIR = "distributed"
 
@@ -142,11 +138,8 @@ def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict
         path/trainer_state.pt     state + optimizer state in the one-process layout + RNG
 
     so `mogelm eval/generate` and a one-process `--resume` read it as an ordinary checkpoint."""
-    import random
-
-    import numpy as np
-
     from mogelm.checkpoint import save_pretrained
+    from mogelm.train.checkpointing import rng_state
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
@@ -187,10 +180,7 @@ def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict
             for i, p in enumerate(params):
                 if i in opt_sd["state"]:  # a copy: state_dict() shares the live per-param dicts
                     opt_sd["state"][i] = {k: full_opt.get((id(p), k), v) for k, v in opt_sd["state"][i].items()}
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({**state, "optimizer": opt_sd, "rng": rng, "distributed": DCP_SUBDIR}, tmp / "trainer_state.pt")
+        torch.save({**state, "optimizer": opt_sd, "rng": rng_state(), "distributed": DCP_SUBDIR}, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "history"}, indent=2, default=str))
         if data_folder is not None:
             for name in ("tokenizer.json", "tokenizer_config.json"):

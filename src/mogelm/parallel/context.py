@@ -119,12 +119,12 @@ class ParallelContext:
         ):
             if not grads:
                 continue
-            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
             if size > 1:
                 _run(lambda flat=flat, group=group: dist.all_reduce(flat, group=group), "gradient all_reduce", group)
             flat.div_(self.world_size)
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
+            for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(synced.view_as(g))
 
     @torch.no_grad()
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
@@ -170,6 +170,7 @@ class ParallelContext:
         return load_training_checkpoint(path, model, optimizer)
 
     def destroy(self) -> None:
+        """Leave the process group (at the end of a run, on every rank)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -3,12 +3,14 @@
 `mogelm train --nproc 2 --ep 2` (not yet under torchrun) calls `relaunch(2)`, which runs
 
     MOGELM_ARGV='["train", "--nproc", "2", "--ep", "2"]' \
-        python -m torch.distributed.run --standalone --nproc-per-node 2 -m mogelm.parallel.launch
+        python -m torch.distributed.run --standalone --nproc-per-node 2 -m mogelm
 
-and returns its exit status. The arguments travel in the environment because torchrun's own
-parser would otherwise read them (argparse takes `--nproc` for an ambiguous `--nproc-per-node`). The children see RANK/WORLD_SIZE in their environment
-(`under_torchrun()` is then True) and call `mogelm.parallel.context.init_parallel`. torchrun
-stops every worker when one fails and prints which rank failed first and why.
+and returns its exit status. Each worker is `python -m mogelm` without arguments, which takes
+them from $MOGELM_ARGV (mogelm/__main__.py). The arguments travel in the environment because
+torchrun's own parser would otherwise read them (argparse takes `--nproc` for an ambiguous
+`--nproc-per-node`). The workers see RANK/WORLD_SIZE/LOCAL_RANK in their environment and
+call `mogelm.parallel.context.init_parallel`. torchrun stops every worker when one
+fails and prints which rank failed first and why.
 """
 
 from __future__ import annotations
@@ -21,13 +23,9 @@ import sys
 ARGV_ENV = "MOGELM_ARGV"
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def torchrun_command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "mogelm.parallel.launch"]
+            "-m", "mogelm"]
 
 
 def relaunch(nproc: int, argv: list[str] | None = None) -> int:
@@ -44,14 +42,3 @@ def relaunch(nproc: int, argv: list[str] | None = None) -> int:
         return subprocess.call(torchrun_command(nproc), env=env)
     except KeyboardInterrupt:
         return 130
-
-
-def _worker_main() -> int:
-    """Entry point of each torchrun worker: `mogelm <argv from the environment>`."""
-    from mogelm.cli import main
-
-    return main(json.loads(os.environ[ARGV_ENV]))
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main())

@@ -1,0 +1,1 @@
+"""The `mogelm` subcommands: one module each (add_arguments + run), thin layers over library functions."""
