@@ -19,6 +19,7 @@ from conftest import assert_close
 triton_moe = pytest.importorskip("mogelm.kernels.triton_moe")
 
 from mogelm.kernels import ops, torch_impl  # noqa: E402
+from mogelm.kernels.triton_align import align_torch  # noqa: E402
 from mogelm.moe.reference import reference_routed_experts  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def test_moge_route_matches_torch(T, E, G, kp, scale, bias, renorm):
 def test_align_kernel_and_torch_plan_agree(T, E, K, block_m, skew):
     _, ids = _routing(T, E, K, skew)
     plan = triton_moe.align(ids, E, block_m)
-    ref = triton_moe._align_torch(ids.reshape(-1), E, block_m)
+    ref = align_torch(ids.reshape(-1), E, block_m)
     used = int(plan.num_post_pad)
     if T > 1:  # one token takes a layout of its own (one block per slot, no sort); invariants below
         assert used == int(ref.num_post_pad)

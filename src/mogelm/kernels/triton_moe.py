@@ -1,7 +1,7 @@
 """Triton kernels for the MoGE layer's routed experts: grouped SwiGLU GEMMs over block-aligned
 rows (bf16 / fp32, fp8 e4m3 weight-only and W8A8), tuned configs, and the autograd wrapper
 `routed_experts`. The op surface (ops.py) imports this module only; it re-exports the routing
-(triton_route.py), dispatch (triton_dispatch.py) and experimental decode (triton_decode.py) pieces.
+(triton_route.py), align (triton_align.py) and experimental decode (triton_decode.py) pieces.
 
 Importing raises ImportError when triton is missing (ops.py reads that as "no triton"). The
 readable twins are in torch_impl.py; the oracle is moe/reference.py. CPU tests run the same
@@ -14,7 +14,7 @@ rounded up to BLOCK_M), NB = P / BLOCK_M row blocks.
 Pipeline (one expert per BLOCK_M row block, as in every sorted/padded fused-MoE kernel):
 
     logits_TE --_moge_route_kernel--> weights_TK, ids_TK (+ counts_E)                [triton_route]
-    ids_TK --align (1 program, or hist -> plan -> scatter)--> sorted_ids_P, block_expert_NB  [triton_dispatch]
+    ids_TK --align (1 program, or hist -> plan -> scatter)--> sorted_ids_P, block_expert_NB  [triton_align]
     x_TD --_gate_up_kernel (gathers rows of x, SiLU(gate)*up in the epilogue)--> h_PF
     h_PF --_down_kernel (routed weight in the epilogue, rows written to slot order)--> y_SD
     y_SD.view(T, K, D).sum(1) --> y_TD      (a view when K == 1)
@@ -42,11 +42,11 @@ from torch import Tensor
 from mogelm.kernels import torch_impl
 from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, precision
 from mogelm.kernels.triton_decode import DecodeConfig, decode
-from mogelm.kernels.triton_dispatch import DispatchPlan, _align_torch, align
+from mogelm.kernels.triton_align import DispatchPlan, align
 from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
 
-__all__ = [  # what ops.py, the benchmark and the tests use (routing and dispatch live in their own modules)
-    "DecodeConfig", "DispatchPlan", "GemmConfig", "MoEConfig", "_align_torch", "align", "decode", "down",
+__all__ = [  # what ops.py, the benchmark and the tests use (routing and align live in their own modules)
+    "DecodeConfig", "DispatchPlan", "GemmConfig", "MoEConfig", "align", "decode", "down",
     "gate_up", "get_config", "moge_route", "moge_route_with_counts", "quant_rows", "quantize_rows_fp8",
     "routed_experts", "routed_experts_forward", "routed_experts_fp8",
 ]
