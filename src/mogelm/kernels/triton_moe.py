@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mogelm.kernels import torch_impl
-from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, precision
+from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, gate_up_accumulate, precision
 from mogelm.kernels.triton_decode import DecodeConfig, decode
 from mogelm.kernels.triton_align import DispatchPlan, align
 from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
@@ -109,30 +109,8 @@ def _gate_up_kernel(
     u_ptrs = g_ptrs + F * stride_wn  # up rows follow the gate rows
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            bg = tl.load(g_ptrs)
-            bu = tl.load(u_ptrs)
-        else:
-            kin = offs_k < D - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=kin[:, None], other=0.0)
-            bu = tl.load(u_ptrs, mask=kin[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        elif W_TO_X:
-            if FP16_DOT:
-                a = a.to(tl.float16)
-            bg = bg.to(a.dtype)
-            bu = bu.to(a.dtype)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    acc_g, acc_u = gate_up_accumulate(a_ptrs, g_ptrs, u_ptrs, acc_g, acc_u, offs_k, D, BLOCK_K, EVEN_K,
+                                      UPCAST, W_TO_X, FP16_DOT, PRECISION)
     if W_SCALE:
         s_base = w_scale_ptr + expert * 2 * F
         acc_g = acc_g * tl.load(s_base + offs_n)[None, :]
