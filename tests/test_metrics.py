@@ -12,6 +12,7 @@ from mogelm.analysis.metrics import (
     device_loads,
     imbalance_score,
     max_over_mean,
+    sample_expert_counts,
     simulate_imbalance,
     summarize,
 )
@@ -33,6 +34,17 @@ def test_coactivation():
     ids = torch.tensor([[0, 1], [0, 2]])
     c = coactivation(ids, 3)
     assert c[0, 0] == 1.0 and c[0, 1] == 0.5 and c[1, 2] == 0.0 and torch.equal(c, c.t())
+
+
+def test_sample_expert_counts_takes_the_largest_keys_in_each_group():
+    keys = torch.tensor([[[[0.1, 0.9, 0.5, 0.2], [0.3, 0.8, 0.7, 0.0]]]])  # 1 trial, 1 token, 2 groups of 4
+    assert sample_expert_counts(keys, 2).tolist() == [[0, 1, 1, 0, 0, 1, 1, 0]]
+    assert sample_expert_counts(keys.view(1, 1, 1, 8), 3).tolist() == [[0, 1, 0, 0, 0, 1, 1, 0]]  # top-3 of 8
+    counts = sample_expert_counts(torch.rand(50, 16, 8, 8), 1)  # MoGE: 16 tokens, 8 groups, K' = 1
+    assert (counts.view(50, 8, 8).sum(-1) == 16).all()
+    counts = sample_expert_counts(torch.rand(50, 16, 1, 64), 8)  # top-8 of 64: spread unevenly
+    assert (counts.sum(-1) == 16 * 8).all() and counts.max() <= 16
+    assert (counts.view(50, 8, 8).sum(-1) != 16).any()
 
 
 def test_monte_carlo_matches_paper_setup():

@@ -11,8 +11,9 @@ this is ours. Pieces, each a module:
     calibrate  a profile from our benchmark JSON
     cli        `mogelm sim [run|search|validate|calibrate]`
 
-It depends only on mogelm.config and numpy: no GPU, no model code. README.md here holds the
-validation table.
+It depends only on mogelm.config, numpy and analysis.metrics (the Monte-Carlo routing sampler
+it shares with `mogelm imbalance`): no GPU, no model code. README.md here holds the validation
+table.
 """
 
 from mogelm.sim.cost import QUANTS, step_cost
