@@ -10,7 +10,7 @@ Benchmark JSON (written by the kernel benchmarks to benchmarks/results/*.json; e
      "rows": [{"model_shape": "pangu" | "qwen3-30b-a3b", "backend": "loop" | "grouped_mm" | "triton",
                "dtype": "bf16" | "fp8", "tokens": 128, "ms": 1.164, "floor_ms": 0.621, "tflops": 36.1}, ...]}
 
-Two optional sections, as written by `python -m mogelm.sim.microbench`:
+Two optional sections, as written by `python benchmarks/bench_sim_microbench.py`:
 
      "collectives": [{"world": 2, "bytes": 4669440, "allgather_ms": 0.067, "reducescatter_ms": 0.068}, ...],
      "decode_attention": [{"batch": 128, "kv_bytes": 1073741824, "ms": 0.266, ...}, ...]
