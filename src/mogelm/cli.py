@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("mogelm.compare", "train MoGE and its top-k twin on the same data and write a report (the main job)"),
     "eval": ("mogelm.evaluate", "loss, perplexity and routing statistics of a checkpoint on text"),
     "generate": ("mogelm.generate", "sample text from a checkpoint through the KV cache"),
-    "serve": ("mogelm.inference.server", "OpenAI-compatible HTTP server on loopback"),
+    "serve": ("mogelm.commands.serve", "OpenAI-compatible HTTP server on loopback"),
     "bench": ("mogelm.bench", "benchmarks: `bench serve` load-tests a running server"),
     "sim": ("mogelm.sim.cli", "system simulator: parallel layout, batch and throughput for given hardware"),
     "imbalance": ("mogelm.analysis.imbalance_cli", "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
