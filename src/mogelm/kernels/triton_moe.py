@@ -40,9 +40,9 @@ import triton.language as tl
 from torch import Tensor
 
 from mogelm.kernels import torch_impl
+from mogelm.kernels.triton_align import DispatchPlan, align
 from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, gate_up_accumulate, precision
 from mogelm.kernels.triton_decode import DecodeConfig, decode
-from mogelm.kernels.triton_align import DispatchPlan, align
 from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
 
 __all__ = [  # what ops.py, the benchmark and the tests use (routing and align live in their own modules)
