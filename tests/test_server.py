@@ -23,9 +23,9 @@ import torch
 import uvicorn
 from test_inference import argmax_reference, build_checkpoint
 
-from mogelm.bench import bench_serve
 from mogelm.cli import main as cli_main
 from mogelm.inference import Engine, SamplingParams
+from mogelm.inference.loadgen import load_test
 from mogelm.inference.server import create_app
 
 MODEL = "tiny"
@@ -144,7 +144,7 @@ def test_16_concurrent_requests_equal_solo_runs(server, solo):
 
 
 def test_load_64_concurrent_requests(server, capsys):
-    res = asyncio.run(bench_serve(server.url, concurrency=64, num_requests=64, max_tokens=8, prompt_words=12,
+    res = asyncio.run(load_test(server.url, concurrency=64, num_requests=64, max_tokens=8, prompt_words=12,
                                   timeout=120, deadline=170))
     assert res["errors"] == 0, res["error_examples"]
     assert res["completed"] == 64 and res["output_tokens"] == 64 * 8

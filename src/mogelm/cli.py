@@ -1,6 +1,7 @@
 """The `mogelm` command: thin subcommands over library functions.
 
-Each subcommand lives in its own module, which exposes two functions:
+Each subcommand lives in its own module (mogelm/commands/, a thin layer over library functions),
+which exposes two functions:
 
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int | None      # exit status (None means 0)
@@ -23,12 +24,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mogelm.train", "train a MoGE (or top-k / dense) language model on text"),
     "compare": ("mogelm.compare", "train MoGE and its top-k twin on the same data and write a report (the main job)"),
     "eval": ("mogelm.evaluate", "loss, perplexity and routing statistics of a checkpoint on text"),
-    "generate": ("mogelm.generate", "sample text from a checkpoint through the KV cache"),
+    "generate": ("mogelm.commands.generate", "sample text from a checkpoint through the KV cache"),
     "serve": ("mogelm.commands.serve", "OpenAI-compatible HTTP server on loopback"),
-    "bench": ("mogelm.bench", "benchmarks: `bench serve` load-tests a running server"),
-    "sim": ("mogelm.sim.cli", "system simulator: parallel layout, batch and throughput for given hardware"),
-    "imbalance": ("mogelm.analysis.imbalance_cli", "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
-    "info": ("mogelm.info", "show a preset or checkpoint: shapes and parameter counts"),
+    "bench": ("mogelm.commands.bench", "benchmarks: `bench serve` load-tests a running server"),
+    "sim": ("mogelm.commands.sim", "system simulator: parallel layout, batch and throughput for given hardware"),
+    "imbalance": ("mogelm.commands.imbalance", "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
+    "info": ("mogelm.commands.info", "show a preset or checkpoint: shapes and parameter counts"),
 }
 
 

@@ -1,48 +1,28 @@
-"""`mogelm bench`: benchmarks. `bench serve` load-tests a running `mogelm serve` on loopback.
+"""An HTTP load generator for an OpenAI-compatible server (what `mogelm bench serve` runs).
 
-    mogelm serve --model DIR --port 8000 &
-    mogelm bench serve --url http://127.0.0.1:8000 --concurrency 8 --requests 64 --max-tokens 32
-    mogelm bench serve --url http://127.0.0.1:8000 --concurrency 16 --requests 128 --max-tokens 64 --json
+    import asyncio
+    from mogelm.inference.loadgen import load_test, format_summary
+    res = asyncio.run(load_test("http://127.0.0.1:8000", concurrency=8, num_requests=64, max_tokens=32))
+    print(format_summary(res))
 
-Each request streams a completion (`ignore_eos`, so it generates exactly --max-tokens tokens) of a
-synthetic prompt; at most --concurrency are in flight. Reported: errors, wall time, requests/s,
+Each request streams a completion (`ignore_eos`, so it generates exactly max_tokens tokens) of a
+synthetic prompt; at most `concurrency` are in flight. Reported: errors, wall time, requests/s,
 output tokens/s, and per request TTFT (time to the first text chunk), TPOT (time per output token
 after the first: (latency - TTFT) / (tokens - 1)) and end-to-end latency, as mean / p50 / p90 / p99
-in milliseconds. The load is bounded: --requests in total, each with --timeout, all within --deadline.
+in milliseconds. The load is bounded: num_requests in total, each with `timeout`, all within
+`deadline`. Needs httpx (the `serve` extra).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
 import statistics
 import time
-from urllib.parse import urlparse
 
-from mogelm.errors import UserError
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 WORDS = ("the model reads tokens and every group of experts gets the same share of work while the "
          "server streams text back to many clients at once").split()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    s = sub.add_parser("serve", help="load-test a running OpenAI-compatible server",
-                       description="load-test a running OpenAI-compatible server (streamed completions)")
-    s.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (with or without /v1)")
-    s.add_argument("--model", default=None, help="model id (default: the first one /v1/models lists)")
-    s.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    s.add_argument("--requests", type=int, default=64, help="requests in total")
-    s.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    s.add_argument("--prompt-words", type=int, default=32, help="words in each synthetic prompt")
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per request")
-    s.add_argument("--deadline", type=float, default=600.0, help="seconds allowed for the whole run")
-    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
-    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL")
-    s.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _summary(values: list[float]) -> dict:
@@ -97,9 +77,10 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
     return {"error": error, "ttft": ttft, "latency": latency, "tokens": tokens, "prompt_tokens": state["prompt_tokens"]}
 
 
-async def bench_serve(url: str, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int = 32,
-                      model: str | None = None, timeout: float = 120.0, deadline: float = 600.0, seed: int = 0) -> dict:
-    """Run the load and return the measurements (also the library entry point)."""
+async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int = 32,
+                    model: str | None = None, timeout: float = 120.0, deadline: float = 600.0, seed: int = 0) -> dict:
+    """Run the load and return the measurements (a JSON-ready dict). `model` None: the first one
+    /v1/models lists. Failed requests are counted in "errors", never raised."""
     import httpx
 
     base = url.rstrip("/").removesuffix("/v1")
@@ -140,35 +121,18 @@ async def bench_serve(url: str, concurrency: int, num_requests: int, max_tokens:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    host = urlparse(args.url).hostname
-    if urlparse(args.url).scheme not in ("http", "https") or not host:
-        raise UserError(f"--url must look like http://127.0.0.1:8000, got {args.url!r}")
-    if host not in LOOPBACK and not args.allow_remote:
-        raise UserError(f"--url points at {host}, not loopback; pass --allow-remote to load-test another machine")
-    for name in ("concurrency", "requests", "max_tokens", "prompt_words"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    try:
-        res = asyncio.run(bench_serve(args.url, args.concurrency, args.requests, args.max_tokens, args.prompt_words,
-                                      args.model, args.timeout, args.deadline, args.seed))
-    except OSError as e:
-        raise UserError(f"cannot reach {args.url}: {e}") from None
-    except Exception as e:
-        if type(e).__module__.startswith("httpx"):
-            raise UserError(f"cannot reach {args.url}: {e}") from None
-        raise
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(f"{res['completed']}/{res['requests']} requests ok, {res['errors']} errors, concurrency "
-              f"{res['concurrency']}, {res['mean_prompt_tokens']} prompt + {res['max_tokens']} output tokens each, "
-              f"{res['wall_s']:.2f} s")
-        print(f"throughput: {res['requests_per_s']:.2f} req/s, {res['output_tokens_per_s']:.1f} output tokens/s")
-        for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("latency_ms", "latency")):
-            s = res[key]
-            if s["mean"] is not None:
-                print(f"{name:8s} ms: mean {s['mean']:.1f}  p50 {s['p50']:.1f}  p90 {s['p90']:.1f}  p99 {s['p99']:.1f}")
-        for e in res["error_examples"]:
-            print(f"error: {e}")
-    return 0 if res["errors"] == 0 else 1
+def format_summary(res: dict) -> str:
+    """The measurements of load_test as a few lines of text."""
+    lines = [
+        f"{res['completed']}/{res['requests']} requests ok, {res['errors']} errors, concurrency "
+        f"{res['concurrency']}, {res['mean_prompt_tokens']} prompt + {res['max_tokens']} output tokens each, "
+        f"{res['wall_s']:.2f} s",
+        f"throughput: {res['requests_per_s']:.2f} req/s, {res['output_tokens_per_s']:.1f} output tokens/s",
+    ]
+    for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("latency_ms", "latency")):
+        s = res[key]
+        if s["mean"] is not None:
+            lines.append(f"{name:8s} ms: mean {s['mean']:.1f}  p50 {s['p50']:.1f}  p90 {s['p90']:.1f}  "
+                         f"p99 {s['p99']:.1f}")
+    lines += [f"error: {e}" for e in res["error_examples"]]
+    return "\n".join(lines)

@@ -1,6 +1,8 @@
 """`mogelm imbalance`: Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Eq. 3-4, Fig. 2b).
 
     mogelm imbalance --experts 64 --groups 8 --top-k 8 --tokens 16 --trials 20000 [--json]
+
+A thin layer over mogelm.analysis.metrics (simulate_imbalance, summarize).
 """
 
 from __future__ import annotations

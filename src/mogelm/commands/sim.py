@@ -1,4 +1,5 @@
-"""`mogelm sim`: parallel layout, batch and throughput of a MoGE model on given hardware.
+"""`mogelm sim`: parallel layout, batch and throughput of a MoGE model on given hardware (a thin
+layer over mogelm.sim: deploy, search, validate, calibrate, which also format what it prints).
 
     mogelm sim --model pangu-pro-moe-72b --hardware ascend-800i-a2 --cards 4 --tpot-ms 100 \\
                --context 2048 --quant w8a8 [--json]
@@ -24,16 +25,9 @@ from mogelm.config import ModelConfig, from_name, preset_names
 from mogelm.errors import UserError
 from mogelm.hf_config import read_config
 from mogelm.sim.cost import QUANTS, Quant
+from mogelm.sim.deploy import format_deployment, plan_deployment
 from mogelm.sim.hardware import HardwareProfile, load_profile, profile_names
-from mogelm.sim.layout import (
-    MAX_BATCH,
-    Layout,
-    decode_plan_at,
-    enumerate_layouts,
-    plan_decode,
-    plan_prefill,
-    world_size,
-)
+from mogelm.sim.layout import Layout, enumerate_layouts, world_size
 
 ACTIONS = ("run", "search", "validate", "calibrate")
 
@@ -164,54 +158,11 @@ def _run(args) -> int:
         raise UserError(f"--cards {args.cards} gives {world} devices, and no parallel layout of {cfg.name} fits them: "
                         f"TP and EP degrees must be powers of two dividing the heads ({cfg.num_heads}), KV heads "
                         f"({cfg.num_kv_heads}), expert width and experts; try a power-of-two card count")
-    if args.batch is not None:
-        if args.batch < 1:
-            raise UserError("--batch must be at least 1")
-        plans = [decode_plan_at(cfg, hw, q, lo, cards=args.cards, batch=args.batch, context=args.context,
-                                topk_skew=args.topk_skew) for lo in layouts]
-        fitting = [p for p in plans if p.memory.fits]
-        if not fitting:
-            raise UserError(f"batch {args.batch} at context {args.context} does not fit in memory in any layout")
-        decode = min(fitting, key=lambda p: p.step.total)
-    else:
-        decode = plan_decode(cfg, hw, q, cards=args.cards, tpot_ms=args.tpot_ms, context=args.context,
-                             topk_skew=args.topk_skew, layouts=layouts)
-    prefill = None
-    if args.prefill_batch:
-        try:
-            prefill = plan_prefill(cfg, hw, q, cards=args.cards, batch=args.prefill_batch, context=args.context,
-                                   topk_skew=args.topk_skew)
-        except ValueError:
-            prefill = None  # a prefill that does not fit is reported as null, not an error
-    out = {
-        "model": cfg.name, "hardware": hw.name, "cards": args.cards, "devices": world, "quant": q.name,
-        "kv_bytes": q.kv_bytes, "routing": cfg.routing if cfg.is_moe else "dense", "context": args.context,
-        "topk_skew": args.topk_skew if cfg.is_moe and cfg.routing != "moge" else None,
-        "tpot_limit_ms": None if args.batch is not None else args.tpot_ms,
-        "decode": decode.to_dict(), "prefill": prefill.to_dict() if prefill else None,
-    }
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    d = out["decode"]
-    limit = f"TPOT <= {args.tpot_ms:g} ms" if args.batch is None else f"fixed batch {args.batch}"
-    print(f"{cfg.name} on {args.cards} x {hw.name} ({world} devices), {q.name}, context {args.context}, {limit}, "
-          f"routing {out['routing']}")
-    print(f"  layout          {d['layout_text']}")
-    why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)",
-           "batch cap": f" (the search stops at {MAX_BATCH} sequences)"}.get(d["limited_by"], "")
-    print(f"  decode batch    {d['batch']}{why}")
-    print(f"  TPOT            {d['tpot_ms']:.2f} ms")
-    print(f"  tokens/s/card   {d['tokens_per_s_per_card']:.1f}")
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["breakdown_ms"].items(), key=lambda kv: -kv[1]))
-    print(f"  step breakdown  {parts} (ms); weight reads {d['weight_read_share'] * 100:.0f} % of the step")
-    m = d["memory"]
-    print(f"  memory/device   weights {m['weights_GB']:.1f} + KV {m['kv_cache_GB']:.1f} + activations "
-          f"{m['activations_GB']:.2f} = {m['total_GB']:.1f} GB of {m['capacity_GB']:.1f} GB usable")
-    if prefill:
-        p = out["prefill"]
-        print(f"  prefill         {args.prefill_batch} x {args.context} tokens: TTFT {p['ttft_ms']:.1f} ms, "
-              f"{p['tokens_per_s_per_card']:.0f} tokens/s/card ({p['layout_text']})")
+    if args.batch is not None and args.batch < 1:
+        raise UserError("--batch must be at least 1")
+    out = plan_deployment(cfg, hw, q, cards=args.cards, layouts=layouts, tpot_ms=args.tpot_ms, context=args.context,
+                          topk_skew=args.topk_skew, batch=args.batch, prefill_batch=args.prefill_batch)
+    print(json.dumps(out, indent=2) if args.json else format_deployment(out, args.prefill_batch))
     return 0
 
 
@@ -260,27 +211,22 @@ def _search(args) -> int:
 
 
 def _validate(args) -> int:
-    from mogelm.sim.validate import format_table, h200_eager_profile, h200_full_model, run_checks
+    from mogelm.sim.validate import format_forecasts, format_table, h200_forecasts, run_checks
 
     checks = run_checks()
-    forecast = h200_full_model()
-    eager = h200_eager_profile()
-    forecast_eager = h200_full_model(eager) if eager else None
+    forecast, forecast_eager = h200_forecasts()
     if args.json:
         print(json.dumps({"date": "2026-11-28", "checks": [c.to_dict() for c in checks],
                           "h200_forecast": forecast, "h200_forecast_eager_collectives": forecast_eager}, indent=2))
         return 0
     print(format_table(checks))
-    print("\nForecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048:")
-    for name, f in (("built-in profile", forecast), ("microbench-calibrated (eager NCCL)", forecast_eager)):
-        if f:
-            print(f"  {name}: {f['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch {f['batch']}, TPOT "
-                  f"{f['tpot_ms']:.1f} ms, limited by {f['limited_by']} ({f['layout_text']})")
+    print()
+    print(format_forecasts(forecast, forecast_eager))
     return 0
 
 
 def _calibrate(args) -> int:
-    from mogelm.sim.calibrate import calibrate_file
+    from mogelm.sim.calibrate import calibrate_file, describe_calibration
 
     if not args.bench_json:
         raise UserError("calibrate needs the benchmark JSON: mogelm sim calibrate BENCH_JSON --out PROFILE_JSON")
@@ -289,7 +235,5 @@ def _calibrate(args) -> int:
     hw = calibrate_file(args.bench_json, base=args.base, backend=args.backend)
     hw.save(args.out)
     print(f"wrote {args.out}: {hw.description}")
-    print(f"  bandwidth {hw.memory_bandwidth_GBps:.0f} GB/s x {hw.mem_efficiency:.3f}, dense GEMM efficiency "
-          f"{hw.gemm_efficiency:.3f}, grouped-GEMM curve " +
-          ", ".join(f"{r:g} rows/expert: {e:.2f}" for r, e in hw.grouped_gemm_curve))
+    print(describe_calibration(hw))
     return 0

@@ -1,4 +1,5 @@
-"""`mogelm generate`: sample text from a checkpoint through the KV cache.
+"""`mogelm generate`: sample text from a checkpoint through the KV cache (a thin layer over
+mogelm.inference.Engine: from_pretrained, sampling_params, generate).
 
     mogelm generate --model runs/demo/moge/final --prompt "def main(" --max-tokens 64
     mogelm generate --model DIR --prompt "import os" --prompt "class A" --temperature 0 --json
