@@ -12,7 +12,6 @@ from mogelm.analysis.metrics import (
     device_loads,
     imbalance_score,
     max_over_mean,
-    sample_expert_counts,
     simulate_imbalance,
     summarize,
 )
@@ -37,6 +36,8 @@ def test_coactivation():
 
 
 def test_sample_expert_counts_takes_the_largest_keys_in_each_group():
+    from mogelm.analysis.metrics import sample_expert_counts
+
     keys = torch.tensor([[[[0.1, 0.9, 0.5, 0.2], [0.3, 0.8, 0.7, 0.0]]]])  # 1 trial, 1 token, 2 groups of 4
     assert sample_expert_counts(keys, 2).tolist() == [[0, 1, 1, 0, 0, 1, 1, 0]]
     assert sample_expert_counts(keys.view(1, 1, 1, 8), 3).tolist() == [[0, 1, 0, 0, 0, 1, 1, 0]]  # top-3 of 8
