@@ -61,7 +61,8 @@ def stub_url():
 
 
 def test_load_test_counts_tokens_and_times(stub_url):
-    res = asyncio.run(load_test(stub_url + "/v1", concurrency=3, num_requests=7, max_tokens=5, prompt_words=4))
+    res = asyncio.run(load_test(stub_url + "/v1", concurrency=3, num_requests=7, max_tokens=5,
+                                prompt_words=4))
     assert res["model"] == "stub" and res["url"] == stub_url  # first listed model; /v1 stripped
     assert (res["completed"], res["errors"], res["output_tokens"]) == (7, 0, 35)
     assert res["mean_prompt_tokens"] == 4
@@ -83,7 +84,8 @@ def test_failed_requests_are_counted_not_raised(stub_url, capsys):
 
 def test_format_summary():
     ms = {"mean": 2.0, "p50": 1.5, "p90": 3.0, "p99": 4.31}
-    res = {"completed": 9, "requests": 10, "errors": 1, "concurrency": 4, "mean_prompt_tokens": 33.0, "max_tokens": 8,
+    res = {"completed": 9, "requests": 10, "errors": 1, "concurrency": 4, "mean_prompt_tokens": 33.0,
+           "max_tokens": 8,
            "wall_s": 1.5, "requests_per_s": 6.0, "output_tokens_per_s": 48.0, "ttft_ms": ms,
            "tpot_ms": {"mean": None, "p50": None, "p90": None, "p99": None}, "latency_ms": ms,
            "error_examples": ["HTTP 500: boom"]}
@@ -96,7 +98,8 @@ def test_format_summary():
     ]
 
 
-@pytest.mark.parametrize("url, message", [("http://10.1.2.3:8000", "loopback"), ("ftp://x", "must look like")])
+@pytest.mark.parametrize("url, message",
+                         [("http://10.1.2.3:8000", "loopback"), ("ftp://x", "must look like")])
 def test_bench_refuses_remote_or_bad_url(capsys, url, message):
     assert cli_main(["bench", "serve", "--url", url]) == 2
     assert message in capsys.readouterr().err

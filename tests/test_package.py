@@ -38,7 +38,7 @@ def test_cli_help_lists_every_command():
     r = subprocess.run([sys.executable, "-m", "mogelm", "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     listing = " ".join(r.stdout.split("positional arguments:")[1].split("options:")[0].split())
-    assert listing == "COMMAND " + " ".join(f"{name} {help_text}" for name, (_, help_text) in COMMANDS.items())
+    assert listing == "COMMAND " + " ".join(f"{name} {text}" for name, (_, text) in COMMANDS.items())
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -59,7 +59,8 @@ def test_unknown_or_missing_command(capsys, monkeypatch):
     assert cli.main([]) == 0 and capsys.readouterr().out.startswith("usage: mogelm")
     monkeypatch.setitem(cli.COMMANDS, "ghost", ("mogelm.commands.ghost", "a command whose module is gone"))
     assert cli.main(["ghost"]) == 2
-    assert capsys.readouterr().err == "error: `mogelm ghost` is not available in this build (mogelm.commands.ghost is missing)\n"
+    assert capsys.readouterr().err == ("error: `mogelm ghost` is not available in this build "
+                                       "(mogelm.commands.ghost is missing)\n")
 
 
 def test_library_code_never_imports_the_commands():

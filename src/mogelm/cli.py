@@ -27,8 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mogelm.commands.generate", "sample text from a checkpoint through the KV cache"),
     "serve": ("mogelm.commands.serve", "OpenAI-compatible HTTP server on loopback"),
     "bench": ("mogelm.commands.bench", "benchmarks: `bench serve` load-tests a running server"),
-    "sim": ("mogelm.commands.sim", "system simulator: parallel layout, batch and throughput for given hardware"),
-    "imbalance": ("mogelm.commands.imbalance", "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
+    "sim": ("mogelm.commands.sim",
+            "system simulator: parallel layout, batch and throughput for given hardware"),
+    "imbalance": ("mogelm.commands.imbalance",
+                  "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
     "info": ("mogelm.commands.info", "show a preset or checkpoint: shapes and parameter counts"),
 }
 
@@ -47,7 +49,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
                 mod = importlib.import_module(module)
             except ModuleNotFoundError as e:
                 if e.name and e.name.startswith("mogelm"):
-                    raise UserError(f"`mogelm {name}` is not available in this build ({e.name} is missing)") from None
+                    raise UserError(f"`mogelm {name}` is not available in this build ({e.name} is missing)") \
+                        from None
                 raise UserError(
                     f"`mogelm {name}` needs the Python package {e.name!r}; install it with "
                     f"`pip install {e.name}` (or the matching mogelm extra)"

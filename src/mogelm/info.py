@@ -36,9 +36,9 @@ def describe(cfg: ModelConfig) -> str:
     total, active = count_parameters(cfg)
     lines = [f"{cfg.name}: {total / 1e9:.3f} B parameters, {active / 1e9:.3f} B active per token"]
     if cfg.is_moe:
-        lines.append(f"  {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads "
-                     f"of {cfg.head_dim}")
-        lines.append(f"  {cfg.num_experts} experts of width {cfg.moe_intermediate_size} in {cfg.num_groups} groups, "
-                     f"{cfg.num_experts_per_tok} per token ({cfg.routing}), shared expert "
+        lines.append(f"  {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+                     f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}")
+        lines.append(f"  {cfg.num_experts} experts of width {cfg.moe_intermediate_size} in {cfg.num_groups} "
+                     f"groups, {cfg.num_experts_per_tok} per token ({cfg.routing}), shared expert "
                      f"{cfg.shared_expert_intermediate_size}")
     return "\n".join(lines)

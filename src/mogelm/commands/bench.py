@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
     if urlparse(args.url).scheme not in ("http", "https") or not host:
         raise UserError(f"--url must look like http://127.0.0.1:8000, got {args.url!r}")
     if host not in LOOPBACK and not args.allow_remote:
-        raise UserError(f"--url points at {host}, not loopback; pass --allow-remote to load-test another machine")
+        raise UserError(f"--url points at {host}, not loopback; pass --allow-remote to load-test another "
+                        "machine")
     for name in ("concurrency", "requests", "max_tokens", "prompt_words"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     try:
-        res = asyncio.run(load_test(args.url, args.concurrency, args.requests, args.max_tokens, args.prompt_words,
-                                    args.model, args.timeout, args.deadline, args.seed))
+        res = asyncio.run(load_test(args.url, args.concurrency, args.requests, args.max_tokens,
+                                    args.prompt_words, args.model, args.timeout, args.deadline, args.seed))
     except OSError as e:
         raise UserError(f"cannot reach {args.url}: {e}") from None
     except Exception as e:

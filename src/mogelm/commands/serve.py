@@ -19,21 +19,26 @@ from mogelm.inference.server import create_app, listen_socket, serve
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in the API (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
-    p.add_argument("--max-len", type=int, default=None, help="context length per sequence (default: the model's)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context length per sequence (default: the model's)")
     p.add_argument("--chunk-size", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights and cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy small CPU)")
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy "
+                        "small CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 503")
-    p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to drain requests on shutdown")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds to drain requests on shutdown")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 

@@ -41,25 +41,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "calibrate: build a hardware profile from a benchmark JSON")
     parser.add_argument("bench_json", nargs="?", help="calibrate: the benchmark results JSON to read")
     parser.add_argument("--model", default="pangu-pro-moe-72b",
-                        help=f"preset ({', '.join(preset_names())}), a checkpoint directory or its config.json")
+                        help=f"preset ({', '.join(preset_names())}), a checkpoint directory or its "
+                             "config.json")
     parser.add_argument("--hardware", default="ascend-800i-a2",
                         help=f"built-in profile ({', '.join(profile_names())}) or a profile JSON path")
-    parser.add_argument("--cards", type=int, default=4, help="cards to deploy on (a 300I Duo card holds 2 chips)")
-    parser.add_argument("--tpot-ms", type=float, default=100.0, help="time-per-output-token limit for decode (ms)")
-    parser.add_argument("--context", type=int, default=2048, help="tokens per sequence (KV length; prompt length)")
+    parser.add_argument("--cards", type=int, default=4,
+                        help="cards to deploy on (a 300I Duo card holds 2 chips)")
+    parser.add_argument("--tpot-ms", type=float, default=100.0,
+                        help="time-per-output-token limit for decode (ms)")
+    parser.add_argument("--context", type=int, default=2048,
+                        help="tokens per sequence (KV length; prompt length)")
     parser.add_argument("--quant", default="w8a8", choices=sorted(QUANTS),
                         help="weights/activations: bf16, w8a8 (int8 KV), w4a8 (int8 KV), fp8 (fp8 KV)")
     parser.add_argument("--kv-bytes", type=float, default=None,
                         help="override bytes per KV-cache element (e.g. 2 for a bf16 cache under w8a8)")
     parser.add_argument("--routing", choices=["moge", "topk"], default=None,
-                        help="override the model's routing (top-k: busiest EP rank from the multinomial load)")
+                        help="override the model's routing (top-k: busiest EP rank from the multinomial "
+                             "load)")
     parser.add_argument("--topk-skew", type=float, default=1.0,
-                        help="top-k only: busiest expert's load over the mean (1 = uniform router; the paper's "
-                             "Fig. 10 shows about 3.2 for DeepSeek-V2-Lite's first MoE layer)")
+                        help="top-k only: busiest expert's load over the mean (1 = uniform router; the "
+                             "paper's Fig. 10 shows about 3.2 for DeepSeek-V2-Lite's first MoE layer)")
     parser.add_argument("--batch", type=int, default=None,
                         help="evaluate this decode batch instead of searching the largest one")
     parser.add_argument("--layout", default=None,
-                        help="fix the layout as ATTN_DPxATTN_TP,EPxETP,SHARED_TP (the paper's H2P: 2x4,4x2,8)")
+                        help="fix the layout as ATTN_DPxATTN_TP,EPxETP,SHARED_TP (the paper's H2P: "
+                             "2x4,4x2,8)")
     parser.add_argument("--prefill-batch", type=int, default=2,
                         help="also report prefill TTFT for this many prompts of --context tokens (0: skip)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -69,14 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top", type=int, default=15, help="rows of the ranked table to print")
     g.add_argument("--plot", default=None, help="write a Figure-3-style plot to this PNG path")
     g.add_argument("--no-topk", action="store_true", help="skip planning each shape with top-k routing")
-    g.add_argument("--quick", action="store_true", help="a small search space (a few seconds), for smoke tests")
+    g.add_argument("--quick", action="store_true",
+                   help="a small search space (a few seconds), for smoke tests")
     g = parser.add_argument_group("calibrate")
     g.add_argument("--out", default=None, help="calibrate: where to write the profile JSON")
     g.add_argument("--base", default=None,
-                   help="calibrate: profile supplying what a benchmark cannot measure (peak rates, memory, links); "
-                        "default: guessed from the benchmark's device name")
+                   help="calibrate: profile supplying what a benchmark cannot measure (peak rates, memory, "
+                        "links); default: guessed from the benchmark's device name")
     g.add_argument("--backend", default=None,
-                   help="calibrate: benchmark backend to take the grouped-GEMM curve from (default: the fastest)")
+                   help="calibrate: benchmark backend to take the grouped-GEMM curve from (default: the "
+                        "fastest)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +108,8 @@ def load_model(spec: str) -> ModelConfig:
     if spec in preset_names():
         return from_name(spec)
     if not Path(spec).exists():
-        raise UserError(f"--model {spec!r} is neither a preset ({', '.join(preset_names())}) nor a config.json")
+        raise UserError(f"--model {spec!r} is neither a preset ({', '.join(preset_names())}) nor a "
+                        "config.json")
     return read_config(spec)
 
 
@@ -111,11 +120,11 @@ def parse_layout(text: str, world: int) -> Layout:
         ep, etp = (int(x) for x in ffn.lower().split("x"))
         lo = Layout(attn_dp=dp, attn_tp=tp, ep=ep, etp=etp, shared_tp=int(shared))
     except ValueError:
-        raise UserError(f"--layout {text!r} must look like 2x4,4x2,8 (attention DPxTP, experts EPxTP, shared TP)") \
-            from None
+        raise UserError(f"--layout {text!r} must look like 2x4,4x2,8 (attention DPxTP, experts EPxTP, "
+                        "shared TP)") from None
     if lo.world != world or ep * etp != world or world % lo.shared_tp:
-        raise UserError(f"--layout {text} does not cover the {world} devices: DPxTP and EPxTP must equal {world} "
-                        "and the shared TP must divide it")
+        raise UserError(f"--layout {text} does not cover the {world} devices: DPxTP and EPxTP must equal "
+                        f"{world} and the shared TP must divide it")
     return lo
 
 
@@ -155,13 +164,15 @@ def _run(args) -> int:
         cfg = cfg.replace(routing=args.routing)
     layouts = [parse_layout(args.layout, world)] if args.layout else enumerate_layouts(cfg, world)
     if not layouts:
-        raise UserError(f"--cards {args.cards} gives {world} devices, and no parallel layout of {cfg.name} fits them: "
-                        f"TP and EP degrees must be powers of two dividing the heads ({cfg.num_heads}), KV heads "
-                        f"({cfg.num_kv_heads}), expert width and experts; try a power-of-two card count")
+        raise UserError(f"--cards {args.cards} gives {world} devices, and no parallel layout of {cfg.name} "
+                        f"fits them: TP and EP degrees must be powers of two dividing the heads "
+                        f"({cfg.num_heads}), KV heads ({cfg.num_kv_heads}), expert width and experts; try a "
+                        "power-of-two card count")
     if args.batch is not None and args.batch < 1:
         raise UserError("--batch must be at least 1")
-    out = plan_deployment(cfg, hw, q, cards=args.cards, layouts=layouts, tpot_ms=args.tpot_ms, context=args.context,
-                          topk_skew=args.topk_skew, batch=args.batch, prefill_batch=args.prefill_batch)
+    out = plan_deployment(cfg, hw, q, cards=args.cards, layouts=layouts, tpot_ms=args.tpot_ms,
+                          context=args.context, topk_skew=args.topk_skew, batch=args.batch,
+                          prefill_batch=args.prefill_batch)
     print(json.dumps(out, indent=2) if args.json else format_deployment(out, args.prefill_batch))
     return 0
 
@@ -177,7 +188,8 @@ def parse_targets(text: str):
         try:
             cards, tpot = int(parts[1]), float(parts[2])
         except ValueError:
-            raise UserError(f"--targets item {item!r}: CARDS must be an integer and TPOT_MS a number") from None
+            raise UserError(f"--targets item {item!r}: CARDS must be an integer and TPOT_MS a number") \
+                from None
         if cards < 1 or not tpot > 0 or math.isinf(tpot):
             raise UserError(f"--targets item {item!r}: CARDS and TPOT_MS must be positive")
         load_profile(parts[0])  # fail early on an unknown name
@@ -193,8 +205,8 @@ def _search(args) -> int:
     if args.quick:
         space = SearchSpace(hidden_sizes=(4096, 5120), kv_heads=(8,), layers=(40, 48), experts=(64,),
                             expert_widths=(1344, 2048))
-    results = run_search(space, targets, quant=args.quant, context=args.context, compare_topk=not args.no_topk,
-                         topk_skew=args.topk_skew)
+    results = run_search(space, targets, quant=args.quant, context=args.context,
+                         compare_topk=not args.no_topk, topk_skew=args.topk_skew)
     if args.plot:
         plot_search(results, targets, args.plot)
     if args.json:
@@ -217,7 +229,8 @@ def _validate(args) -> int:
     forecast, forecast_eager = h200_forecasts()
     if args.json:
         print(json.dumps({"date": "2026-11-28", "checks": [c.to_dict() for c in checks],
-                          "h200_forecast": forecast, "h200_forecast_eager_collectives": forecast_eager}, indent=2))
+                          "h200_forecast": forecast, "h200_forecast_eager_collectives": forecast_eager},
+                         indent=2))
         return 0
     print(format_table(checks))
     print()
@@ -229,7 +242,8 @@ def _calibrate(args) -> int:
     from mogelm.sim.calibrate import calibrate_file, describe_calibration
 
     if not args.bench_json:
-        raise UserError("calibrate needs the benchmark JSON: mogelm sim calibrate BENCH_JSON --out PROFILE_JSON")
+        raise UserError("calibrate needs the benchmark JSON: mogelm sim calibrate BENCH_JSON --out "
+                        "PROFILE_JSON")
     if not args.out:
         raise UserError("calibrate needs --out PROFILE_JSON")
     hw = calibrate_file(args.bench_json, base=args.base, backend=args.backend)

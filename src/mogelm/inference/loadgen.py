@@ -74,11 +74,13 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
     latency = time.perf_counter() - t0
     if error is None and (ttft is None or tokens == 0):
         error = "no tokens received"
-    return {"error": error, "ttft": ttft, "latency": latency, "tokens": tokens, "prompt_tokens": state["prompt_tokens"]}
+    return {"error": error, "ttft": ttft, "latency": latency, "tokens": tokens,
+            "prompt_tokens": state["prompt_tokens"]}
 
 
 async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int = 32,
-                    model: str | None = None, timeout: float = 120.0, deadline: float = 600.0, seed: int = 0) -> dict:
+                    model: str | None = None, timeout: float = 120.0, deadline: float = 600.0,
+                    seed: int = 0) -> dict:
     """Run the load and return the measurements (a JSON-ready dict). `model` None: the first one
     /v1/models lists. Failed requests are counted in "errors", never raised."""
     import httpx
@@ -110,8 +112,9 @@ async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: i
     total_tokens = sum(r["tokens"] for r in ok)
     ms = lambda xs: {k: (None if v is None else round(v * 1e3, 2)) for k, v in _summary(xs).items()}
     return {
-        "url": base, "model": model, "concurrency": concurrency, "requests": num_requests, "max_tokens": max_tokens,
-        "prompt_words": prompt_words, "completed": len(ok), "errors": len(errors), "error_examples": errors[:3],
+        "url": base, "model": model, "concurrency": concurrency, "requests": num_requests,
+        "max_tokens": max_tokens, "prompt_words": prompt_words, "completed": len(ok), "errors": len(errors),
+        "error_examples": errors[:3],
         "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
         "mean_prompt_tokens": round(statistics.fmean([r["prompt_tokens"] for r in ok]), 1) if ok else None,
         "output_tokens": total_tokens, "output_tokens_per_s": round(total_tokens / wall, 2),

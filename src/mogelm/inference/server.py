@@ -100,7 +100,8 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code=None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -122,8 +123,8 @@ async def _validation_error(request: Request, e: RequestValidationError):
     # drop "body" and pydantic's union-member tags ("str", "list[int]", ...) from the location
     loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_tag(x)]
     if err.get("type") == "json_invalid":
-        return _error_response(400, f"Invalid JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}",
-                               code="invalid_json")
+        reason = err.get("ctx", {}).get("error", err["msg"])
+        return _error_response(400, f"Invalid JSON in the request body: {reason}", code="invalid_json")
     param = ".".join(loc) or None
     return _error_response(400, f"{param or 'body'}: {err['msg']}", param, code="invalid_value")
 
@@ -226,11 +227,13 @@ def _check_common(s: ServerState, body: _SamplingFields) -> None:
         raise APIError(503, "the server is overloaded; retry later", None, "overloaded", "server_error")
 
 
-def _sampling_params(s: ServerState, body: _SamplingFields, max_tokens: int, extra_stop_ids=()) -> SamplingParams:
+def _sampling_params(s: ServerState, body: _SamplingFields, max_tokens: int,
+                     extra_stop_ids=()) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         return s.engine.sampling_params(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                        top_k=body.top_k, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos,
+                                        top_k=body.top_k, seed=body.seed, stop=stop,
+                                        ignore_eos=body.ignore_eos,
                                         stop_token_ids=list(body.stop_token_ids or []) + list(extra_stop_ids))
     except InvalidSampling as e:
         raise APIError(400, str(e), e.param, "invalid_value") from None
@@ -252,7 +255,8 @@ def _submit(s: ServerState, prompt_ids: list[list[int]], base: SamplingParams, n
 
     ids: list[str] = []
     for i, (prompt, j) in enumerate((p, j) for p in prompt_ids for j in range(n)):
-        sp = base if j == 0 or base.seed is None else SamplingParams(**{**base.__dict__, "seed": base.seed + j})
+        sp = base if j == 0 or base.seed is None else \
+            SamplingParams(**{**base.__dict__, "seed": base.seed + j})
         try:
             req = s.engine.add_request(prompt, sp, on_output=lambda out, i=i: deliver((i, out)),
                                        truncate_to_context=truncate)
@@ -286,7 +290,8 @@ async def _run_request(s: ServerState, body: _SamplingFields, prompt_ids: list[l
             completion[i] = out.completion_tokens
             if out.finished:
                 if out.finish_reason == "error":
-                    raise APIError(500, out.error or "generation failed", None, "internal_error", "server_error")
+                    raise APIError(500, out.error or "generation failed", None, "internal_error",
+                                   "server_error")
                 reasons[i] = out.finish_reason
     finally:
         for i, r in enumerate(reasons):
@@ -300,7 +305,8 @@ async def _run_request(s: ServerState, body: _SamplingFields, prompt_ids: list[l
                     "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(completion),
              "total_tokens": prompt_tokens + sum(completion)}
-    return {"id": rid, "object": kind, "created": now, "model": s.model_name, "choices": choices, "usage": usage}
+    return {"id": rid, "object": kind, "created": now, "model": s.model_name, "choices": choices,
+            "usage": usage}
 
 
 async def _stream(s: ServerState, kind, rid, now, queue, req_ids, prompt_tokens, include_usage):
@@ -348,7 +354,8 @@ async def _stream(s: ServerState, kind, rid, now, queue, req_ids, prompt_tokens,
 
 
 # --- the app -----------------------------------------------------------------------------------
-def create_app(engine: Engine, model_name: str, max_waiting: int = 1024, shutdown_timeout: float = 60.0) -> FastAPI:
+def create_app(engine: Engine, model_name: str, max_waiting: int = 1024,
+               shutdown_timeout: float = 60.0) -> FastAPI:
     """The ASGI app; its lifespan starts and stops the engine thread."""
     app = FastAPI(title="mogelm", summary="OpenAI-compatible API for MoGE models", lifespan=_lifespan)
     app.state.server = ServerState(engine, model_name, max_waiting, shutdown_timeout)

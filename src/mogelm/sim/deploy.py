@@ -52,9 +52,12 @@ def plan_deployment(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, card
 def format_deployment(out: dict, prefill_batch: int) -> str:
     """plan_deployment's result as text: layout, batch, TPOT, tokens/s per card, time and memory."""
     d = out["decode"]
-    limit = f"TPOT <= {out['tpot_limit_ms']:g} ms" if out["tpot_limit_ms"] is not None else f"fixed batch {d['batch']}"
-    lines = [f"{out['model']} on {out['cards']} x {out['hardware']} ({out['devices']} devices), {out['quant']}, "
-             f"context {out['context']}, {limit}, routing {out['routing']}",
+    if out["tpot_limit_ms"] is not None:
+        limit = f"TPOT <= {out['tpot_limit_ms']:g} ms"
+    else:
+        limit = f"fixed batch {d['batch']}"
+    lines = [f"{out['model']} on {out['cards']} x {out['hardware']} ({out['devices']} devices), "
+             f"{out['quant']}, context {out['context']}, {limit}, routing {out['routing']}",
              f"  layout          {d['layout_text']}"]
     why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)",
            "batch cap": f" (the search stops at {MAX_BATCH} sequences)"}.get(d["limited_by"], "")
@@ -62,12 +65,13 @@ def format_deployment(out: dict, prefill_batch: int) -> str:
     lines.append(f"  TPOT            {d['tpot_ms']:.2f} ms")
     lines.append(f"  tokens/s/card   {d['tokens_per_s_per_card']:.1f}")
     parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["breakdown_ms"].items(), key=lambda kv: -kv[1]))
-    lines.append(f"  step breakdown  {parts} (ms); weight reads {d['weight_read_share'] * 100:.0f} % of the step")
+    lines.append(f"  step breakdown  {parts} (ms); weight reads {d['weight_read_share'] * 100:.0f} % of the "
+                 "step")
     m = d["memory"]
     lines.append(f"  memory/device   weights {m['weights_GB']:.1f} + KV {m['kv_cache_GB']:.1f} + activations "
                  f"{m['activations_GB']:.2f} = {m['total_GB']:.1f} GB of {m['capacity_GB']:.1f} GB usable")
     if out["prefill"]:
         p = out["prefill"]
-        lines.append(f"  prefill         {prefill_batch} x {out['context']} tokens: TTFT {p['ttft_ms']:.1f} ms, "
-                     f"{p['tokens_per_s_per_card']:.0f} tokens/s/card ({p['layout_text']})")
+        lines.append(f"  prefill         {prefill_batch} x {out['context']} tokens: TTFT {p['ttft_ms']:.1f} "
+                     f"ms, {p['tokens_per_s_per_card']:.0f} tokens/s/card ({p['layout_text']})")
     return "\n".join(lines)
