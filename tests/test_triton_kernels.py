@@ -138,7 +138,8 @@ def test_routed_experts_empty_batch_matches_torch_twin():
     giving the twin's all-zero weight gradients rather than failing on zero routed rows."""
     gate_up, down = _experts(4, 16, 8)
     ids = torch.zeros(0, 2, dtype=torch.int64)
-    leaves = [t.requires_grad_() for t in (torch.randn(0, 16), torch.rand(0, 2), gate_up.clone(), down.clone())]
+    leaves = [t.requires_grad_() for t in (torch.randn(0, 16), torch.rand(0, 2), gate_up.clone(),
+                                           down.clone())]
     leaves_ref = [t.detach().clone().requires_grad_() for t in leaves]
     y = triton_moe.routed_experts(leaves[0], leaves[1], ids, leaves[2], leaves[3])
     y_ref = torch_impl.routed_experts(leaves_ref[0], leaves_ref[1], ids, leaves_ref[2], leaves_ref[3])

@@ -282,12 +282,12 @@ class Engine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if n >= limit:
-            raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} tokens.",
-                               "prompt", "context_length_exceeded")
+            raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} "
+                               "tokens.", "prompt", "context_length_exceeded")
         if max_tokens is not None and n + max_tokens > limit:
-            raise RequestError(f"This model's maximum context length is {limit} tokens. However, you requested "
-                               f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion).",
-                               "max_tokens", "context_length_exceeded")
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, you "
+                               f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
+                               "completion).", "max_tokens", "context_length_exceeded")
 
     def abort(self, request_id: str) -> None:
         """Finish a request early (thread-safe); its callback gets finish_reason "abort"."""

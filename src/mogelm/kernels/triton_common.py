@@ -38,7 +38,7 @@ def gate_up_accumulate(
     EVEN_K: tl.constexpr,  # D % BLOCK_K == 0: no masks in the loop
     UPCAST: tl.constexpr,  # interpreter: dot in fp32 (it mishandles bf16 tl.dot)
     W_TO_X: tl.constexpr,  # weight-only fp8: convert weight tiles to the activation dtype before the dot
-    FP16_DOT: tl.constexpr,  # with W_TO_X and 16-bit activations: dot in fp16 (see triton_moe._gate_up_kernel)
+    FP16_DOT: tl.constexpr,  # with W_TO_X and 16-bit activations: dot in fp16 (triton_moe._gate_up_kernel)
     PRECISION: tl.constexpr,  # tl.dot input_precision
 ):
     """acc_g += a @ gate and acc_u += a @ up over the whole hidden dim, BLOCK_K columns a step.

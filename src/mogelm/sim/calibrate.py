@@ -169,6 +169,6 @@ def calibrate_file(path: str, *, base: str | None = None, backend: str | None = 
 
 def describe_calibration(hw: HardwareProfile) -> str:
     """One line: the efficiencies and grouped-GEMM curve a calibrated profile carries."""
-    return (f"  bandwidth {hw.memory_bandwidth_GBps:.0f} GB/s x {hw.mem_efficiency:.3f}, dense GEMM efficiency "
-            f"{hw.gemm_efficiency:.3f}, grouped-GEMM curve " +
+    return (f"  bandwidth {hw.memory_bandwidth_GBps:.0f} GB/s x {hw.mem_efficiency:.3f}, dense GEMM "
+            f"efficiency {hw.gemm_efficiency:.3f}, grouped-GEMM curve " +
             ", ".join(f"{r:g} rows/expert: {e:.2f}" for r, e in hw.grouped_gemm_curve))

@@ -12,10 +12,10 @@ interconnect level that holds the group (hardware.LinkLevel):
     all-gather(p, n) = reduce-scatter(p, n) = c + steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
     all-reduce(p, n) = 2 * all-gather(p, n)          (reduce-scatter then all-gather)
 
-n is the full buffer per device (the gathered result); c is a per-call overhead (0 in the built-in profiles; calibrated from eager
-measurements). For a switch or a shared bus, steps = p-1 and the bus bandwidth is the per-device
-link bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)): the ring. For a full mesh
-(HCCS), one step and p-1 links at once.
+n is the full buffer per device (the gathered result); c is a per-call overhead (0 in the built-in
+profiles; calibrated from eager measurements). For a switch or a shared bus, steps = p-1 and the
+bus bandwidth is the per-device link bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)):
+the ring. For a full mesh (HCCS), one step and p-1 links at once.
 
 The layer follows the paper's H2P inference layout (PAPER.md section 6.1): attention runs
 data-parallel x tensor-parallel with an all-gather before QKV and a reduce-scatter after o_proj

@@ -177,7 +177,8 @@ def plot_search(results: list[Candidate], targets: list[Target], path: str) -> N
     for t in targets:
         ref = [c.moge[t.label] / c.normalised[t.label] if c.normalised[t.label] else 0 for c in order]
         base = max(ref) if ref else 1.0
-        panels[t.label] = ([c.normalised[t.label] for c in order], [c.topk.get(t.label, 0) / base for c in order])
+        panels[t.label] = ([c.normalised[t.label] for c in order],
+                           [c.topk.get(t.label, 0) / base for c in order])
     try:
         plots.search_throughput(panels, [i for i, c in enumerate(order) if c.is_pangu], path)
     except ImportError as e:

@@ -246,8 +246,9 @@ def format_forecasts(forecast: dict, forecast_eager: dict | None) -> str:
     lines = ["Forecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048:"]
     for name, f in (("built-in profile", forecast), ("microbench-calibrated (eager NCCL)", forecast_eager)):
         if f:
-            lines.append(f"  {name}: {f['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch {f['batch']}, TPOT "
-                         f"{f['tpot_ms']:.1f} ms, limited by {f['limited_by']} ({f['layout_text']})")
+            lines.append(f"  {name}: {f['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch "
+                         f"{f['batch']}, TPOT {f['tpot_ms']:.1f} ms, limited by {f['limited_by']} "
+                         f"({f['layout_text']})")
     return "\n".join(lines)
 
 
