@@ -3,14 +3,11 @@ streams a fixed number of one-character chunks (no model), so every count is kno
 
 import asyncio
 import json
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from test_server import serving_in_thread
 
 from mogelm.cli import main as cli_main
 from mogelm.inference.loadgen import format_summary, load_test
@@ -45,19 +42,8 @@ def _stub_app() -> FastAPI:
 
 @pytest.fixture(scope="module")
 def stub_url():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(_stub_app(), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "stub server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serving_in_thread(_stub_app()) as url:
+        yield url
 
 
 def test_load_test_counts_tokens_and_times(stub_url):

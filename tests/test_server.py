@@ -5,6 +5,7 @@ starts `python -m mogelm serve` as a process and checks that SIGTERM drains a ru
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -50,13 +51,11 @@ def solo(ckpt):
     return Engine.from_pretrained(ckpt, max_batch=1)
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, _one_thread):
-    engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
-    app = create_app(engine, MODEL)
+@contextlib.contextmanager
+def serving_in_thread(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -64,13 +63,21 @@ def server(ckpt, _one_thread):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x",
-                                                                        max_retries=0, timeout=60))
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
     assert not thread.is_alive(), "server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, _one_thread):
+    engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
+    with serving_in_thread(create_app(engine, MODEL)) as url:
+        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x",
+                                                                            max_retries=0, timeout=60))
 
 
 def greedy_text(solo, prompt: str, max_tokens: int, **kw) -> tuple[str, int]:
