@@ -16,6 +16,7 @@ import mogelm
 from mogelm.cli import main as cli_main
 from mogelm.inference import Engine, EngineThread, SamplingParams, SlotKVCache, Tokenizer, sample
 from mogelm.inference.chat import pangu_chat_prompt
+from mogelm.inference.engine import RequestError
 from mogelm.inference.sampling import filter_logits
 
 TEXT = """The quick brown fox jumps over the lazy dog. A small model learns to repeat what it reads.
@@ -272,6 +273,29 @@ def test_context_limit_and_abort(engine):
         eng.step()
     assert a.finish_reason == "abort" and seen[-1].finished and seen[-1].finish_reason == "abort"
     assert b.finish_reason in ("length", "stop") and eng.cache.num_free == 1
+
+
+def test_request_limits_are_typed_errors_and_truncation_stops_at_the_context(engine):
+    eng = Engine(engine.model, engine.tokenizer, max_batch=1, max_len=20)
+    prompt = engine.tokenizer.encode("The quick")  # 3 tokens
+    refused = [  # (prompt, max_tokens, truncate_to_context) -> (param, code)
+        ([], 1, False, "prompt", "invalid_value"),
+        ([engine.model.cfg.vocab_size], 1, False, "prompt", "invalid_value"),
+        (list(range(5, 25)), 1, True, "prompt", "context_length_exceeded"),  # 20 tokens fill the context
+        (prompt, 18, False, "max_tokens", "context_length_exceeded"),  # 3 + 18 > 20
+    ]
+    for ids, max_tokens, truncate, param, code in refused:
+        with pytest.raises(RequestError) as e:
+            eng.add_request(ids, SamplingParams(max_tokens=max_tokens), truncate_to_context=truncate)
+        assert (e.value.param, e.value.code) == (param, code) and str(e.value) == e.value.message
+    assert not eng.has_unfinished()
+    fits = eng.add_request(prompt, SamplingParams(max_tokens=17, temperature=0, ignore_eos=True))
+    cut = eng.add_request(prompt, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True),
+                          truncate_to_context=True)
+    while eng.has_unfinished():
+        eng.step()
+    assert cut.finish_reason == fits.finish_reason == "length"
+    assert cut.output_ids == fits.output_ids and cut.num_generated == 17  # up to the last context position
 
 
 def test_engine_thread_serves_requests_added_from_another_thread(engine):

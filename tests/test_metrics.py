@@ -35,6 +35,19 @@ def test_coactivation():
     assert c[0, 0] == 1.0 and c[0, 1] == 0.5 and c[1, 2] == 0.0 and torch.equal(c, c.t())
 
 
+def test_sample_expert_counts_takes_the_largest_keys_in_each_group():
+    from mogelm.analysis.metrics import sample_expert_counts
+
+    keys = torch.tensor([[[[0.1, 0.9, 0.5, 0.2], [0.3, 0.8, 0.7, 0.0]]]])  # 1 trial, 1 token, 2 groups of 4
+    assert sample_expert_counts(keys, 2).tolist() == [[0, 1, 1, 0, 0, 1, 1, 0]]
+    assert sample_expert_counts(keys.view(1, 1, 1, 8), 3).tolist() == [[0, 1, 0, 0, 0, 1, 1, 0]]  # top-3 of 8
+    counts = sample_expert_counts(torch.rand(50, 16, 8, 8), 1)  # MoGE: 16 tokens, 8 groups, K' = 1
+    assert (counts.view(50, 8, 8).sum(-1) == 16).all()
+    counts = sample_expert_counts(torch.rand(50, 16, 1, 64), 8)  # top-8 of 64: spread unevenly
+    assert (counts.sum(-1) == 16 * 8).all() and counts.max() <= 16
+    assert (counts.view(50, 8, 8).sum(-1) != 16).any()
+
+
 def test_monte_carlo_matches_paper_setup():
     # Fig. 2b: 64 experts, 8 devices, top-8, 16 tokens. PAPER.md's reproduction: mean 0.668.
     topk = summarize("topk", simulate_imbalance(64, 8, 8, 16, trials=4000, routing="topk"))

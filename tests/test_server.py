@@ -5,6 +5,7 @@ starts `python -m mogelm serve` as a process and checks that SIGTERM drains a ru
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -23,9 +24,9 @@ import torch
 import uvicorn
 from test_inference import argmax_reference, build_checkpoint
 
-from mogelm.bench import bench_serve
 from mogelm.cli import main as cli_main
 from mogelm.inference import Engine, SamplingParams
+from mogelm.inference.loadgen import load_test
 from mogelm.inference.server import create_app
 
 MODEL = "tiny"
@@ -50,13 +51,11 @@ def solo(ckpt):
     return Engine.from_pretrained(ckpt, max_batch=1)
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, _one_thread):
-    engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
-    app = create_app(engine, MODEL)
+@contextlib.contextmanager
+def serving_in_thread(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -64,13 +63,21 @@ def server(ckpt, _one_thread):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x",
-                                                                        max_retries=0, timeout=60))
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
     assert not thread.is_alive(), "server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, _one_thread):
+    engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
+    with serving_in_thread(create_app(engine, MODEL)) as url:
+        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x",
+                                                                            max_retries=0, timeout=60))
 
 
 def greedy_text(solo, prompt: str, max_tokens: int, **kw) -> tuple[str, int]:
@@ -144,7 +151,7 @@ def test_16_concurrent_requests_equal_solo_runs(server, solo):
 
 
 def test_load_64_concurrent_requests(server, capsys):
-    res = asyncio.run(bench_serve(server.url, concurrency=64, num_requests=64, max_tokens=8, prompt_words=12,
+    res = asyncio.run(load_test(server.url, concurrency=64, num_requests=64, max_tokens=8, prompt_words=12,
                                   timeout=120, deadline=170))
     assert res["errors"] == 0, res["error_examples"]
     assert res["completed"] == 64 and res["output_tokens"] == 64 * 8
@@ -259,11 +266,6 @@ def test_serve_bad_model_is_one_line_error(tmp_path, capsys):
     assert cli_main(["serve", "--model", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-
-
-def test_bench_refuses_remote_url(capsys):
-    assert cli_main(["bench", "serve", "--url", "http://10.1.2.3:8000"]) == 2
-    assert "loopback" in capsys.readouterr().err
 
 
 def test_serve_process_drains_running_stream_on_sigterm(ckpt):

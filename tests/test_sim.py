@@ -230,6 +230,15 @@ def test_search_ranks_and_plots(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_cli_search_writes_the_plot_where_asked(tmp_path, capsys):
+    import mogelm.sim
+
+    png = tmp_path / "my_fig3.png"
+    assert main(["sim", "search", "--quick", "--no-topk", "--top", "3", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000 and f"plot written to {png}" in capsys.readouterr().out
+    assert not list(Path(mogelm.sim.__file__).parent.glob("*.png"))  # the package holds no figure
+
+
 def test_validate_json_rows_have_errors(capsys):
     assert main(["sim", "validate", "--json"]) == 0
     checks = json.loads(capsys.readouterr().out)["checks"]

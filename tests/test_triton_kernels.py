@@ -19,6 +19,7 @@ from conftest import assert_close
 triton_moe = pytest.importorskip("mogelm.kernels.triton_moe")
 
 from mogelm.kernels import ops, torch_impl  # noqa: E402
+from mogelm.kernels.triton_align import align_torch  # noqa: E402
 from mogelm.moe.reference import reference_routed_experts  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def test_moge_route_matches_torch(T, E, G, kp, scale, bias, renorm):
 def test_align_kernel_and_torch_plan_agree(T, E, K, block_m, skew):
     _, ids = _routing(T, E, K, skew)
     plan = triton_moe.align(ids, E, block_m)
-    ref = triton_moe._align_torch(ids.reshape(-1), E, block_m)
+    ref = align_torch(ids.reshape(-1), E, block_m)
     used = int(plan.num_post_pad)
     if T > 1:  # one token takes a layout of its own (one block per slot, no sort); invariants below
         assert used == int(ref.num_post_pad)
@@ -132,10 +133,22 @@ def test_tuned_config_table_is_read_and_bounded():
     assert w8a8_small == triton_moe._heuristic_config(8, 5120, 1344, 64, "w8a8")
 
 
-def test_routed_experts_empty_batch():
+def test_routed_experts_empty_batch_matches_torch_twin():
+    """No tokens: the output equals the PyTorch twin's (empty, x's dtype) and backward still runs,
+    giving the twin's all-zero weight gradients rather than failing on zero routed rows."""
     gate_up, down = _experts(4, 16, 8)
-    y = triton_moe.routed_experts(torch.randn(0, 16), torch.rand(0, 2), torch.zeros(0, 2, dtype=torch.int64), gate_up, down)
-    assert y.shape == (0, 16)
+    ids = torch.zeros(0, 2, dtype=torch.int64)
+    leaves = [t.requires_grad_() for t in (torch.randn(0, 16), torch.rand(0, 2), gate_up.clone(),
+                                           down.clone())]
+    leaves_ref = [t.detach().clone().requires_grad_() for t in leaves]
+    y = triton_moe.routed_experts(leaves[0], leaves[1], ids, leaves[2], leaves[3])
+    y_ref = torch_impl.routed_experts(leaves_ref[0], leaves_ref[1], ids, leaves_ref[2], leaves_ref[3])
+    assert torch.equal(y, y_ref) and y.dtype == y_ref.dtype
+    grads = torch.autograd.grad(y.sum(), leaves)
+    grads_ref = torch.autograd.grad(y_ref.sum(), leaves_ref)
+    for name, g, g_ref in zip(("x", "weights", "gate_up", "down"), grads, grads_ref):
+        assert torch.equal(g, g_ref), name
+    assert not grads[2].any() and not grads[3].any()  # no row reached an expert
 
 
 @pytest.mark.parametrize("T,D,F,E,K,skew", [(1, 16, 12, 4, 2, False), (9, 20, 12, 6, 3, True)])

@@ -1,6 +1,7 @@
 """The `mogelm` command: thin subcommands over library functions.
 
-Each subcommand lives in its own module, which exposes two functions:
+Each subcommand lives in its own module (mogelm/commands/, a thin layer over library functions),
+which exposes two functions:
 
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int | None      # exit status (None means 0)
@@ -21,14 +22,17 @@ from mogelm.errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mogelm.commands.train", "train a MoGE (or top-k / dense) language model on text"),
-    "compare": ("mogelm.commands.compare", "train MoGE and its top-k twin on the same data and write a report (the main job)"),
+    "compare": ("mogelm.commands.compare",
+                "train MoGE and its top-k twin on the same data and write a report (the main job)"),
     "eval": ("mogelm.commands.eval", "loss, perplexity and routing statistics of a checkpoint on text"),
-    "generate": ("mogelm.generate", "sample text from a checkpoint through the KV cache"),
-    "serve": ("mogelm.inference.server", "OpenAI-compatible HTTP server on loopback"),
-    "bench": ("mogelm.bench", "benchmarks: `bench serve` load-tests a running server"),
-    "sim": ("mogelm.sim.cli", "system simulator: parallel layout, batch and throughput for given hardware"),
-    "imbalance": ("mogelm.analysis.imbalance_cli", "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
-    "info": ("mogelm.info", "show a preset or checkpoint: shapes and parameter counts"),
+    "generate": ("mogelm.commands.generate", "sample text from a checkpoint through the KV cache"),
+    "serve": ("mogelm.commands.serve", "OpenAI-compatible HTTP server on loopback"),
+    "bench": ("mogelm.commands.bench", "benchmarks: `bench serve` load-tests a running server"),
+    "sim": ("mogelm.commands.sim",
+            "system simulator: parallel layout, batch and throughput for given hardware"),
+    "imbalance": ("mogelm.commands.imbalance",
+                  "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
+    "info": ("mogelm.commands.info", "show a preset or checkpoint: shapes and parameter counts"),
 }
 
 
@@ -46,7 +50,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
                 mod = importlib.import_module(module)
             except ModuleNotFoundError as e:
                 if e.name and e.name.startswith("mogelm"):
-                    raise UserError(f"`mogelm {name}` is not available in this build ({e.name} is missing)") from None
+                    raise UserError(f"`mogelm {name}` is not available in this build ({e.name} is missing)") \
+                        from None
                 raise UserError(
                     f"`mogelm {name}` needs the Python package {e.name!r}; install it with "
                     f"`pip install {e.name}` (or the matching mogelm extra)"

@@ -1,41 +1,44 @@
-"""`mogelm info`: a preset's or checkpoint's shapes and parameter counts.
+"""A model's shapes and parameter counts, from a preset name or a checkpoint directory, as a dict
+and as text (what `mogelm info` prints; no weights are loaded).
 
-    mogelm info pangu-pro-moe-72b        # 71.99 B total, 16.50 B active
-    mogelm info runs/demo/moge/final     # a checkpoint directory
+    from mogelm.info import describe, load_config
+    cfg = load_config("pangu-pro-moe-72b")      # or a checkpoint directory
+    print(describe(cfg))                         # pangu-pro-moe-72b: 71.989 B parameters, 16.498 B active ...
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from mogelm.config import PRESETS, count_parameters, from_name
+from mogelm.config import PRESETS, ModelConfig, count_parameters, from_name
 from mogelm.errors import UserError
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help=f"preset name ({', '.join(sorted(PRESETS))}) or checkpoint directory")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.model in PRESETS:
-        cfg = from_name(args.model)
-    elif Path(args.model).is_dir():
+def load_config(model: str) -> ModelConfig:
+    """The config of a preset name or of a checkpoint directory (its config.json)."""
+    if model in PRESETS:
+        return from_name(model)
+    if Path(model).is_dir():
         from mogelm.hf_config import read_config
 
-        cfg = read_config(args.model)
-    else:
-        raise UserError(f"{args.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
+        return read_config(model)
+    raise UserError(f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
+
+
+def model_info(cfg: ModelConfig) -> dict:
+    """The config and its total and per-token active parameter counts (JSON-ready)."""
     total, active = count_parameters(cfg)
-    d = {"config": cfg.to_dict(), "parameters_total": total, "parameters_active": active}
-    if args.json:
-        print(json.dumps(d, indent=2))
-        return 0
-    print(f"{cfg.name}: {total / 1e9:.3f} B parameters, {active / 1e9:.3f} B active per token")
+    return {"config": cfg.to_dict(), "parameters_total": total, "parameters_active": active}
+
+
+def describe(cfg: ModelConfig) -> str:
+    """Parameter counts, then (for MoE models) the shapes: layers, heads, experts and groups."""
+    total, active = count_parameters(cfg)
+    lines = [f"{cfg.name}: {total / 1e9:.3f} B parameters, {active / 1e9:.3f} B active per token"]
     if cfg.is_moe:
-        print(f"  {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}")
-        print(f"  {cfg.num_experts} experts of width {cfg.moe_intermediate_size} in {cfg.num_groups} groups, "
-              f"{cfg.num_experts_per_tok} per token ({cfg.routing}), shared expert {cfg.shared_expert_intermediate_size}")
-    return 0
+        lines.append(f"  {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+                     f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}")
+        lines.append(f"  {cfg.num_experts} experts of width {cfg.moe_intermediate_size} in {cfg.num_groups} "
+                     f"groups, {cfg.num_experts_per_tok} per token ({cfg.routing}), shared expert "
+                     f"{cfg.shared_expert_intermediate_size}")
+    return "\n".join(lines)

@@ -1,12 +1,15 @@
 """Load-balance metrics on plain tensors (no model code).
 
-Legend: T tokens, K experts per token, E experts, P devices (expert-parallel ranks).
+Legend: T tokens, K experts per token, E experts, P devices (expert-parallel ranks),
+R Monte-Carlo trials, G expert groups, J = E / G experts per group.
 
 Experts map to devices in contiguous blocks: expert e lives on device e // (E / P), which is
 exactly MoGE's group -> device placement when P equals the number of groups.
 
     device_loads(expert_ids_TK, E, P)      -> [P] expert computations per device (T_i in Eq. 3)
     imbalance_score(loads_P, T)            -> (max - min) / T                    (paper Eq. 3)
+    sample_expert_counts(keys_RTGJ, k)     -> [R, E] rows per expert of random routings (the one
+                                              Monte-Carlo routing sampler; sim.cost uses it too)
     simulate_imbalance(...)                -> Monte-Carlo IS samples             (paper Eq. 4, Fig. 2b)
 """
 
@@ -52,6 +55,20 @@ def coactivation(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
     return (mask_TE.t() @ mask_TE) / max(T, 1)
 
 
+def sample_expert_counts(keys_RTGJ: Tensor, picks_per_group: int) -> Tensor:
+    """Rows per expert in R random routings of T tokens, int64 [R, E] (E = G * J, groups contiguous).
+
+    Every token takes, inside each of the G groups, the `picks_per_group` experts with the largest
+    keys. The caller draws the keys and so chooses the routing it samples: iid uniform (or Gumbel)
+    keys give distinct experts uniformly at random; Gumbel keys plus log-probabilities give
+    weighted sampling without replacement. G = 1 is top-k over all experts, G groups with
+    picks_per_group K/G is MoGE."""
+    R, T, G, J = keys_RTGJ.shape
+    picked_RTGk = keys_RTGJ.topk(picks_per_group, dim=-1).indices
+    ids_RS = (picked_RTGk + torch.arange(G).view(1, 1, G, 1) * J).reshape(R, -1)
+    return torch.zeros(R, G * J, dtype=torch.int64).scatter_add_(1, ids_RS, torch.ones_like(ids_RS))
+
+
 def simulate_imbalance(
     num_experts: int,
     num_devices: int,
@@ -80,19 +97,16 @@ def simulate_imbalance(
     out = []
     for start in range(0, trials, chunk):
         n = min(chunk, trials - start)
+        # uniform keys: K distinct uniform experts per token (one group of E), or K/P per device's group
         if routing == "topk":
-            # K distinct uniform experts per token: the K smallest of E iid uniforms
-            ids = torch.rand(n, num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices
+            keys = torch.rand(n, num_tokens, num_experts, generator=gen).view(n, num_tokens, 1, num_experts)
+            counts_RE = sample_expert_counts(keys, top_k)
         elif routing == "moge":
-            k_per = top_k // num_devices
-            local = torch.rand(n, num_tokens, num_devices, per_device, generator=gen).topk(k_per, dim=-1).indices
-            ids = (local + torch.arange(num_devices).view(1, 1, -1, 1) * per_device).flatten(2)
+            keys = torch.rand(n, num_tokens, num_devices, per_device, generator=gen)
+            counts_RE = sample_expert_counts(keys, top_k // num_devices)
         else:
             raise ValueError(f"routing must be 'topk' or 'moge', got {routing!r}")
-        device_of = ids // per_device  # [n, T, K]
-        loads = torch.zeros(n, num_devices, dtype=torch.int64).scatter_add_(
-            1, device_of.flatten(1), torch.ones_like(device_of.flatten(1))
-        )
+        loads = counts_RE.view(n, num_devices, per_device).sum(-1)
         out.append((loads.max(1).values - loads.min(1).values).double() / num_tokens)
     return torch.cat(out)
 

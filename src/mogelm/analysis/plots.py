@@ -1,14 +1,15 @@
-"""Plots for the compare report (the only matplotlib importer in mogelm; matplotlib is imported
-lazily, with the Agg backend, so `import mogelm` never needs it).
+"""Plots for the compare report and the simulator's search (the only matplotlib importer in mogelm;
+matplotlib is imported lazily, with the Agg backend, so `import mogelm` never needs it).
 
 Every function takes plain numbers (lists / nested lists, as stored in summary.json and
-log.jsonl) and writes one PNG:
+log.jsonl, or as the simulator computes them) and writes one PNG:
 
     val_loss(curves, path)                        validation (and smoothed training) loss
     imbalance_over_training(runs, devices, path)  IS per layer over steps, P simulated devices
     expert_load_heatmaps(shares, path, ...)       layers x experts share of tokens (Fig. 7/10 analogue)
     intra_group_load(shares_LE, groups, path)     load inside each MoGE group (Fig. 9 analogue)
     coactivation(mats, path, ...)                 P(expert i and j fire together) (Fig. 8 analogue)
+    search_throughput(panels, pangu, path)        `mogelm sim search --plot`: candidates' throughput (Fig. 3)
 """
 
 from __future__ import annotations
@@ -159,3 +160,29 @@ def coactivation(mats: dict, path, experts_per_group: int, layer_names: list[str
     fig.colorbar(im, ax=axes.ravel().tolist(), label="% of tokens using both experts", shrink=0.8)
     fig.suptitle("Expert co-activation (diagonal hidden; cyan lines: MoGE groups)")
     return _save(fig, path)
+
+
+def search_throughput(panels: dict, pangu: list[int], path) -> Path:
+    """panels: target label -> (MoGE normalised throughput per candidate, the same shapes routed
+    top-k on the same scale), candidates in one order (by active parameters); pangu: indices of
+    the Pangu Pro MoE shape, starred. One panel per target."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (label, (moge, topk)) in zip(axes[0], panels.items()):
+        xs = list(range(len(moge)))
+        ax.scatter(xs, moge, s=14, c="tab:blue", label="MoGE candidates")
+        ax.scatter(xs, topk, s=10, marker="x", c="tab:gray", label="same shape, top-k")
+        for i in pangu:
+            ax.scatter([i], [moge[i]], s=260, marker="*", c="tab:orange", edgecolors="k",
+                       label="Pangu Pro MoE shape", zorder=5)
+        ax.set_title(label)
+        ax.set_xlabel("candidate (sorted by active parameters)")
+        ax.set_ylabel("decode tokens/s per card (normalised)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle("mogelm sim search: MoGE candidates in the paper's space (cf. paper Fig. 3)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -50,6 +50,17 @@ from mogelm.model import Transformer
 log = logging.getLogger("mogelm.inference")
 
 
+class RequestError(ValueError):
+    """A request the engine cannot serve as given: the prompt is empty, holds a token id outside the
+    vocabulary, or does not fit the context with its max_tokens. `param` names the offending field
+    ("prompt" or "max_tokens") and `code` the reason ("invalid_value", "context_length_exceeded");
+    the server answers 400 with them. Messages follow OpenAI's wording."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request (deltas), and whether it finished."""
@@ -242,27 +253,41 @@ class Engine:
         return SamplingParams(**{**self.default_sampling, **given})
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None, request_id: str | None = None) -> Request:
-        """Queue a request (thread-safe). ValueError if it cannot fit in the context."""
+                    on_output: Callable[[RequestOutput], None] | None = None, request_id: str | None = None,
+                    truncate_to_context: bool = False) -> Request:
+        """Queue a request (thread-safe). RequestError (a ValueError) if the engine cannot serve it
+        (see check_request). With truncate_to_context, params.max_tokens is only an upper bound: a
+        request with more than the room left in the context stops at its end (finish_reason
+        "length") instead of being refused."""
         params = params or self.sampling_params()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids")
             prompt = self.tokenizer.encode(prompt)
         prompt = list(prompt)
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
-        if len(prompt) + params.max_tokens > self.max_len:
-            raise ValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                             f"the context length ({self.max_len})")
+        self.check_request(prompt, None if truncate_to_context else params.max_tokens)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         req = Request(request_id or f"req-{next(self._ids)}", prompt, params, stop_ids, gen, on_output)
         self._incoming.append(req)
         return req
+
+    def check_request(self, prompt_ids: list[int], max_tokens: int | None) -> None:
+        """The engine's request limits, in one place: a non-empty prompt of token ids in the
+        vocabulary, shorter than the context, with room for max_tokens more (None: any room)."""
+        vocab, n, limit = self.model.cfg.vocab_size, len(prompt_ids), self.max_len
+        if not prompt_ids:
+            raise RequestError("prompt must not be empty", "prompt")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if n >= limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} "
+                               "tokens.", "prompt", "context_length_exceeded")
+        if max_tokens is not None and n + max_tokens > limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, you "
+                               f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
+                               "completion).", "max_tokens", "context_length_exceeded")
 
     def abort(self, request_id: str) -> None:
         """Finish a request early (thread-safe); its callback gets finish_reason "abort"."""

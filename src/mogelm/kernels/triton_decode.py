@@ -13,7 +13,7 @@ import triton  # ImportError here when triton is missing: ops.py reads it as "no
 import triton.language as tl
 from torch import Tensor
 
-from mogelm.kernels.triton_common import INTERPRET, fp16_dot, precision
+from mogelm.kernels.triton_common import INTERPRET, fp16_dot, gate_up_accumulate, precision
 
 
 @triton.jit
@@ -58,25 +58,9 @@ def _decode_kernel(
     u_ptrs = g_ptrs + F * stride_w1n
     acc_g = tl.zeros((16, BLOCK_F), tl.float32)
     acc_u = tl.zeros((16, BLOCK_F), tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
-        kin = offs_k < D - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
-        bg = tl.load(g_ptrs, mask=kin[:, None], other=0.0)
-        bu = tl.load(u_ptrs, mask=kin[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        elif W_TO_X:
-            if FP16_DOT:
-                a = a.to(tl.float16)
-            bg = bg.to(a.dtype)
-            bu = bu.to(a.dtype)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    # EVEN_K False: every step masks its D tail (as this kernel always did)
+    acc_g, acc_u = gate_up_accumulate(a_ptrs, g_ptrs, u_ptrs, acc_g, acc_u, offs_k, D, BLOCK_K, False,
+                                      UPCAST, W_TO_X, FP16_DOT, PRECISION)
     if W_SCALE:
         s_base = w1_scale_ptr + expert * 2 * F
         acc_g = acc_g * tl.load(s_base + offs_fc)[None, :]

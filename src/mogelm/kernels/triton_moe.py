@@ -1,7 +1,7 @@
 """Triton kernels for the MoGE layer's routed experts: grouped SwiGLU GEMMs over block-aligned
 rows (bf16 / fp32, fp8 e4m3 weight-only and W8A8), tuned configs, and the autograd wrapper
 `routed_experts`. The op surface (ops.py) imports this module only; it re-exports the routing
-(triton_route.py), dispatch (triton_dispatch.py) and experimental decode (triton_decode.py) pieces.
+(triton_route.py), align (triton_align.py) and experimental decode (triton_decode.py) pieces.
 
 Importing raises ImportError when triton is missing (ops.py reads that as "no triton"). The
 readable twins are in torch_impl.py; the oracle is moe/reference.py. CPU tests run the same
@@ -14,7 +14,7 @@ rounded up to BLOCK_M), NB = P / BLOCK_M row blocks.
 Pipeline (one expert per BLOCK_M row block, as in every sorted/padded fused-MoE kernel):
 
     logits_TE --_moge_route_kernel--> weights_TK, ids_TK (+ counts_E)                [triton_route]
-    ids_TK --align (1 program, or hist -> plan -> scatter)--> sorted_ids_P, block_expert_NB  [triton_dispatch]
+    ids_TK --align (1 program, or hist -> plan -> scatter)--> sorted_ids_P, block_expert_NB  [triton_align]
     x_TD --_gate_up_kernel (gathers rows of x, SiLU(gate)*up in the epilogue)--> h_PF
     h_PF --_down_kernel (routed weight in the epilogue, rows written to slot order)--> y_SD
     y_SD.view(T, K, D).sum(1) --> y_TD      (a view when K == 1)
@@ -40,13 +40,13 @@ import triton.language as tl
 from torch import Tensor
 
 from mogelm.kernels import torch_impl
-from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, precision
+from mogelm.kernels.triton_align import DispatchPlan, align
+from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, gate_up_accumulate, precision
 from mogelm.kernels.triton_decode import DecodeConfig, decode
-from mogelm.kernels.triton_dispatch import DispatchPlan, _align_torch, align
 from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
 
-__all__ = [  # what ops.py, the benchmark and the tests use (routing and dispatch live in their own modules)
-    "DecodeConfig", "DispatchPlan", "GemmConfig", "MoEConfig", "_align_torch", "align", "decode", "down",
+__all__ = [  # what ops.py, the benchmark and the tests use (routing and align live in their own modules)
+    "DecodeConfig", "DispatchPlan", "GemmConfig", "MoEConfig", "align", "decode", "down",
     "gate_up", "get_config", "moge_route", "moge_route_with_counts", "quant_rows", "quantize_rows_fp8",
     "routed_experts", "routed_experts_forward", "routed_experts_fp8",
 ]
@@ -109,30 +109,8 @@ def _gate_up_kernel(
     u_ptrs = g_ptrs + F * stride_wn  # up rows follow the gate rows
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            bg = tl.load(g_ptrs)
-            bu = tl.load(u_ptrs)
-        else:
-            kin = offs_k < D - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=kin[:, None], other=0.0)
-            bu = tl.load(u_ptrs, mask=kin[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        elif W_TO_X:
-            if FP16_DOT:
-                a = a.to(tl.float16)
-            bg = bg.to(a.dtype)
-            bu = bu.to(a.dtype)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    acc_g, acc_u = gate_up_accumulate(a_ptrs, g_ptrs, u_ptrs, acc_g, acc_u, offs_k, D, BLOCK_K, EVEN_K,
+                                      UPCAST, W_TO_X, FP16_DOT, PRECISION)
     if W_SCALE:
         s_base = w_scale_ptr + expert * 2 * F
         acc_g = acc_g * tl.load(s_base + offs_n)[None, :]

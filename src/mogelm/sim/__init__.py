@@ -9,10 +9,13 @@ this is ours. Pieces, each a module:
     search     configuration search over the paper's space (Figure 3), MoGE vs top-k
     validate   predictions vs the paper's Tables 5-7 and our H200 measurements
     calibrate  a profile from our benchmark JSON
-    cli        `mogelm sim [run|search|validate|calibrate]`
+    deploy     one deployment's plan (layout, batch, TPOT, prefill) as a dict and as text
 
-It depends only on mogelm.config and numpy: no GPU, no model code. README.md here holds the
-validation table.
+The command `mogelm sim [run|search|validate|calibrate]` is mogelm/commands/sim.py.
+
+It depends only on mogelm.config, numpy and analysis.metrics (the Monte-Carlo routing sampler
+it shares with `mogelm imbalance`): no GPU, no model code. README.md here holds the validation
+table.
 """
 
 from mogelm.sim.cost import QUANTS, step_cost

@@ -10,7 +10,7 @@ Benchmark JSON (written by the kernel benchmarks to benchmarks/results/*.json; e
      "rows": [{"model_shape": "pangu" | "qwen3-30b-a3b", "backend": "loop" | "grouped_mm" | "triton",
                "dtype": "bf16" | "fp8", "tokens": 128, "ms": 1.164, "floor_ms": 0.621, "tflops": 36.1}, ...]}
 
-Two optional sections, as written by `python -m mogelm.sim.microbench`:
+Two optional sections, as written by `python benchmarks/bench_sim_microbench.py`:
 
      "collectives": [{"world": 2, "bytes": 4669440, "allgather_ms": 0.067, "reducescatter_ms": 0.068}, ...],
      "decode_attention": [{"batch": 128, "kv_bytes": 1073741824, "ms": 0.266, ...}, ...]
@@ -165,3 +165,10 @@ def calibrate_file(path: str, *, base: str | None = None, backend: str | None = 
     if not isinstance(bench, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     return calibrate(bench, base=base, backend=backend, source=p.name)
+
+
+def describe_calibration(hw: HardwareProfile) -> str:
+    """One line: the efficiencies and grouped-GEMM curve a calibrated profile carries."""
+    return (f"  bandwidth {hw.memory_bandwidth_GBps:.0f} GB/s x {hw.mem_efficiency:.3f}, dense GEMM "
+            f"efficiency {hw.gemm_efficiency:.3f}, grouped-GEMM curve " +
+            ", ".join(f"{r:g} rows/expert: {e:.2f}" for r, e in hw.grouped_gemm_curve))

@@ -11,13 +11,11 @@ interconnect level that holds the group (hardware.LinkLevel):
 
     all-gather(p, n) = reduce-scatter(p, n) = c + steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
     all-reduce(p, n) = 2 * all-gather(p, n)          (reduce-scatter then all-gather)
-    all-to-all(p, n) = c + steps(p) * alpha + (p-1)/p * n / bus_bandwidth(p)
 
-n is the full buffer per device (the gathered result; for all-to-all what one device sends plus
-keeps); c is a per-call overhead (0 in the built-in profiles; calibrated from eager
-measurements). For a switch or a shared bus, steps = p-1 and the bus bandwidth is the per-device
-link bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)): the ring. For a full mesh
-(HCCS), one step and p-1 links at once.
+n is the full buffer per device (the gathered result); c is a per-call overhead (0 in the built-in
+profiles; calibrated from eager measurements). For a switch or a shared bus, steps = p-1 and the
+bus bandwidth is the per-device link bandwidth, so all-gather = (p-1) * (alpha + n / (p * bw)):
+the ring. For a full mesh (HCCS), one step and p-1 links at once.
 
 The layer follows the paper's H2P inference layout (PAPER.md section 6.1): attention runs
 data-parallel x tensor-parallel with an all-gather before QKV and a reduce-scatter after o_proj
@@ -26,8 +24,8 @@ expert-parallel x tensor-parallel and the shared expert tensor-parallel, then re
 
 Routing load. MoGE gives every EP rank exactly T*K/EP rows (when EP divides the number of
 groups). Top-k gives a random load; the busiest rank sets the time, so we use the expected
-maximum over EP ranks of its rows (Monte-Carlo, cached), and likewise the most experts any rank
-touches, which sets its weight reads (see routing_load).
+maximum over EP ranks of its rows (Monte-Carlo with analysis.metrics' routing sampler, cached),
+and likewise the most experts any rank touches, which sets its weight reads (see routing_load).
 """
 
 from __future__ import annotations
@@ -37,7 +35,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from mogelm.analysis.metrics import sample_expert_counts
 from mogelm.config import ModelConfig
 from mogelm.sim.hardware import HardwareProfile
 
@@ -189,11 +189,6 @@ def allreduce_time(p: int, nbytes: float, hw: HardwareProfile) -> float:
     return 2.0 * allgather_time(p, nbytes, hw)
 
 
-def alltoall_time(p: int, nbytes: float, hw: HardwareProfile) -> float:
-    """All-to-all where each device holds `nbytes` and keeps 1/p of it."""
-    return allgather_time(p, nbytes, hw)
-
-
 # Routing load ----------------------------------------------------------------------------------
 
 EXACT_TOKENS = 64  # up to this many tokens, sample each token's distinct picks exactly
@@ -236,7 +231,8 @@ def routing_load(routing: str, tokens: int, num_experts: int, num_groups: int, t
             expert popularity of `expert_popularity(N, K, skew)` (a real router's imbalance).
     MoGE with EP dividing M gives every rank exactly T*K/EP rows by construction, whatever the
     router prefers inside a group. Up to EXACT_TOKENS tokens the picks are sampled exactly
-    (Gumbel top-K); above, each group's (or the layer's) picks are one multinomial (with
+    (Gumbel top-K, through analysis.metrics.sample_expert_counts, the sampler behind
+    `mogelm imbalance` too); above, each group's (or the layer's) picks are one multinomial (with
     replacement, a slight over-estimate of the spread). A fixed seed makes the Monte-Carlo
     deterministic; results are cached.
     """
@@ -252,10 +248,7 @@ def routing_load(routing: str, tokens: int, num_experts: int, num_groups: int, t
         if probs is not None:
             keys += np.log(probs)
         k_pick = top_k // num_groups if moge else top_k
-        picked = np.argpartition(-keys, k_pick - 1, axis=-1)[..., :k_pick]  # K largest keys
-        hits = np.zeros(keys.shape, dtype=np.int32)
-        np.put_along_axis(hits, picked, 1, axis=-1)
-        counts = hits.sum(axis=1).reshape(samples, num_experts)  # groups are contiguous blocks
+        counts = sample_expert_counts(torch.from_numpy(keys), k_pick).numpy()  # K largest keys per group
     elif moge:
         k_prime = top_k // num_groups
         counts = rng.multinomial(tokens * k_prime, [1 / n_g] * n_g, size=(samples, num_groups))
@@ -269,14 +262,6 @@ def routing_load(routing: str, tokens: int, num_experts: int, num_groups: int, t
     if moge and num_groups % ep == 0:
         rows = tokens * top_k / ep  # exact: every token sends K' rows to each group
     return float(rows), float(touched)
-
-
-def imbalance_factor(routing: str, tokens: int, cfg: ModelConfig, ep: int, skew: float = 1.0) -> float:
-    """Busiest-rank rows / mean rows (1.0 = perfectly balanced)."""
-    mean = tokens * cfg.num_experts_per_tok / ep
-    rows, _ = routing_load(routing, int(tokens), cfg.num_experts, cfg.num_groups, cfg.num_experts_per_tok, ep,
-                           float(skew))
-    return rows / mean if mean else 1.0
 
 
 # One step of the whole model -------------------------------------------------------------------

@@ -168,33 +168,20 @@ def format_ranking(results: list[Candidate], targets: list[Target], top: int = 1
 
 
 def plot_search(results: list[Candidate], targets: list[Target], path: str) -> None:
-    """Figure-3-style plot: normalised throughput of every candidate on the first two targets."""
-    try:
-        import matplotlib
+    """Figure-3-style plot (analysis.plots.search_throughput): normalised throughput of every
+    candidate on each target, MoGE and the same shape routed top-k, the Pangu shape starred."""
+    from mogelm.analysis import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ValueError("plotting needs matplotlib: pip install matplotlib (or mogelm[plot])") from e
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False)
     order = sorted(results, key=lambda c: c.active_b)
-    for ax, t in zip(axes[0], targets):
-        xs = list(range(len(order)))
-        ax.scatter(xs, [c.normalised[t.label] for c in order], s=14, c="tab:blue", label="MoGE candidates")
+    panels = {}
+    for t in targets:
         ref = [c.moge[t.label] / c.normalised[t.label] if c.normalised[t.label] else 0 for c in order]
         base = max(ref) if ref else 1.0
-        ax.scatter(xs, [c.topk.get(t.label, 0) / base for c in order], s=10, marker="x", c="tab:gray",
-                   label="same shape, top-k")
-        for i, c in enumerate(order):
-            if c.is_pangu:
-                ax.scatter([i], [c.normalised[t.label]], s=260, marker="*", c="tab:orange", edgecolors="k",
-                           label="Pangu Pro MoE shape", zorder=5)
-        ax.set_title(t.label)
-        ax.set_xlabel("candidate (sorted by active parameters)")
-        ax.set_ylabel("decode tokens/s per card (normalised)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(loc="best", fontsize=8)
-    fig.suptitle("mogelm sim search: MoGE candidates in the paper's space (cf. paper Fig. 3)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        panels[t.label] = ([c.normalised[t.label] for c in order],
+                           [c.topk.get(t.label, 0) / base for c in order])
+    try:
+        plots.search_throughput(panels, [i for i, c in enumerate(order) if c.is_pangu], path)
+    except ImportError as e:
+        if "matplotlib" not in (e.name or ""):
+            raise
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or mogelm[plot])") from e

@@ -1,7 +1,7 @@
 """Check the simulator against the paper's Tables 5-7 and our H200 measurements (DESIGN.md section 5).
 
     mogelm sim validate [--json]
-    from mogelm.sim.validate import run_checks, format_table
+    from mogelm.sim.validate import run_checks, format_table, h200_forecasts, format_forecasts
 
 Every row is one number the simulator predicts next to one number somebody measured, with the
 relative error (predicted - measured) / measured. Targets: 25 % for the paper, 15 % for our
@@ -233,6 +233,23 @@ def h200_eager_profile() -> HardwareProfile | None:
     if not MICROBENCH.is_file():
         return None
     return calibrate(json.loads(MICROBENCH.read_text()), source="microbench")
+
+
+def h200_forecasts() -> tuple[dict, dict | None]:
+    """The full-model H200 forecast with the built-in profile, and with the microbenchmark's eager
+    collectives (None without the microbenchmark data)."""
+    eager = h200_eager_profile()
+    return h200_full_model(), h200_full_model(eager) if eager else None
+
+
+def format_forecasts(forecast: dict, forecast_eager: dict | None) -> str:
+    lines = ["Forecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048:"]
+    for name, f in (("built-in profile", forecast), ("microbench-calibrated (eager NCCL)", forecast_eager)):
+        if f:
+            lines.append(f"  {name}: {f['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch "
+                         f"{f['batch']}, TPOT {f['tpot_ms']:.1f} ms, limited by {f['limited_by']} "
+                         f"({f['layout_text']})")
+    return "\n".join(lines)
 
 
 def format_table(checks: list[Check]) -> str:

@@ -1,4 +1,5 @@
-"""`mogelm generate`: sample text from a checkpoint through the KV cache.
+"""`mogelm generate`: sample text from a checkpoint through the KV cache (a thin layer over
+mogelm.inference.Engine: from_pretrained, sampling_params, generate).
 
     mogelm generate --model runs/demo/moge/final --prompt "def main(" --max-tokens 64
     mogelm generate --model DIR --prompt "import os" --prompt "class A" --temperature 0 --json
@@ -19,22 +20,29 @@ from mogelm.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the chat template")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: checkpoint / 0.6)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: checkpoint / 0.95)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens; 0 = off (default 50)")
-    p.add_argument("--seed", type=int, default=None, help="random seed of the sampler (per prompt: seed + index)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass (default: checkpoint / 0.95)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of the sampler (per prompt: seed + index)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable); not included in the output")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy small CPU)")
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy "
+                        "small CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON list with text, token ids and counts")
 
 
@@ -55,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         chat_stop = engine.tokenizer.chat_stop_token_ids()
         try:
-            prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+            prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}])
+                       for p in prompts]
         except ValueError as e:
             raise UserError(str(e)) from None
     try:
@@ -70,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.json:
-        print(json.dumps([{"prompt": p, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-                           "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
+        print(json.dumps([{"prompt": p, "text": o.text, "token_ids": o.token_ids,
+                           "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
+                           "completion_tokens": o.completion_tokens}
                           for p, o in zip(args.prompt, outs)], ensure_ascii=False, indent=2))
         return 0
     for i, (p, o) in enumerate(zip(args.prompt, outs)):

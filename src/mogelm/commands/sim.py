@@ -1,4 +1,5 @@
-"""`mogelm sim`: parallel layout, batch and throughput of a MoGE model on given hardware.
+"""`mogelm sim`: parallel layout, batch and throughput of a MoGE model on given hardware (a thin
+layer over mogelm.sim: deploy, search, validate, calibrate, which also format what it prints).
 
     mogelm sim --model pangu-pro-moe-72b --hardware ascend-800i-a2 --cards 4 --tpot-ms 100 \\
                --context 2048 --quant w8a8 [--json]
@@ -24,16 +25,9 @@ from mogelm.config import ModelConfig, from_name, preset_names
 from mogelm.errors import UserError
 from mogelm.hf_config import read_config
 from mogelm.sim.cost import QUANTS, Quant
+from mogelm.sim.deploy import format_deployment, plan_deployment
 from mogelm.sim.hardware import HardwareProfile, load_profile, profile_names
-from mogelm.sim.layout import (
-    MAX_BATCH,
-    Layout,
-    decode_plan_at,
-    enumerate_layouts,
-    plan_decode,
-    plan_prefill,
-    world_size,
-)
+from mogelm.sim.layout import Layout, enumerate_layouts, world_size
 
 ACTIONS = ("run", "search", "validate", "calibrate")
 
@@ -47,25 +41,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "calibrate: build a hardware profile from a benchmark JSON")
     parser.add_argument("bench_json", nargs="?", help="calibrate: the benchmark results JSON to read")
     parser.add_argument("--model", default="pangu-pro-moe-72b",
-                        help=f"preset ({', '.join(preset_names())}), a checkpoint directory or its config.json")
+                        help=f"preset ({', '.join(preset_names())}), a checkpoint directory or its "
+                             "config.json")
     parser.add_argument("--hardware", default="ascend-800i-a2",
                         help=f"built-in profile ({', '.join(profile_names())}) or a profile JSON path")
-    parser.add_argument("--cards", type=int, default=4, help="cards to deploy on (a 300I Duo card holds 2 chips)")
-    parser.add_argument("--tpot-ms", type=float, default=100.0, help="time-per-output-token limit for decode (ms)")
-    parser.add_argument("--context", type=int, default=2048, help="tokens per sequence (KV length; prompt length)")
+    parser.add_argument("--cards", type=int, default=4,
+                        help="cards to deploy on (a 300I Duo card holds 2 chips)")
+    parser.add_argument("--tpot-ms", type=float, default=100.0,
+                        help="time-per-output-token limit for decode (ms)")
+    parser.add_argument("--context", type=int, default=2048,
+                        help="tokens per sequence (KV length; prompt length)")
     parser.add_argument("--quant", default="w8a8", choices=sorted(QUANTS),
                         help="weights/activations: bf16, w8a8 (int8 KV), w4a8 (int8 KV), fp8 (fp8 KV)")
     parser.add_argument("--kv-bytes", type=float, default=None,
                         help="override bytes per KV-cache element (e.g. 2 for a bf16 cache under w8a8)")
     parser.add_argument("--routing", choices=["moge", "topk"], default=None,
-                        help="override the model's routing (top-k: busiest EP rank from the multinomial load)")
+                        help="override the model's routing (top-k: busiest EP rank from the multinomial "
+                             "load)")
     parser.add_argument("--topk-skew", type=float, default=1.0,
-                        help="top-k only: busiest expert's load over the mean (1 = uniform router; the paper's "
-                             "Fig. 10 shows about 3.2 for DeepSeek-V2-Lite's first MoE layer)")
+                        help="top-k only: busiest expert's load over the mean (1 = uniform router; the "
+                             "paper's Fig. 10 shows about 3.2 for DeepSeek-V2-Lite's first MoE layer)")
     parser.add_argument("--batch", type=int, default=None,
                         help="evaluate this decode batch instead of searching the largest one")
     parser.add_argument("--layout", default=None,
-                        help="fix the layout as ATTN_DPxATTN_TP,EPxETP,SHARED_TP (the paper's H2P: 2x4,4x2,8)")
+                        help="fix the layout as ATTN_DPxATTN_TP,EPxETP,SHARED_TP (the paper's H2P: "
+                             "2x4,4x2,8)")
     parser.add_argument("--prefill-batch", type=int, default=2,
                         help="also report prefill TTFT for this many prompts of --context tokens (0: skip)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -75,14 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top", type=int, default=15, help="rows of the ranked table to print")
     g.add_argument("--plot", default=None, help="write a Figure-3-style plot to this PNG path")
     g.add_argument("--no-topk", action="store_true", help="skip planning each shape with top-k routing")
-    g.add_argument("--quick", action="store_true", help="a small search space (a few seconds), for smoke tests")
+    g.add_argument("--quick", action="store_true",
+                   help="a small search space (a few seconds), for smoke tests")
     g = parser.add_argument_group("calibrate")
     g.add_argument("--out", default=None, help="calibrate: where to write the profile JSON")
     g.add_argument("--base", default=None,
-                   help="calibrate: profile supplying what a benchmark cannot measure (peak rates, memory, links); "
-                        "default: guessed from the benchmark's device name")
+                   help="calibrate: profile supplying what a benchmark cannot measure (peak rates, memory, "
+                        "links); default: guessed from the benchmark's device name")
     g.add_argument("--backend", default=None,
-                   help="calibrate: benchmark backend to take the grouped-GEMM curve from (default: the fastest)")
+                   help="calibrate: benchmark backend to take the grouped-GEMM curve from (default: the "
+                        "fastest)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +108,8 @@ def load_model(spec: str) -> ModelConfig:
     if spec in preset_names():
         return from_name(spec)
     if not Path(spec).exists():
-        raise UserError(f"--model {spec!r} is neither a preset ({', '.join(preset_names())}) nor a config.json")
+        raise UserError(f"--model {spec!r} is neither a preset ({', '.join(preset_names())}) nor a "
+                        "config.json")
     return read_config(spec)
 
 
@@ -117,11 +120,11 @@ def parse_layout(text: str, world: int) -> Layout:
         ep, etp = (int(x) for x in ffn.lower().split("x"))
         lo = Layout(attn_dp=dp, attn_tp=tp, ep=ep, etp=etp, shared_tp=int(shared))
     except ValueError:
-        raise UserError(f"--layout {text!r} must look like 2x4,4x2,8 (attention DPxTP, experts EPxTP, shared TP)") \
-            from None
+        raise UserError(f"--layout {text!r} must look like 2x4,4x2,8 (attention DPxTP, experts EPxTP, "
+                        "shared TP)") from None
     if lo.world != world or ep * etp != world or world % lo.shared_tp:
-        raise UserError(f"--layout {text} does not cover the {world} devices: DPxTP and EPxTP must equal {world} "
-                        "and the shared TP must divide it")
+        raise UserError(f"--layout {text} does not cover the {world} devices: DPxTP and EPxTP must equal "
+                        f"{world} and the shared TP must divide it")
     return lo
 
 
@@ -161,57 +164,16 @@ def _run(args) -> int:
         cfg = cfg.replace(routing=args.routing)
     layouts = [parse_layout(args.layout, world)] if args.layout else enumerate_layouts(cfg, world)
     if not layouts:
-        raise UserError(f"--cards {args.cards} gives {world} devices, and no parallel layout of {cfg.name} fits them: "
-                        f"TP and EP degrees must be powers of two dividing the heads ({cfg.num_heads}), KV heads "
-                        f"({cfg.num_kv_heads}), expert width and experts; try a power-of-two card count")
-    if args.batch is not None:
-        if args.batch < 1:
-            raise UserError("--batch must be at least 1")
-        plans = [decode_plan_at(cfg, hw, q, lo, cards=args.cards, batch=args.batch, context=args.context,
-                                topk_skew=args.topk_skew) for lo in layouts]
-        fitting = [p for p in plans if p.memory.fits]
-        if not fitting:
-            raise UserError(f"batch {args.batch} at context {args.context} does not fit in memory in any layout")
-        decode = min(fitting, key=lambda p: p.step.total)
-    else:
-        decode = plan_decode(cfg, hw, q, cards=args.cards, tpot_ms=args.tpot_ms, context=args.context,
-                             topk_skew=args.topk_skew, layouts=layouts)
-    prefill = None
-    if args.prefill_batch:
-        try:
-            prefill = plan_prefill(cfg, hw, q, cards=args.cards, batch=args.prefill_batch, context=args.context,
-                                   topk_skew=args.topk_skew)
-        except ValueError:
-            prefill = None  # a prefill that does not fit is reported as null, not an error
-    out = {
-        "model": cfg.name, "hardware": hw.name, "cards": args.cards, "devices": world, "quant": q.name,
-        "kv_bytes": q.kv_bytes, "routing": cfg.routing if cfg.is_moe else "dense", "context": args.context,
-        "topk_skew": args.topk_skew if cfg.is_moe and cfg.routing != "moge" else None,
-        "tpot_limit_ms": None if args.batch is not None else args.tpot_ms,
-        "decode": decode.to_dict(), "prefill": prefill.to_dict() if prefill else None,
-    }
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    d = out["decode"]
-    limit = f"TPOT <= {args.tpot_ms:g} ms" if args.batch is None else f"fixed batch {args.batch}"
-    print(f"{cfg.name} on {args.cards} x {hw.name} ({world} devices), {q.name}, context {args.context}, {limit}, "
-          f"routing {out['routing']}")
-    print(f"  layout          {d['layout_text']}")
-    why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)",
-           "batch cap": f" (the search stops at {MAX_BATCH} sequences)"}.get(d["limited_by"], "")
-    print(f"  decode batch    {d['batch']}{why}")
-    print(f"  TPOT            {d['tpot_ms']:.2f} ms")
-    print(f"  tokens/s/card   {d['tokens_per_s_per_card']:.1f}")
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["breakdown_ms"].items(), key=lambda kv: -kv[1]))
-    print(f"  step breakdown  {parts} (ms); weight reads {d['weight_read_share'] * 100:.0f} % of the step")
-    m = d["memory"]
-    print(f"  memory/device   weights {m['weights_GB']:.1f} + KV {m['kv_cache_GB']:.1f} + activations "
-          f"{m['activations_GB']:.2f} = {m['total_GB']:.1f} GB of {m['capacity_GB']:.1f} GB usable")
-    if prefill:
-        p = out["prefill"]
-        print(f"  prefill         {args.prefill_batch} x {args.context} tokens: TTFT {p['ttft_ms']:.1f} ms, "
-              f"{p['tokens_per_s_per_card']:.0f} tokens/s/card ({p['layout_text']})")
+        raise UserError(f"--cards {args.cards} gives {world} devices, and no parallel layout of {cfg.name} "
+                        f"fits them: TP and EP degrees must be powers of two dividing the heads "
+                        f"({cfg.num_heads}), KV heads ({cfg.num_kv_heads}), expert width and experts; try a "
+                        "power-of-two card count")
+    if args.batch is not None and args.batch < 1:
+        raise UserError("--batch must be at least 1")
+    out = plan_deployment(cfg, hw, q, cards=args.cards, layouts=layouts, tpot_ms=args.tpot_ms,
+                          context=args.context, topk_skew=args.topk_skew, batch=args.batch,
+                          prefill_batch=args.prefill_batch)
+    print(json.dumps(out, indent=2) if args.json else format_deployment(out, args.prefill_batch))
     return 0
 
 
@@ -226,7 +188,8 @@ def parse_targets(text: str):
         try:
             cards, tpot = int(parts[1]), float(parts[2])
         except ValueError:
-            raise UserError(f"--targets item {item!r}: CARDS must be an integer and TPOT_MS a number") from None
+            raise UserError(f"--targets item {item!r}: CARDS must be an integer and TPOT_MS a number") \
+                from None
         if cards < 1 or not tpot > 0 or math.isinf(tpot):
             raise UserError(f"--targets item {item!r}: CARDS and TPOT_MS must be positive")
         load_profile(parts[0])  # fail early on an unknown name
@@ -242,8 +205,8 @@ def _search(args) -> int:
     if args.quick:
         space = SearchSpace(hidden_sizes=(4096, 5120), kv_heads=(8,), layers=(40, 48), experts=(64,),
                             expert_widths=(1344, 2048))
-    results = run_search(space, targets, quant=args.quant, context=args.context, compare_topk=not args.no_topk,
-                         topk_skew=args.topk_skew)
+    results = run_search(space, targets, quant=args.quant, context=args.context,
+                         compare_topk=not args.no_topk, topk_skew=args.topk_skew)
     if args.plot:
         plot_search(results, targets, args.plot)
     if args.json:
@@ -260,36 +223,31 @@ def _search(args) -> int:
 
 
 def _validate(args) -> int:
-    from mogelm.sim.validate import format_table, h200_eager_profile, h200_full_model, run_checks
+    from mogelm.sim.validate import format_forecasts, format_table, h200_forecasts, run_checks
 
     checks = run_checks()
-    forecast = h200_full_model()
-    eager = h200_eager_profile()
-    forecast_eager = h200_full_model(eager) if eager else None
+    forecast, forecast_eager = h200_forecasts()
     if args.json:
         print(json.dumps({"date": "2026-11-28", "checks": [c.to_dict() for c in checks],
-                          "h200_forecast": forecast, "h200_forecast_eager_collectives": forecast_eager}, indent=2))
+                          "h200_forecast": forecast, "h200_forecast_eager_collectives": forecast_eager},
+                         indent=2))
         return 0
     print(format_table(checks))
-    print("\nForecast, no measurement yet: Pangu Pro MoE bf16 on 8x H200, TPOT <= 99 ms, context 2048:")
-    for name, f in (("built-in profile", forecast), ("microbench-calibrated (eager NCCL)", forecast_eager)):
-        if f:
-            print(f"  {name}: {f['tokens_per_s_per_card']:.0f} tokens/s per GPU at batch {f['batch']}, TPOT "
-                  f"{f['tpot_ms']:.1f} ms, limited by {f['limited_by']} ({f['layout_text']})")
+    print()
+    print(format_forecasts(forecast, forecast_eager))
     return 0
 
 
 def _calibrate(args) -> int:
-    from mogelm.sim.calibrate import calibrate_file
+    from mogelm.sim.calibrate import calibrate_file, describe_calibration
 
     if not args.bench_json:
-        raise UserError("calibrate needs the benchmark JSON: mogelm sim calibrate BENCH_JSON --out PROFILE_JSON")
+        raise UserError("calibrate needs the benchmark JSON: mogelm sim calibrate BENCH_JSON --out "
+                        "PROFILE_JSON")
     if not args.out:
         raise UserError("calibrate needs --out PROFILE_JSON")
     hw = calibrate_file(args.bench_json, base=args.base, backend=args.backend)
     hw.save(args.out)
     print(f"wrote {args.out}: {hw.description}")
-    print(f"  bandwidth {hw.memory_bandwidth_GBps:.0f} GB/s x {hw.mem_efficiency:.3f}, dense GEMM efficiency "
-          f"{hw.gemm_efficiency:.3f}, grouped-GEMM curve " +
-          ", ".join(f"{r:g} rows/expert: {e:.2f}" for r, e in hw.grouped_gemm_curve))
+    print(describe_calibration(hw))
     return 0

@@ -1,6 +1,7 @@
-"""GPU micro-benchmarks the simulator is checked against: decode attention and NCCL collectives.
+"""GPU micro-benchmarks the simulator (mogelm.sim) is checked against: decode attention and NCCL
+collectives. Lives here, not in the package, because it needs CUDA and torch.distributed (NCCL).
 
-    python -m mogelm.sim.microbench --out h200_microbench.json          # on a machine with >= 1 GPU
+    python benchmarks/bench_sim_microbench.py --out h200_microbench.json   # on a machine with >= 1 GPU
 
 Measures, in bf16 on the current CUDA device(s):
   - decode attention as mogelm's model runs it (model.py: F.scaled_dot_product_attention with
@@ -9,9 +10,9 @@ Measures, in bf16 on the current CUDA device(s):
   - all-gather and reduce-scatter (torch.distributed, NCCL) over every GPU of the machine, for the
     buffer sizes a Pangu decode / prefill step moves (T tokens x 5120 x 2 bytes);
   - the device copy bandwidth and a dense bf16 GEMM, so the run carries its own ceilings.
-Writes one JSON object. `mogelm sim validate` compares the simulator's predictions with the file
-stored next to this module (data/h200_microbench.json) when it exists. Not imported by the rest
-of mogelm.sim (it needs CUDA).
+Writes one JSON object. `mogelm sim validate` compares the simulator's predictions with the copy
+stored in the package (src/mogelm/sim/data/h200_microbench.json); `mogelm sim calibrate` reads
+its "collectives" and "decode_attention" sections.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """`mogelm imbalance`: Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Eq. 3-4, Fig. 2b).
 
     mogelm imbalance --experts 64 --groups 8 --top-k 8 --tokens 16 --trials 20000 [--json]
+
+A thin layer over mogelm.analysis.metrics (simulate_imbalance, summarize).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for routing in ("topk", "moge"):
         try:
-            samples = simulate_imbalance(args.experts, args.groups, args.top_k, args.tokens, args.trials, routing, args.seed)
+            samples = simulate_imbalance(args.experts, args.groups, args.top_k, args.tokens, args.trials,
+                                         routing, args.seed)
         except ValueError as e:
             raise UserError(str(e)) from None
         results.append(summarize(routing, samples))
-    setup = {"experts": args.experts, "groups": args.groups, "top_k": args.top_k, "tokens": args.tokens, "trials": args.trials}
+    setup = {"experts": args.experts, "groups": args.groups, "top_k": args.top_k, "tokens": args.tokens,
+             "trials": args.trials}
     if args.json:
         print(json.dumps({"setup": setup, "results": [r.to_dict() for r in results]}, indent=2))
         return 0

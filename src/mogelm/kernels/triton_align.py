@@ -1,6 +1,10 @@
-"""Block-aligned dispatch plan on the device: routed rows sorted (stably) by expert and each
-expert padded to BLOCK_M rows, so every GEMM row block holds rows of one expert. No host sync,
-grids sized from S and E only (CUDA-graph capturable). Readable twin: _align_torch.
+"""The align step of the Triton MoE pipeline: builds the block-aligned dispatch plan on the device.
+Routed rows are sorted (stably) by expert and each expert is padded to BLOCK_M rows, so every
+GEMM row block holds rows of one expert. No host sync, grids sized from S and E only
+(CUDA-graph capturable). Readable twin: align_torch (same plan with sort/cumsum/searchsorted).
+
+    plan = align(expert_ids_TK, E, block_m)     # DispatchPlan: sorted_ids_P, block_expert_NB, ...
+
 Legend: S routed rows (flat s = t*K + k), E experts, P padded rows, NB = P / BLOCK_M blocks.
 """
 
@@ -165,7 +169,7 @@ def _max_padded_rows(S: int, E: int, block_m: int) -> int:
     return triton.cdiv(S + min(E, S) * (block_m - 1), block_m) * block_m
 
 
-def _align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
+def align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
     """The readable twin of align(): the same plan with sort/cumsum/searchsorted; no host sync."""
     S = ids_S.numel()
     dev = ids_S.device
