@@ -152,7 +152,8 @@ def layer_holder(layer):
     return Holder()
 
 
-def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, dtype, graph=False, profile=False):
+def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, dtype, graph=False,
+               profile=False):
     """One measurement; returns a dict (same on every rank after gathering). With profile=True:
     torch.profiler over 3 steps instead, returning this rank's op table (self device time)."""
     cuda = device.type == "cuda"
@@ -167,13 +168,16 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
     g = torch.Generator(device=device).manual_seed(1000 + rank)
     n_sets = 4  # rotate among routing/input sets
     logp = p.log().to(dtype)
-    biases = [(logp - torch.empty(T, E, device=device).exponential_(generator=g).log()).to(dtype) for _ in range(n_sets)]
+    biases = [(logp - torch.empty(T, E, device=device).exponential_(generator=g).log()).to(dtype)
+              for _ in range(n_sets)]
     xs = [torch.randn(T, cfg.hidden_size, device=device, dtype=dtype, generator=g) for _ in range(n_sets)]
     dys = [torch.randn(T, cfg.hidden_size, device=device, dtype=dtype, generator=g) for _ in range(n_sets)]
     bias_now = torch.zeros(T, E, device=device, dtype=dtype)
     layer.gate.register_forward_hook(lambda m, i, o: o + bias_now)
     captured = {}
-    layer.experts.register_forward_pre_hook(lambda m, a: captured.__setitem__("rows", [t.detach() for t in a]))
+    layer.experts.register_forward_pre_hook(
+        lambda m, a: captured.__setitem__("rows", [t.detach() for t in a])
+    )
     train = mode == "train"
     layer.train(train)
     x_static = torch.zeros(T, cfg.hidden_size, device=device, dtype=dtype)
@@ -276,7 +280,8 @@ def run_config(args, cfg_base, routing, dispatcher, dist_name, T, mode, device, 
     return {
         "mode": mode, "T": T, "routing": routing, "dispatcher": dispatcher + ("/graph" if graph else ""),
         "dist": dist_name,
-        "step_ms": [r[0] for r in every], "comm_ms": [r[1] for r in every], "experts_ms": [r[2] for r in every],
+        "step_ms": [r[0] for r in every], "comm_ms": [r[1] for r in every],
+        "experts_ms": [r[2] for r in every],
         "count_exchange_ms": [r[4] for r in every],
         "load_rows": loads_r, "load_share": [x / total if total else float("nan") for x in loads_r],
         "popularity_rank_share": [float(p[r * E_loc : (r + 1) * E_loc].sum()) for r in range(world)],
@@ -295,7 +300,8 @@ def nccl_equality_check(device) -> dict:
         with torch.device(device):
             full = MoGELayer(cfg)
             full.reset_parameters()
-            x_all = torch.randn(2 * 64 * world, cfg.hidden_size, generator=torch.Generator(device).manual_seed(1), device=device)
+            x_all = torch.randn(2 * 64 * world, cfg.hidden_size,
+                                generator=torch.Generator(device).manual_seed(1), device=device)
         ep = copy.deepcopy(full)
         apply_expert_parallel(layer_holder(ep), dist.group.WORLD, disp)
         xa = x_all.clone().requires_grad_()
@@ -314,8 +320,10 @@ def fmt(res):
     if "error" in res:
         return f"| {res.get('label', '')} | error: {res['error']} |"
     f2 = lambda xs: "/".join(f"{x:.3f}" if not math.isnan(x) else "-" for x in xs)
-    share = "/".join(f"{x:.3f}" for x in res["load_share"]) if not any(math.isnan(x) for x in res["load_share"]) else "-"
-    return (f"| {res['mode']} | {res['T']} | {res['dist']} | {res['routing']}/{res['dispatcher']} | {share} | "
+    share = ("/".join(f"{x:.3f}" for x in res["load_share"])
+             if not any(math.isnan(x) for x in res["load_share"]) else "-")
+    return (f"| {res['mode']} | {res['T']} | {res['dist']} | {res['routing']}/{res['dispatcher']} "
+            f"| {share} | "
             f"{f2(res['experts_ms'])} | {f2(res['comm_ms'])} | {max(res['step_ms']):.3f} |")
 
 
@@ -334,7 +342,8 @@ def main():
     ap.add_argument("--dists", default="uniform,trained-topk,lognormal")
     ap.add_argument("--backend", default="torch", help="kernel backend for the routed experts")
     ap.add_argument("--profile", action="store_true",
-                    help="only profile (torch.profiler) a few configurations; op tables to --out/profile_rankN.txt")
+                    help="only profile (torch.profiler) a few configurations; "
+                         "op tables to --out/profile_rankN.txt")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -379,7 +388,8 @@ def main():
 
     if args.profile:
         T_big = train_T[-1]
-        todo = [("train", T_big, "topk", "topk_a2a"), ("train", T_big, "moge", "topk_a2a"), ("train", T_big, "moge", "moge_a2a"),
+        todo = [("train", T_big, "topk", "topk_a2a"), ("train", T_big, "moge", "topk_a2a"),
+                ("train", T_big, "moge", "moge_a2a"),
                 ("forward", decode_T[0], "topk", "topk_a2a"), ("forward", decode_T[0], "moge", "moge_a2a")]
         texts = []
         for mode, T, routing, disp in todo:
@@ -401,22 +411,26 @@ def main():
                     try:
                         record(run_config(args, cfg, routing, disp, dname, T, mode, device, dtype))
                     except Exception as e:  # noqa: BLE001
-                        record({"error": f"{type(e).__name__}: {str(e)[:300]}", "label": f"{mode} {T} {dname} {routing}/{disp}"})
+                        record({"error": f"{type(e).__name__}: {str(e)[:300]}",
+                                "label": f"{mode} {T} {dname} {routing}/{disp}"})
     for T in decode_T:
         for dname in dists:
             for routing, disp in train_cfgs:
                 try:
                     record(run_config(args, cfg, routing, disp, dname, T, "forward", device, dtype))
                 except Exception as e:  # noqa: BLE001
-                    record({"error": f"{type(e).__name__}: {str(e)[:300]}", "label": f"decode {T} {dname} {routing}/{disp}"})
+                    record({"error": f"{type(e).__name__}: {str(e)[:300]}",
+                            "label": f"decode {T} {dname} {routing}/{disp}"})
     # CUDA graphs last: a capture that goes wrong cannot spoil the eager numbers above.
     for T in decode_T if cuda else []:
         for dname in dists[:1]:  # MoGE loads do not depend on the distribution
             for routing, disp, graph in (("moge", "moge_a2a", True), ("moge", "moge_agrs", True)):
                 try:
-                    record(run_config(args, cfg, routing, disp, dname, T, "forward", device, dtype, graph=graph))
+                    record(run_config(args, cfg, routing, disp, dname, T, "forward", device, dtype,
+                                      graph=graph))
                 except Exception as e:  # noqa: BLE001
-                    record({"error": f"{type(e).__name__}: {str(e)[:300]}", "label": f"decode {T} {dname} {routing}/{disp}"})
+                    record({"error": f"{type(e).__name__}: {str(e)[:300]}",
+                            "label": f"decode {T} {dname} {routing}/{disp}"})
     if rank == 0 and args.out:
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(HEADER + "\n" + "\n".join(fmt(r) for r in results) + "\n")

@@ -95,7 +95,8 @@ def route(s: dict, T: int):
     return logits, w, ids
 
 
-def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, rows: list, layer_rows: list, args):
+def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, rows: list, layer_rows: list,
+                args):
     D, F, E = s["D"], s["F"], s["E"]
     K = s["G"] * s["kp"]
     gate_up, down = make_experts(s)
@@ -117,7 +118,8 @@ def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, 
         def add(backend, dtype, ms, graph, gmm_ms=None, **extra):
             per = expert_bytes_bf16 if dtype == "bf16" else expert_bytes_fp8
             floor_ms = touched * per / bw / 1e6
-            row = dict(common, backend=backend, dtype=dtype, ms=ms, floor_ms=floor_ms, frac_floor=floor_ms / ms,
+            row = dict(common, backend=backend, dtype=dtype, ms=ms, floor_ms=floor_ms,
+                       frac_floor=floor_ms / ms,
                        tflops=flops / ms / 1e9, frac_dense=flops / ms / 1e9 / dense, cuda_graph=graph,
                        speedup_vs_grouped_mm=(gmm_ms / ms) if gmm_ms else None, **extra)
             rows.append(row)
@@ -176,7 +178,8 @@ def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, 
         t_route_triton, _ = best_of(lambda: tm.moge_route(*args_r), T)
         t_align, _ = best_of(lambda: tm.align(ids, E, cfg.gate_up.block_m), T)
         layer_rows.append(dict(common, layer_ms=t_layer, sum_of_gemms_ms=gemms, gate_up_ms=t_gu, down_ms=t_dn,
-                               router_gemm_ms=t_router, shared_gemms_ms=t_shared, overhead=t_layer / gemms - 1,
+                               router_gemm_ms=t_router, shared_gemms_ms=t_shared,
+                               overhead=t_layer / gemms - 1,
                                cuda_graph=g, route_torch_ms=t_route_torch, route_triton_ms=t_route_triton,
                                align_ms=t_align, config=repr(cfg)))
         log(f"  {name:14s} T={T:6d} routing torch {t_route_torch:.4f} ms, triton {t_route_triton:.4f} ms, "
@@ -192,26 +195,26 @@ def bench_shape(name: str, s: dict, tokens: list[int], bw: float, dense: float, 
 
 CANDIDATES = {  # regime -> kind -> (block_m, block_n, block_k, group_m, warps, stages), likeliest first
     "decode": {
-        "bf16": [(16, 64, 128, 8, 4, 4), (16, 32, 128, 8, 4, 4), (16, 128, 64, 8, 4, 4), (16, 64, 256, 8, 4, 3),
-                 (16, 32, 256, 8, 4, 3), (16, 64, 64, 8, 4, 6)],
-        "fp8": [(16, 64, 256, 8, 4, 4), (16, 128, 128, 8, 4, 4), (16, 64, 128, 8, 4, 5), (16, 32, 256, 8, 4, 4),
-                (16, 128, 256, 8, 4, 3), (16, 64, 512, 8, 4, 3)],
+        "bf16": [(16, 64, 128, 8, 4, 4), (16, 32, 128, 8, 4, 4), (16, 128, 64, 8, 4, 4),
+                 (16, 64, 256, 8, 4, 3), (16, 32, 256, 8, 4, 3), (16, 64, 64, 8, 4, 6)],
+        "fp8": [(16, 64, 256, 8, 4, 4), (16, 128, 128, 8, 4, 4), (16, 64, 128, 8, 4, 5),
+                (16, 32, 256, 8, 4, 4), (16, 128, 256, 8, 4, 3), (16, 64, 512, 8, 4, 3)],
     },
     "mid": {
-        "bf16": [(16, 64, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4), (32, 128, 64, 8, 4, 4), (16, 128, 64, 8, 4, 4),
-                 (32, 64, 64, 8, 4, 5), (64, 64, 128, 8, 4, 3)],
-        "fp8": [(16, 64, 256, 8, 4, 4), (32, 64, 256, 8, 4, 3), (32, 128, 128, 8, 4, 4), (16, 128, 128, 8, 4, 4),
-                (32, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4)],
+        "bf16": [(16, 64, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4), (32, 128, 64, 8, 4, 4),
+                 (16, 128, 64, 8, 4, 4), (32, 64, 64, 8, 4, 5), (64, 64, 128, 8, 4, 3)],
+        "fp8": [(16, 64, 256, 8, 4, 4), (32, 64, 256, 8, 4, 3), (32, 128, 128, 8, 4, 4),
+                (16, 128, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4)],
     },
     "large": {
-        "bf16": [(64, 128, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4),
-                 (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 8, 3)],
+        "bf16": [(64, 128, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
+                 (64, 64, 128, 8, 4, 4), (128, 128, 64, 8, 4, 4), (64, 256, 64, 8, 8, 3)],
     },
     "prefill": {
-        "bf16": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 16, 8, 4),
-                 (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4)],
-        "w8a8": [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3), (128, 128, 64, 8, 8, 4),
-                 (256, 128, 128, 8, 8, 3), (128, 128, 128, 16, 8, 4)],
+        "bf16": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
+                 (128, 128, 64, 16, 8, 4), (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4)],
+        "w8a8": [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 256, 128, 8, 8, 3),
+                 (128, 128, 64, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 16, 8, 4)],
     },
 }
 DECODE_CANDIDATES = {  # block_f, block_k, block_d, warps, stages for the no-sort small-T kernel
@@ -256,7 +259,8 @@ def tune_point(s: dict, T: int, kind: str, experts) -> dict | None:
         x, x_s = tm.quant_rows(x)
     S = T * K
     reg = regime(S / E)
-    cands = CANDIDATES[reg].get(kind) or CANDIDATES[reg]["fp8" if kind == "w8a8" and reg != "prefill" else "bf16"]
+    cands = (CANDIDATES[reg].get(kind)
+             or CANDIDATES[reg]["fp8" if kind == "w8a8" and reg != "prefill" else "bf16"])
     graph = T <= 128
     best = {}
     for c in cands:
@@ -369,7 +373,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    log("\nshape          T       loop    gmm      triton  %floor  TFLOP/s %dense  x gmm   fp8w   fp8w8a8 fp8/bf16")
+    log("\nshape          T       loop    gmm      triton  %floor  TFLOP/s %dense  "
+        "x gmm   fp8w   fp8w8a8 fp8/bf16")
     for name in shapes:
         for T in tokens:
             r = {(x["backend"], x["dtype"], x.get("activations")): x for x in rows
@@ -377,9 +382,11 @@ def main(argv=None):
             tr = r[("triton", "bf16", None)]
             lp = r.get(("loop", "bf16", None))
             fw, fa = r[("triton", "fp8", "bf16")], r[("triton", "fp8", "fp8")]
-            log(f"{name:14s} {T:6d} {lp['ms'] if lp else float('nan'):8.3f} {r[('grouped_mm', 'bf16', None)]['ms']:8.3f} "
+            log(f"{name:14s} {T:6d} {lp['ms'] if lp else float('nan'):8.3f} "
+                f"{r[('grouped_mm', 'bf16', None)]['ms']:8.3f} "
                 f"{tr['ms']:8.3f} {tr['frac_floor']:6.1%} {tr['tflops']:7.1f} {tr['frac_dense']:6.1%} "
-                f"{tr['speedup_vs_grouped_mm']:5.2f} {fw['ms']:8.3f} {fa['ms']:8.3f} {tr['ms'] / min(fw['ms'], fa['ms']):5.2f}")
+                f"{tr['speedup_vs_grouped_mm']:5.2f} {fw['ms']:8.3f} {fa['ms']:8.3f} "
+                f"{tr['ms'] / min(fw['ms'], fa['ms']):5.2f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def ceilings() -> dict:
     a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
     ms = _time_cuda(lambda: a @ b, iters=20)
-    return {"copy_bandwidth_GBps": round(copy_gbps, 1), "dense_bf16_tflops": round(2 * m**3 / (ms * 1e-3) / 1e12, 1)}
+    return {"copy_bandwidth_GBps": round(copy_gbps, 1),
+            "dense_bf16_tflops": round(2 * m**3 / (ms * 1e-3) / 1e12, 1)}
 
 
 def decode_attention(batches=(8, 32, 128), context: int = 2048) -> list[dict]:
@@ -71,7 +72,8 @@ def decode_attention(batches=(8, 32, 128), context: int = 2048) -> list[dict]:
         masked = _time_cuda(lambda q=q, k=k, v=v, mask=mask: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=True))
         rows.append({"batch": b, "context": context, "heads": 40, "kv_heads": 8, "head_dim": 128,
-                     "kv_bytes": 2 * b * context * 8 * 128 * 2, "ms": round(plain, 4), "ms_masked": round(masked, 4)})
+                     "kv_bytes": 2 * b * context * 8 * 128 * 2, "ms": round(plain, 4),
+                     "ms_masked": round(masked, 4)})
     return rows
 
 
@@ -88,7 +90,8 @@ def _collective_worker(rank: int, world: int, port: int, sizes, queue) -> None:
         shard = torch.empty(n // 2 // world, dtype=torch.bfloat16, device="cuda")
         ag = _time_cuda(lambda full=full, shard=shard: dist.all_gather_into_tensor(full, shard), iters=30)
         rs = _time_cuda(lambda full=full, shard=shard: dist.reduce_scatter_tensor(shard, full), iters=30)
-        rows.append({"world": world, "bytes": n, "allgather_ms": round(ag, 4), "reducescatter_ms": round(rs, 4)})
+        rows.append({"world": world, "bytes": n, "allgather_ms": round(ag, 4),
+                     "reducescatter_ms": round(rs, 4)})
     if rank == 0:
         queue.put(rows)
     dist.barrier()
@@ -104,7 +107,8 @@ def collectives(sizes=(65536, 1 << 20, 4_669_440, 41_943_040)) -> list[dict]:
         return []
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_collective_worker, args=(r, world, 29511, sizes, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_collective_worker, args=(r, world, 29511, sizes, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     rows = queue.get(timeout=300)

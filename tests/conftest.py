@@ -23,12 +23,14 @@ TOLERANCES = {  # (atol, rtol)
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0):
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0):
     """allclose with the dtype table; the failure message prints max and mean absolute difference."""
     atol, rtol = TOLERANCES[dtype or actual.dtype]
     diff = (actual.double() - expected.double()).abs()
     ok = torch.allclose(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
-    assert ok, f"max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e} (atol {atol * scale}, rtol {rtol * scale})"
+    assert ok, (f"max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e} "
+                f"(atol {atol * scale}, rtol {rtol * scale})")
 
 
 @pytest.fixture(autouse=True)

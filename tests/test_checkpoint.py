@@ -52,9 +52,11 @@ def test_pangu_tensor_names(model, tmp_path):
         assert f.get_tensor("model.layers.1.mlp.experts.7.gate_proj.weight").shape == (F, D)
         assert f.get_tensor("model.layers.1.mlp.experts.7.down_proj.weight").shape == (D, F)
         assert f.get_tensor("model.layers.0.mlp.router_scale").shape == (1, model.cfg.num_experts)
-    for n in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.mlp.gate.weight",
+    for n in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+              "model.layers.0.mlp.gate.weight",
               "model.layers.0.self_attn.o_proj.bias", "model.layers.0.self_attn.q_proj.bias",
-              "model.layers.0.mlp.shared_expert.up_proj.weight", "model.layers.0.post_attention_layernorm.weight"]:
+              "model.layers.0.mlp.shared_expert.up_proj.weight",
+              "model.layers.0.post_attention_layernorm.weight"]:
         assert n in names
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "PanguProMoE"  # debug: 4 groups, K=4, so K'=1 as in Pangu Pro MoE
@@ -70,11 +72,13 @@ def test_published_pangu_config_without_groups_loads(tmp_path):
     hf["model_type"] = "PanguProMoE"
     (tmp_path / "config.json").write_text(json.dumps(hf))
     loaded = from_pretrained(tmp_path)
-    assert loaded.cfg.num_groups == 4 and loaded.cfg.routing == "moge" and loaded.cfg.experts_per_group_per_tok == 1
+    assert (loaded.cfg.num_groups == 4 and loaded.cfg.routing == "moge"
+            and loaded.cfg.experts_per_group_per_tok == 1)
     assert_same_model(model, loaded)
 
 
-@pytest.mark.parametrize("overrides", [dict(routing="topk"), dict(num_groups=2), dict(ffn_type="dense", dense_intermediate_size=64)])
+@pytest.mark.parametrize("overrides", [dict(routing="topk"), dict(num_groups=2),
+                                       dict(ffn_type="dense", dense_intermediate_size=64)])
 def test_non_pangu_models_save_as_mogelm_and_round_trip(overrides, tmp_path):
     model = mogelm.Transformer(mogelm.from_name("debug", **overrides)).eval()
     save_pretrained(model, tmp_path)

@@ -17,8 +17,8 @@ PNGS = ("val_loss.png", "imbalance.png", "expert_load.png", "intra_group.png", "
 def compared(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     argv = ["compare", "--runs-dir", str(runs), "--name", "t", "--preset", "debug", "--data", str(FIXTURES),
-            "--max-steps", "16", "--eval-every", "8", "--eval-batches", "2", "--seq-len", "64", "--batch-size", "4",
-            "--cache-dir", str(runs / ".cache")]
+            "--max-steps", "16", "--eval-every", "8", "--eval-batches", "2", "--seq-len", "64",
+            "--batch-size", "4", "--cache-dir", str(runs / ".cache")]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):  # run once for the module: both tests read its output
         status = cli.main(argv)

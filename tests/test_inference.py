@@ -34,7 +34,8 @@ _BUILT: dict[str, Path] = {}
 
 
 def build_checkpoint(root: Path) -> Path:
-    """Tokenizer + debug model trained 60 steps on TEXT, saved as a checkpoint directory (once per process)."""
+    """Tokenizer + debug model trained 60 steps on TEXT, saved as a checkpoint directory
+    (once per process)."""
     if "ckpt" in _BUILT:
         return _BUILT["ckpt"]
     from tokenizers import Tokenizer as HFTokenizer
@@ -111,7 +112,8 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0)
 def test_greedy_equals_uncached_argmax(engine):
     outs = engine.generate(PROMPTS, GREEDY)
     for p, o in zip(PROMPTS, outs):
-        ref = argmax_reference(engine.model, engine.tokenizer.encode(p), GREEDY.max_tokens, engine.tokenizer.eos_token_id)
+        ref = argmax_reference(engine.model, engine.tokenizer.encode(p), GREEDY.max_tokens,
+                               engine.tokenizer.eos_token_id)
         assert o.token_ids == ref, p
         assert o.text == engine.tokenizer.decode(ref)
         assert o.finish_reason == ("length" if len(ref) == GREEDY.max_tokens else "stop")
@@ -154,7 +156,8 @@ def test_batched_decode_logits_equal_decoding_alone(engine):
     nxt = [7, 11, 13]
     ids_B = torch.tensor([nxt[0], 0, nxt[1], nxt[2]])[:, None]
     pos_B = torch.tensor([len(prompts[0]), cache.scratch_pos, len(prompts[1]), len(prompts[2])])[:, None]
-    batched = model(ids_B, positions_BT=pos_B, kv_cache=cache.rows(0, 4), kv_len=max(map(len, prompts)) + 1)[:, 0]
+    batched = model(ids_B, positions_BT=pos_B, kv_cache=cache.rows(0, 4),
+                    kv_len=max(map(len, prompts)) + 1)[:, 0]
     for j, (s, ids) in enumerate(zip(slots, prompts)):
         full = model(torch.tensor([ids + [nxt[j]]]))[0, -1]  # uncached
         assert_close(batched[s], full)
@@ -168,7 +171,8 @@ def test_batched_equals_alone_with_continuous_batching(ckpt, engine):
     solo = [alone.generate([p], SamplingParams(max_tokens=m, temperature=0))[0].token_ids
             for p, m in zip(prompts, budgets)]
     eng = Engine(engine.model, engine.tokenizer, max_batch=2, chunk_size=64)
-    reqs = [eng.add_request(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(prompts[:3], budgets[:3])]
+    reqs = [eng.add_request(p, SamplingParams(max_tokens=m, temperature=0))
+            for p, m in zip(prompts[:3], budgets[:3])]
     saw_full_with_queue = False
     for step in range(200):
         if step == 3:
@@ -185,7 +189,8 @@ def test_batched_equals_alone_with_continuous_batching(ckpt, engine):
 
 
 def test_chunked_prefill_equals_whole_prompt(engine):
-    long_prompt = "Mixture of grouped experts splits the experts into groups and picks the same number in every group"
+    long_prompt = ("Mixture of grouped experts splits the experts into groups and picks the same number "
+                   "in every group")
     n = len(engine.tokenizer.encode(long_prompt))
     assert n > 15
     whole = engine.generate([long_prompt], GREEDY)[0]
@@ -208,7 +213,8 @@ def test_seed_fixes_sampled_output_whatever_the_batch(engine):
     hot = dict(max_tokens=20, temperature=1.5, top_p=1.0, top_k=0)
     a = engine.generate(["The quick"], SamplingParams(seed=7, **hot))[0].token_ids
     mixed = engine.generate(["def add(a", "The quick", "so"],
-                            [SamplingParams(seed=1, **hot), SamplingParams(seed=7, **hot), SamplingParams(seed=3, **hot)])
+                            [SamplingParams(seed=1, **hot), SamplingParams(seed=7, **hot),
+                             SamplingParams(seed=3, **hot)])
     assert mixed[1].token_ids == a
     others = [engine.generate(["The quick"], SamplingParams(seed=s, **hot))[0].token_ids for s in (8, 9, 10)]
     assert any(o != a for o in others)
@@ -252,7 +258,8 @@ def test_stop_strings_tokens_and_streamed_text(engine):
     assert req.finish_reason == "stop"
     assert "".join(deltas) == req.text  # streamed pieces never included (a prefix of) the stop string
     stop_tok = full.token_ids[4]
-    out = engine.generate(["The quick"], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_tok]))[0]
+    out = engine.generate(["The quick"],
+                          SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_tok]))[0]
     assert out.token_ids == full.token_ids[:full.token_ids.index(stop_tok)]
     assert out.finish_reason == "stop" and out.completion_tokens == len(out.token_ids) + 1
 
@@ -264,7 +271,8 @@ def test_context_limit_and_abort(engine):
         engine.add_request([], SamplingParams())
     eng = Engine(engine.model, engine.tokenizer, max_batch=1)
     seen = []
-    a = eng.add_request("The quick", SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), on_output=seen.append)
+    a = eng.add_request("The quick", SamplingParams(max_tokens=50, temperature=0, ignore_eos=True),
+                        on_output=seen.append)
     b = eng.add_request("so", SamplingParams(max_tokens=3, temperature=0))
     eng.step()
     eng.step()
@@ -353,8 +361,10 @@ def test_engine_thread_survives_a_failing_step_and_stops_without_draining(engine
 
 
 def test_chat_templates(ckpt, tmp_path):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
-    assert pangu_chat_prompt(msgs, "<s>") == "<s>[unused9]系统：Be brief.[unused10][unused9]用户：Hi[unused10][unused9]助手："
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert pangu_chat_prompt(msgs, "<s>") == ("<s>[unused9]系统：Be brief.[unused10]"
+                                              "[unused9]用户：Hi[unused10][unused9]助手：")
     tok = Tokenizer.from_dir(ckpt)
     ids = tok.encode(tok.apply_chat_template(msgs))
     assert ids[0] == tok.bos_token_id and ids.count(tok.tok.token_to_id("[unused9]")) == 3
@@ -364,7 +374,8 @@ def test_chat_templates(ckpt, tmp_path):
     d = tmp_path / "tpl"
     d.mkdir()
     (d / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text())
-    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": template}))
     assert Tokenizer.from_dir(d).apply_chat_template(msgs) == "<system>Be brief.\n<user>Hi\n<assistant>"
 

@@ -55,7 +55,8 @@ def _spawn(fn, tmp, world=2, timeout=240, args=()):
     out = {}
     for r in range(world):
         f = os.path.join(tmp, f"errors{r}.pt")
-        out[r] = torch.load(f) if os.path.exists(f) else [f"rank {r} wrote no result (exit code {procs[r].exitcode})"]
+        out[r] = (torch.load(f) if os.path.exists(f)
+                  else [f"rank {r} wrote no result (exit code {procs[r].exitcode})"])
     return out
 
 
@@ -71,7 +72,8 @@ def _check(errors, what, actual, expected, tol=TOL):
     diff = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
     if actual.shape != expected.shape or not diff <= tol * (1 + scale):
-        errors.append(f"rank {dist.get_rank()}: {what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}, max abs diff {diff:.3e}")
+        errors.append(f"rank {dist.get_rank()}: {what}: shape {tuple(actual.shape)} "
+                      f"vs {tuple(expected.shape)}, max abs diff {diff:.3e}")
 
 
 def _assert_clean(results):
@@ -97,7 +99,8 @@ def _dispatcher_cases(rank, world, errors):
 
     def topk_ids(n, only_rank0=False):
         pool = E_loc if only_rank0 else E
-        return torch.stack([torch.randperm(pool, generator=g)[:K] for _ in range(n)]) if n else torch.zeros(0, K, dtype=torch.long)
+        return (torch.stack([torch.randperm(pool, generator=g)[:K] for _ in range(n)]) if n
+                else torch.zeros(0, K, dtype=torch.long))
 
     cases = [
         ("moge_a2a", "moge", moge_ids(world * T), T),
@@ -112,7 +115,8 @@ def _dispatcher_cases(rank, world, errors):
         w_all = torch.rand(world * t, K, generator=g, dtype=torch.float64)
         dy_all = torch.randn(world * t, D, generator=g, dtype=torch.float64)
         # one process: every token, every expert
-        ref = [x_all.clone().requires_grad_(), w_all.clone().requires_grad_(), gate_up.clone().requires_grad_(), down.clone().requires_grad_()]
+        ref = [x_all.clone().requires_grad_(), w_all.clone().requires_grad_(),
+               gate_up.clone().requires_grad_(), down.clone().requires_grad_()]
         y_ref = ops.routed_experts(ref[0], ref[1], ids_all, ref[2], ref[3])
         (y_ref * dy_all).sum().backward()
         # EP: this rank's tokens and experts
@@ -230,9 +234,11 @@ def _training_equality(rank, world, tmp, errors, cases=EQUALITY_CASES, cfg_overr
             opt_ref.zero_grad()
             opt_ep.zero_grad()
         with open(os.path.join(tmp, "worst.txt"), "a") as f:
-            f.write(f"rank {rank} {routing}/{dispatcher_name}: max |loss diff| {worst:.2e} over {steps_here} steps\n")
+            f.write(f"rank {rank} {routing}/{dispatcher_name}: max |loss diff| {worst:.2e} "
+                    f"over {steps_here} steps\n")
         if worst > TOL:
-            errors.append(f"{routing}/{dispatcher_name}: losses differ by up to {worst:.3e} over {steps_here} steps")
+            errors.append(f"{routing}/{dispatcher_name}: losses differ by up to {worst:.3e} "
+                          f"over {steps_here} steps")
         if dispatcher == "moge_a2a" and _save_state is None:
             _save_state = (ep, opt_ep, ref, opt_ref, ctx)
     _checkpoint_state.clear()
@@ -291,7 +297,8 @@ def _checkpoint_cases(rank, world, tmp, errors, single_ckpt):
         errors.append("training checkpoint state did not come back")
     for (name, p), q in zip(ep.named_parameters(), again.parameters()):
         _check(errors, f"train checkpoint reload {name}", q.data, p.data, 0)
-        _check(errors, f"train checkpoint reload optim {name}", opt_again.state[q]["exp_avg"], opt_ep.state[p]["exp_avg"], 0)
+        _check(errors, f"train checkpoint reload optim {name}", opt_again.state[q]["exp_avg"],
+               opt_ep.state[p]["exp_avg"], 0)
 
     # A single-process checkpoint (written by the parent) into EP=2 shards.
     if single_ckpt:
@@ -396,7 +403,8 @@ def _four_rank_worker(rank, world, tmp, errors):
     from mogelm.parallel.checkpoint import save_distributed
 
     _init(rank, world, tmp)
-    _training_equality(rank, world, tmp, errors, cases=(("moge", "moge_a2a", 2, 3), ("topk", "topk_a2a", 2, 2)))
+    _training_equality(rank, world, tmp, errors,
+                       cases=(("moge", "moge_a2a", 2, 3), ("topk", "topk_a2a", 2, 2)))
     ep, opt_ep, ref, _, _ = _checkpoint_state
     save_distributed(os.path.join(tmp, "ckpt_4"), ep, opt_ep, extra={"step": 3})
     if rank == 0:
@@ -558,15 +566,18 @@ def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):
     from mogelm.checkpoint import from_pretrained
 
     data = str(Path(__file__).parent / "data")
-    common = ["train", "--preset", "debug", "--data", data, "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32",
-              "--max-steps", "4", "--eval-every", "4", "--eval-batches", "2", "--threads", "1", "--device", "cpu"]
+    common = ["train", "--preset", "debug", "--data", data, "--cache-dir", str(tmp_path / "cache"),
+              "--seq-len", "32", "--max-steps", "4", "--eval-every", "4", "--eval-batches", "2",
+              "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"ep": ["--nproc", "2", "--ep", "2", "--batch-size", "2"], "one": ["--batch-size", "4"]}
     for name, extra in runs.items():
-        proc = subprocess.run([sys.executable, "-m", "mogelm", *common, *extra, "--out", str(tmp_path / name)],
+        proc = subprocess.run([sys.executable, "-m", "mogelm", *common, *extra,
+                               "--out", str(tmp_path / name)],
                               env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    val = {n: [json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()][-1] for n in runs}
+    val = {n: [json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()][-1]
+           for n in runs}
     assert val["ep"]["kind"] == "val" and abs(val["ep"]["val_loss"] - val["one"]["val_loss"]) < 1e-5, val
     ep, one = from_pretrained(tmp_path / "ep" / "final"), from_pretrained(tmp_path / "one" / "final")
     for (name, p), q in zip(ep.named_parameters(), one.parameters()):

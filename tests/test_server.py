@@ -139,10 +139,10 @@ def test_16_concurrent_requests_equal_solo_runs(server, solo):
 
     def ask(i):
         if i % 2:
-            return server.client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0
-                                                    ).choices[0].text
-        stream = server.client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0,
-                                                  stream=True)
+            return server.client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12,
+                                                    temperature=0).choices[0].text
+        stream = server.client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12,
+                                                  temperature=0, stream=True)
         return "".join(c.choices[0].text for c in stream)
 
     with ThreadPoolExecutor(16) as pool:
@@ -181,17 +181,21 @@ INVALID = [  # (path, raw body or dict, status, param)
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [99999]}, 400, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                               "max_completion_tokens": 0}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400,
+     "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
 ]
 
 
-@pytest.mark.parametrize("path,body,status,param", INVALID, ids=[f"{i}-{c[3]}" for i, c in enumerate(INVALID)])
+@pytest.mark.parametrize("path,body,status,param", INVALID,
+                         ids=[f"{i}-{c[3]}" for i, c in enumerate(INVALID)])
 def test_invalid_request_gets_4xx_and_server_keeps_serving(server, path, body, status, param):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    kw = ({"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str)
+          else {"json": body})
     r = httpx.post(server.url + path, timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -205,7 +209,8 @@ def test_openai_client_raises_typed_errors(server):
     with pytest.raises(openai.NotFoundError):
         server.client.completions.create(model="nope", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError) as e:
-        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-2)
+        server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                              temperature=-2)
     assert e.value.body["param"] == "temperature"
     assert httpx.get(server.url + "/v1/nope").status_code == 404
     assert httpx.get(server.url + "/v1/completions").json()["error"]["type"] == "invalid_request_error"
@@ -213,7 +218,8 @@ def test_openai_client_raises_typed_errors(server):
 
 def test_stop_strings_n_and_seed(server, solo):
     full, _ = greedy_text(solo, "The quick", 30)
-    r = server.client.completions.create(model=MODEL, prompt="The quick", max_tokens=30, temperature=0, stop=["lazy"])
+    r = server.client.completions.create(model=MODEL, prompt="The quick", max_tokens=30, temperature=0,
+                                         stop=["lazy"])
     assert r.choices[0].text == full[:full.index("lazy")] and r.choices[0].finish_reason == "stop"
     kw = dict(model=MODEL, prompt="The quick", max_tokens=12, temperature=1.5, seed=11, n=3)
     a = server.client.completions.create(**kw)
@@ -231,7 +237,8 @@ def test_prompt_forms_token_ids_and_batches(server, solo):
     for prompts in (["The quick", "def add(a"], [solo.tokenizer.encode("The quick"), ids]):
         batch = server.client.completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0)
         assert [c.index for c in batch.choices] == [0, 1]
-        assert [c.text for c in batch.choices] == [greedy_text(solo, "The quick", 10)[0], as_text.choices[0].text]
+        assert [c.text for c in batch.choices] == [greedy_text(solo, "The quick", 10)[0],
+                                                   as_text.choices[0].text]
         assert batch.usage.prompt_tokens == len(ids) + len(solo.tokenizer.encode("The quick"))
     with pytest.raises(openai.BadRequestError) as e:  # mixed lists are not an OpenAI prompt form
         server.client.completions.create(model=MODEL, prompt=["The quick", ids], max_tokens=2)
@@ -273,7 +280,8 @@ def test_serve_process_drains_running_stream_on_sigterm(ckpt):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mogelm", "serve", "--model", str(ckpt), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "mogelm", "serve", "--model", str(ckpt),
+                             "--port", str(port),
                              "--served-model-name", MODEL, "--log-level", "warning"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -288,8 +296,9 @@ def test_serve_process_drains_running_stream_on_sigterm(ckpt):
             except httpx.TransportError:
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        stream = client.completions.create(model=MODEL, prompt="The quick", max_tokens=180, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream = client.completions.create(model=MODEL, prompt="The quick", max_tokens=180, temperature=0,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True})
         chunks = [next(stream)]
         proc.send_signal(signal.SIGTERM)  # mid-stream
         chunks += list(stream)

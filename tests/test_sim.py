@@ -32,8 +32,10 @@ def toy_hw(**changes) -> HardwareProfile:
     """Round numbers so every expected time below can be worked out by hand."""
     d = dict(name="toy", description="toy", peak_tflops={"bf16": 100.0, "int8": 200.0}, memory_GB=10.0,
              memory_bandwidth_GBps=1000.0, mem_efficiency=1.0, gemm_efficiency=0.5, op_overhead_us=0.0,
-             links=[LinkLevel(name="sw", group_size=8, topology="switch", bandwidth_GBps=100.0, latency_us=10.0),
-                    LinkLevel(name="net", group_size=64, topology="switch", bandwidth_GBps=10.0, latency_us=50.0)])
+             links=[LinkLevel(name="sw", group_size=8, topology="switch", bandwidth_GBps=100.0,
+                              latency_us=10.0),
+                    LinkLevel(name="net", group_size=64, topology="switch", bandwidth_GBps=10.0,
+                              latency_us=50.0)])
     d.update(changes)
     return HardwareProfile(**d)
 
@@ -74,7 +76,8 @@ def test_collectives_alpha_beta():
     # 16 devices do not fit the 8-device level: the outer one (10 GB/s, 50 us) is used.
     assert allgather_time(16, 16e6, hw) == pytest.approx(15 * (50e-6 + 16e6 / (16 * 10e9)))
     # Full mesh: one step, p-1 links at once: alpha + (p-1)/p * n / ((p-1) * link) = 10 us + 40 us.
-    mesh = toy_hw(links=[LinkLevel(name="m", group_size=8, topology="mesh", bandwidth_GBps=25.0, latency_us=10.0)])
+    mesh = toy_hw(links=[LinkLevel(name="m", group_size=8, topology="mesh", bandwidth_GBps=25.0,
+                                   latency_us=10.0)])
     assert allgather_time(4, 4e6, mesh) == pytest.approx(50e-6)
 
 
@@ -188,7 +191,8 @@ def test_cli_json_output(capsys):
     assert out["hardware"] == "ascend-800i-a2" and out["devices"] == 4
     assert 0 < d["tpot_ms"] <= 100 and d["batch"] >= 1
     assert d["tokens_per_s_per_card"] == pytest.approx(d["batch"] / d["tpot_ms"] * 1e3 / 4, rel=1e-3)
-    assert out["prefill"]["ttft_ms"] > 0 and set(d["layout"]) == {"attn_dp", "attn_tp", "ep", "etp", "shared_tp"}
+    assert out["prefill"]["ttft_ms"] > 0 and set(d["layout"]) == {"attn_dp", "attn_tp", "ep", "etp",
+                                                                  "shared_tp"}
 
 
 def test_cli_fixed_layout_and_text(capsys):
@@ -218,7 +222,8 @@ def test_cli_bad_input_one_line_exit_2(capsys, argv, message):
 def test_search_ranks_and_plots(tmp_path):
     from mogelm.sim.search import SearchSpace, Target, plot_search, run_search
 
-    space = SearchSpace(hidden_sizes=(5120,), kv_heads=(8,), layers=(40, 48), experts=(64,), expert_widths=(1344,))
+    space = SearchSpace(hidden_sizes=(5120,), kv_heads=(8,), layers=(40, 48), experts=(64,),
+                        expert_widths=(1344,))
     targets = [Target(hardware="ascend-800i-a2", cards=4, tpot_ms=50.0)]
     res = run_search(space, targets)
     assert len(res) == 2 and res[0].score >= res[1].score
@@ -251,7 +256,9 @@ def test_cli_model_from_config_json(tmp_path, capsys):
     cfg = from_name("pangu-pro-moe-72b")
     ours = tmp_path / "ours"
     ours.mkdir()
-    (ours / "config.json").write_text(json.dumps({"mogelm": {k: v for k, v in cfg.to_dict().items() if k != "name"}}))
+    (ours / "config.json").write_text(
+        json.dumps({"mogelm": {k: v for k, v in cfg.to_dict().items() if k != "name"}})
+    )
     hf = tmp_path / "pangu"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({

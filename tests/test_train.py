@@ -62,7 +62,8 @@ def test_loss_falls(trained):
     assert val_curve[-1] < val_curve[0]
     assert res["final_val"]["val_loss"] == val_curve[-1]
     final = Path(tc.out) / "final"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "trainer_state.pt"):
         assert (final / name).is_file(), name
     assert json.loads((final / "trainer_state.json").read_text())["step"] == 60
     # MoGE with 4 groups on 4 simulated devices: the Imbalance Score is exactly 0 on every step.
@@ -86,9 +87,11 @@ def test_eval_cli(trained, capsys):
                                 "--seq-len", "64", "--json"], capsys)
     assert status == 0, err
     result = json.loads(out)
-    assert 0 < result["loss"] < 7 and abs(result["ppl"] - torch.tensor(result["loss"]).exp().item()) < 1e-3 * result["ppl"]
+    assert 0 < result["loss"] < 7 and (abs(result["ppl"] - torch.tensor(result["loss"]).exp().item())
+                                       < 1e-3 * result["ppl"])
     shares = result["routing_stats"]["expert_share"]
-    assert len(shares) == 2 and all(abs(sum(layer) - 4.0) < 1e-9 for layer in shares)  # K = 4 experts per token
+    # K = 4 experts per token
+    assert len(shares) == 2 and all(abs(sum(layer) - 4.0) < 1e-9 for layer in shares)
     assert all(v == 0.0 for v in result["routing_stats"]["imbalance"]["4"]["max_per_layer"])
 
 
@@ -110,14 +113,16 @@ def test_resume_equals_uninterrupted(tmp_path, cache):
 
 
 def test_kill_9_loses_only_steps_since_checkpoint(tmp_path, cache):
-    args = ["--preset", "debug", "--seq-len", "64", "--batch-size", "4", "--eval-batches", "2", "--threads", "1",
+    args = ["--preset", "debug", "--seq-len", "64", "--batch-size", "4", "--eval-batches", "2",
+            "--threads", "1",
             "--data", str(FIXTURES), "--cache-dir", cache, "--max-steps", "100", "--save-every", "5",
             "--eval-every", "1000", "--out", str(tmp_path / "run")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mogelm", "train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((tmp_path / "run").glob("checkpoint-000010")) and time.time() < deadline and proc.poll() is None:
+    while (not list((tmp_path / "run").glob("checkpoint-000010")) and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -198,7 +203,8 @@ def test_corrupt_checkpoint(trained, tmp_path, capsys):
     (run / "final" / "trainer_state.pt").write_bytes(b"\x80garbage")
     before = _snapshot(run)
     status, _, err = run_cli(["train", "--preset", "debug", "--data", str(FIXTURES), "--seq-len", "64",
-                              "--max-steps", "80", "--out", str(run), "--resume", "--cache-dir", tc.cache_dir], capsys)
+                              "--max-steps", "80", "--out", str(run), "--resume",
+                              "--cache-dir", tc.cache_dir], capsys)
     _assert_clean_error(status, err, "corrupt")
     assert _snapshot(run) == before
 
@@ -246,7 +252,8 @@ def test_one_process_loop_equals_a_plain_loop(tmp_path, cache):
 
     tc = cfg(tmp_path, cache, max_steps=3, grad_accum=2, eval_every=100)
     train(tc, log=lambda msg: None)
-    got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(Path(tc.out) / "log.jsonl") if r["kind"] == "train"]
+    got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(Path(tc.out) / "log.jsonl")
+           if r["kind"] == "train"]
 
     vocab = build_model_config(tc).vocab_size
     td = prepare_data(tc, vocab, LocalContext(), log=lambda msg: None)
@@ -275,7 +282,8 @@ def test_one_process_loop_equals_a_plain_loop(tmp_path, cache):
 
 # Config, checkpointing, logs ---------------------------------------------------------------------------
 def test_train_config_round_trips_through_json():
-    tc = TrainConfig(preset="debug", routing="topk", model_overrides={"aux_free_bias": True, "z_loss_coef": 1e-3},
+    tc = TrainConfig(preset="debug", routing="topk",
+                     model_overrides={"aux_free_bias": True, "z_loss_coef": 1e-3},
                      data=["a.txt"], sim_devices=(4, 2), lr=3e-3, max_steps=7)
     again = TrainConfig.from_dict(json.loads(json.dumps(tc.to_dict())))
     assert again == tc and again.sim_devices == (4, 2)
@@ -290,10 +298,11 @@ def test_checkpoints_are_found_in_order_and_pruned(tmp_path):
     (tmp_path / "final" / "trainer_state.pt").write_bytes(b"")
     (tmp_path / "final" / "trainer_state.json").write_text('{"step": 30}')
     assert [(s, d.name) for s, d in find_checkpoints(tmp_path)] == [
-        (5, "checkpoint-000005"), (10, "checkpoint-000010"), (15, "checkpoint-000015"), (20, "checkpoint-000020"),
-        (30, "final")]
+        (5, "checkpoint-000005"), (10, "checkpoint-000010"), (15, "checkpoint-000015"),
+        (20, "checkpoint-000020"), (30, "final")]
     prune_checkpoints(tmp_path, keep=2, before_step=20)  # keep the one just written (20) and one more
-    assert [d.name for _, d in find_checkpoints(tmp_path)] == ["checkpoint-000015", "checkpoint-000020", "final"]
+    assert [d.name for _, d in find_checkpoints(tmp_path)] == ["checkpoint-000015", "checkpoint-000020",
+                                                                "final"]
 
 
 def test_jsonl_log_on_resume_drops_later_and_cut_records(tmp_path):
@@ -305,5 +314,7 @@ def test_jsonl_log_on_resume_drops_later_and_cut_records(tmp_path):
     log.close()
     assert read_log(path) == [{"kind": "train", "step": 1}, {"kind": "val", "step": 2},
                               {"kind": "train", "step": 3, "loss": 1.5}]
-    JsonlLog(tmp_path / "other.jsonl", keep_until_step=None, enabled=False).write({"kind": "train", "step": 1})
+    JsonlLog(tmp_path / "other.jsonl", keep_until_step=None, enabled=False).write(
+        {"kind": "train", "step": 1}
+    )
     assert not (tmp_path / "other.jsonl").exists()  # only the main rank writes

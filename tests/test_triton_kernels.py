@@ -28,7 +28,8 @@ def _routing(T: int, E: int, K: int, skew: bool = False) -> tuple[torch.Tensor, 
     if skew:
         ids = torch.arange(K).repeat(T, 1)
     else:
-        ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.int64)
+        ids = (torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T
+               else torch.zeros(0, K, dtype=torch.int64))
     return torch.rand(T, K) + 0.1, ids
 
 
@@ -69,7 +70,8 @@ def test_moge_route_matches_torch(T, E, G, kp, scale, bias, renorm):
 
 @pytest.mark.parametrize(
     "T,E,K,block_m,skew",
-    [(1, 8, 2, 16, False), (13, 8, 3, 16, False), (20, 6, 2, 16, True), (300, 8, 2, 16, True), (150, 128, 4, 32, False)],  # S > 256: 3 kernels
+    [(1, 8, 2, 16, False), (13, 8, 3, 16, False), (20, 6, 2, 16, True), (300, 8, 2, 16, True),
+     (150, 128, 4, 32, False)],  # S > 256: 3 kernels
 )
 def test_align_kernel_and_torch_plan_agree(T, E, K, block_m, skew):
     _, ids = _routing(T, E, K, skew)
@@ -267,7 +269,8 @@ def test_gpu_fp8_vs_fp32(T, activations):
     gate_up, down = _experts(E, D, F, device="cuda")
     guq, gus, dnq, dns = ops.quantize_experts_fp8(gate_up, down)
     y = triton_moe.routed_experts_fp8(x.bfloat16(), w, ids, guq, gus, dnq, dns, activations)
-    ref = reference_routed_experts(x.double(), w.double(), ids, (guq.double() * gus[..., None]), dnq.double() * dns[..., None])
+    ref = reference_routed_experts(x.double(), w.double(), ids, (guq.double() * gus[..., None]),
+                                   dnq.double() * dns[..., None])
     assert torch.isfinite(y).all()
     assert _rel(y, ref) < (1e-2 if activations == "bf16" else 6e-2), _rel(y, ref)
 

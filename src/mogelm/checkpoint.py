@@ -40,12 +40,14 @@ from mogelm.model import Transformer, rope_inv_freq
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_EFD|down_EDF)$")
-_CKPT_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_CKPT_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\."
+                             r"(gate_proj|up_proj|down_proj)\.weight$")
 
 
 # name mapping -----------------------------------------------------------------------------------
 def _to_checkpoint_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else "model." + name.replace(".mlp.expert_bias_E", ".mlp.expert_bias")
+    return (name if name.startswith("lm_head.")
+            else "model." + name.replace(".mlp.expert_bias_E", ".mlp.expert_bias"))
 
 
 def to_checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -80,7 +82,8 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
 
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str | None = None) -> Path:
+def save_pretrained(model: Transformer, path: str | os.PathLike,
+                    max_shard_size: int | str | None = None) -> Path:
     """Write config.json and safetensors (sharded with an index when over max_shard_size)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
             weight_map.update(dict.fromkeys(shard, fname))
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (staging / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
             files.append(INDEX_FILE)
         (staging / CONFIG_NAME).write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2))
         files.append(CONFIG_NAME)
@@ -146,7 +151,8 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated / garbage files
-        raise UserError(f"{file} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+        raise UserError(f"{file} is not a readable safetensors file ({e}); "
+                        "the checkpoint is corrupt") from None
 
 
 def from_pretrained(
@@ -157,7 +163,8 @@ def from_pretrained(
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {n: t for n, t in model.state_dict().items() if not (cfg.tie_embeddings and n == "lm_head.weight")}
+    expected = {n: t for n, t in model.state_dict().items()
+                if not (cfg.tie_embeddings and n == "lm_head.weight")}
     weight_map = _checkpoint_files(path)
 
     handles = {}

@@ -224,7 +224,8 @@ def build_summary(run_dir: Path, routings, cc: CompareConfig, wall_s: float, tim
                 per_dev[str(P)] = {
                     "is_mean": float(is_SL.mean()), "is_max": float(is_SL.max()),
                     "is_mean_per_layer": is_SL.mean(0).tolist(),
-                    "busiest_over_mean_mean": float(mom_SL.mean()), "busiest_over_mean_max": float(mom_SL.max()),
+                    "busiest_over_mean_mean": float(mom_SL.mean()),
+                    "busiest_over_mean_max": float(mom_SL.max()),
                 }
         final_val = logs["val"][-1]
         routing_stats = final_val.get("routing", {})
@@ -243,9 +244,11 @@ def build_summary(run_dir: Path, routings, cc: CompareConfig, wall_s: float, tim
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {_cpu_name()}, {_cpu_count()} CPUs",
-        "command": "mogelm " + " ".join(sys.argv[1:]) if sys.argv and "compare" in sys.argv else "mogelm compare",
+        "command": ("mogelm " + " ".join(sys.argv[1:]) if sys.argv and "compare" in sys.argv
+                    else "mogelm compare"),
         "preset": cc.preset,
-        "num_experts": cfg.num_experts, "num_groups": cfg.num_groups, "active_experts": cfg.num_experts_per_tok,
+        "num_experts": cfg.num_experts, "num_groups": cfg.num_groups,
+        "active_experts": cfg.num_experts_per_tok,
         "parameters": total, "active_parameters": active,
         "tokens_per_step": cc.batch_size * cc.seq_len,
         "wall_s": wall_s,
@@ -273,8 +276,10 @@ def write_report(run_dir: Path, summary: dict) -> None:
     runs = {r: _load_run(run_dir / r) for r in summary["models"]}
     E, M, K = summary["num_experts"], summary["num_groups"], summary["active_experts"]
     per_group = E // M
-    val_curves = {r: ([v["step"] for v in x["val"]], [v["val_loss"] for v in x["val"]]) for r, x in runs.items()}
-    train_curves = {r: ([t["step"] for t in x["train"]], [t["loss"] for t in x["train"]]) for r, x in runs.items()}
+    val_curves = {r: ([v["step"] for v in x["val"]], [v["val_loss"] for v in x["val"]])
+                  for r, x in runs.items()}
+    train_curves = {r: ([t["step"] for t in x["train"]], [t["loss"] for t in x["train"]])
+                    for r, x in runs.items()}
     plots.val_loss(val_curves, run_dir / "val_loss.png", train_curves)
     is_runs = {
         r: {"steps": [t["step"] for t in x["train"]],
@@ -290,8 +295,10 @@ def write_report(run_dir: Path, summary: dict) -> None:
     if "moge" in shares:
         plots.intra_group_load(shares["moge"], M, run_dir / "intra_group.png", sorted({0, L // 2, L - 1}))
     shown_layers = sorted({0, L - 1})
-    coact = {r: [fr["coactivation"][layer] for layer in shown_layers] for r, fr in final_routing.items() if "coactivation" in fr}
-    plots.coactivation(coact, run_dir / "coactivation.png", per_group, [f"layer {layer}" for layer in shown_layers])
+    coact = {r: [fr["coactivation"][layer] for layer in shown_layers]
+             for r, fr in final_routing.items() if "coactivation" in fr}
+    plots.coactivation(coact, run_dir / "coactivation.png", per_group,
+                       [f"layer {layer}" for layer in shown_layers])
     within_group = {}
     for r, fr in final_routing.items():
         if "coactivation" in fr:

@@ -95,7 +95,8 @@ class ModelConfig:
                 if getattr(self, n) <= 0:
                     raise ValueError(f"{n} must be positive, got {getattr(self, n)}")
 
-        positive("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len")
+        positive("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "max_seq_len")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -130,7 +131,8 @@ class ModelConfig:
                 )
         if self.routing == "group_limited":
             if not 1 <= self.topk_groups <= self.num_groups:
-                raise ValueError(f"topk_groups ({self.topk_groups}) must be in [1, num_groups={self.num_groups}]")
+                raise ValueError(f"topk_groups ({self.topk_groups}) must be in "
+                                 f"[1, num_groups={self.num_groups}]")
             if self.num_experts_per_tok > self.topk_groups * self.experts_per_group:
                 raise ValueError(
                     f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the "

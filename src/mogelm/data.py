@@ -117,7 +117,8 @@ def resolve_paths(specs: Sequence[str]) -> list[Path]:
             found += matches
         elif p.is_file():
             if p.suffix not in TEXT_SUFFIXES:
-                raise UserError(f"--data {spec}: unsupported file type {p.suffix!r}; use {', '.join(TEXT_SUFFIXES)}")
+                raise UserError(f"--data {spec}: unsupported file type {p.suffix!r}; "
+                                f"use {', '.join(TEXT_SUFFIXES)}")
             found.append(p)
         elif p.exists():
             raise UserError(f"--data {spec} is neither a file nor a folder")
@@ -322,7 +323,8 @@ class TokenData:
                 for split, names in self.meta["shards"].items()
             }
         except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"token cache {self.folder} is unreadable ({e}); delete it and run again") from None
+            raise UserError(f"token cache {self.folder} is unreadable ({e}); "
+                            "delete it and run again") from None
         self.vocab_size = int(self.meta["vocab_size"])
         self.eos_id = int(self.meta["eos_id"])
 
@@ -390,7 +392,8 @@ def prepare(
         return TokenData(folder)
     log = log or (lambda msg: None)
     nbytes = sum(len(d.text) for d in docs)
-    log(f"tokenizer: training a {vocab_size}-token byte-level BPE on {len(docs)} documents ({nbytes / 1e6:.1f} MB)")
+    log(f"tokenizer: training a {vocab_size}-token byte-level BPE on {len(docs)} documents "
+        f"({nbytes / 1e6:.1f} MB)")
     tok = train_tokenizer(docs, vocab_size)
     eos_id = tok.token_to_id(EOS_TOKEN)
     train_docs, val_docs = split_documents(docs, val_fraction)
@@ -410,7 +413,8 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir))
     try:
         dtype = np.uint16 if real_vocab <= 1 << 16 else np.uint32
-        shards = {"train": _write_shards(tmp, "train", train_ids, dtype), "val": _write_shards(tmp, "val", val_ids, dtype)}
+        shards = {"train": _write_shards(tmp, "train", train_ids, dtype),
+                  "val": _write_shards(tmp, "val", val_ids, dtype)}
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
         meta = {

@@ -27,7 +27,8 @@ from mogelm.errors import UserError
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches, device="cpu", autocast_dtype=None, routing: RoutingStats | None = None) -> dict:
+def evaluate_batches(model, batches, device="cpu", autocast_dtype=None,
+                     routing: RoutingStats | None = None) -> dict:
     """Mean next-token loss over (x_BT, y_BT) batches, feeding routing stats on the way."""
     was_training = model.training
     model.eval()
@@ -35,10 +36,12 @@ def evaluate_batches(model, batches, device="cpu", autocast_dtype=None, routing:
     try:
         for x_BT, y_BT in batches:
             x_BT, y_BT = x_BT.to(device), y_BT.to(device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
                 out = model(x_BT, return_stats=True)
             logits: Tensor = out.logits.float()
-            total += float(F.cross_entropy(logits.view(-1, logits.shape[-1]), y_BT.reshape(-1), reduction="sum"))
+            total += float(F.cross_entropy(logits.view(-1, logits.shape[-1]), y_BT.reshape(-1),
+                                           reduction="sum"))
             count += y_BT.numel()
             if routing is not None and out.layer_stats:
                 routing.add(out.layer_stats)

@@ -147,7 +147,8 @@ def load_summary(counts_E: Tensor, num_devices: int | None = None) -> dict[str, 
         "expert_max_over_mean": float(c.max() / mean) if mean > 0 else float("nan"),
         "expert_min_over_mean": float(c.min() / mean) if mean > 0 else float("nan"),
         "expert_cv": float(c.std(unbiased=False) / mean) if mean > 0 else float("nan"),
-        "jain_fairness": float(c.sum() ** 2 / (len(c) * (c**2).sum())) if float(c.sum()) > 0 else float("nan"),
+        "jain_fairness": (float(c.sum() ** 2 / (len(c) * (c**2).sum())) if float(c.sum()) > 0
+                          else float("nan")),
         "dead_experts": int((c == 0).sum()),
     }
     if num_devices is not None:

@@ -52,7 +52,8 @@ def val_loss(curves: dict, path, train_curves: dict | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, (steps, losses) in (train_curves or {}).items():
         w = max(1, len(steps) // 25)
-        ax.plot(steps, _smooth(losses, w), color=COLORS.get(label), alpha=0.3, lw=1, label=f"{label} train (smoothed)")
+        ax.plot(steps, _smooth(losses, w), color=COLORS.get(label), alpha=0.3, lw=1,
+                label=f"{label} train (smoothed)")
     for label, (steps, losses) in curves.items():
         ax.plot(steps, losses, "o-", color=COLORS.get(label), lw=2, ms=4, label=f"{label} validation")
     ax.set_xlabel("optimizer step")
@@ -86,7 +87,8 @@ def imbalance_over_training(runs: dict, devices: list[int], path, num_tokens: in
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Imbalance Score (max - min) / |X|")
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle("Imbalance Score per layer over training (paper Eq. 3; MoGE: 0 when each device holds whole groups)")
+    fig.suptitle("Imbalance Score per layer over training "
+                 "(paper Eq. 3; MoGE: 0 when each device holds whole groups)")
     return _save(fig, path)
 
 
@@ -96,7 +98,8 @@ def expert_load_heatmaps(shares: dict, path, experts_per_group: int, active: int
     labels = list(shares)
     mats = [np.asarray(shares[k], dtype=float) * 100 for k in labels]
     vmax = max(m.max() for m in mats)
-    fig, axes = plt.subplots(len(labels), 1, figsize=(10, 1.6 + 0.55 * mats[0].shape[0] * len(labels)), squeeze=False)
+    fig, axes = plt.subplots(len(labels), 1, figsize=(10, 1.6 + 0.55 * mats[0].shape[0] * len(labels)),
+                             squeeze=False)
     E = mats[0].shape[1]
     for ax, label, m in zip(axes[:, 0], labels, mats):
         im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
@@ -104,7 +107,8 @@ def expert_load_heatmaps(shares: dict, path, experts_per_group: int, active: int
             ax.axvline(b - 0.5, color="white", lw=0.8, alpha=0.7)
         ax.set_ylabel("layer")
         ax.set_yticks(range(m.shape[0]))
-        ax.set_title(f"{label}: share of tokens per expert (uniform = {100 * active / E:.1f} %, busiest {m.max():.1f} %)")
+        ax.set_title(f"{label}: share of tokens per expert "
+                     f"(uniform = {100 * active / E:.1f} %, busiest {m.max():.1f} %)")
         fig.colorbar(im, ax=ax, label="% of tokens", pad=0.01)
     axes[-1, 0].set_xlabel(f"expert (white lines: groups of {experts_per_group})")
     fig.tight_layout()
@@ -140,7 +144,8 @@ def coactivation(mats: dict, path, experts_per_group: int, layer_names: list[str
     plt = _plt()
     labels = list(mats)
     n_layers = len(layer_names)
-    fig, axes = plt.subplots(len(labels), n_layers, figsize=(4.6 * n_layers, 4.2 * len(labels)), squeeze=False)
+    fig, axes = plt.subplots(len(labels), n_layers, figsize=(4.6 * n_layers, 4.2 * len(labels)),
+                             squeeze=False)
     shown = {k: [np.asarray(x, dtype=float) * 100 for x in mats[k]] for k in labels}
     for k in labels:
         for x in shown[k]:

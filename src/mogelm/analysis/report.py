@@ -13,7 +13,8 @@ def _fmt(x, spec=".3f") -> str:
 
 def table(summary: dict) -> str:
     rows = [
-        "| model | final val loss | val ppl | IS@8 mean | IS@8 max | IS@4 mean | IS@4 max | busiest/mean @8 (mean, max) | busiest expert | train time |",
+        "| model | final val loss | val ppl | IS@8 mean | IS@8 max | IS@4 mean | IS@4 max "
+        "| busiest/mean @8 (mean, max) | busiest expert | train time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, m in summary["models"].items():
@@ -39,7 +40,8 @@ def _findings(summary: dict) -> list[str]:
         verdict = (
             "a difference this small is within what another seed could change, so read it as 'comparable'"
             if abs(diff) < 0.05 else
-            "one seed and one short run, so the size of the gap is uncertain, but it is well beyond a few hundredths"
+            "one seed and one short run, so the size of the gap is uncertain, but it is well beyond a few "
+            "hundredths"
         )
         out.append(
             f"Final validation loss: MoGE {a:.4f}, {base} {b:.4f}; {lower} is lower by {abs(diff):.4f} nats "
@@ -47,33 +49,37 @@ def _findings(summary: dict) -> list[str]:
         )
         if base == "topk":
             out.append(
-                "Gate weights differ by design: MoGE keeps the global-softmax probabilities of its chosen experts "
-                "(not renormalised, as in Pangu Pro MoE, so at initialisation they sum to about K/N = "
-                f"{K}/{N} of the mass), while top-k (paper Eq. 2) renormalises over the chosen K. "
-                "`mogelm compare --baseline softmax_topk` gives a twin whose gates are not renormalised either."
+                "Gate weights differ by design: MoGE keeps the global-softmax probabilities of its chosen "
+                "experts (not renormalised, as in Pangu Pro MoE, so at initialisation they sum to about "
+                f"K/N = {K}/{N} of the mass), while top-k (paper Eq. 2) renormalises over the chosen K. "
+                "`mogelm compare --baseline softmax_topk` gives a twin whose gates are not renormalised "
+                "either."
             )
         for P in ("8", "4"):
             dm, db = models["moge"]["devices"].get(P), models[base]["devices"].get(P)
             if dm and db:
                 if dm["is_max"] == 0:
-                    exact = "exactly 0 on every step and layer (every device gets the same number of expert calls)"
+                    exact = ("exactly 0 on every step and layer (every device gets the same number of expert "
+                             "calls)")
                 elif int(P) > M:
-                    exact = (f"mean {dm['is_mean']:.3f}: with {P} devices and only {M} groups a device holds part "
-                             "of a group, where MoGE guarantees nothing")
+                    exact = (f"mean {dm['is_mean']:.3f}: with {P} devices and only {M} groups a device holds "
+                             "part of a group, where MoGE guarantees nothing")
                 else:
                     exact = f"mean {dm['is_mean']:.3f}"
                 out.append(
-                    f"{P} simulated devices: MoGE's Imbalance Score is {exact}; {base}'s is {db['is_mean']:.3f} on average and up to "
-                    f"{db['is_max']:.3f}, so its busiest device does {db['busiest_over_mean_mean']:.2f}x the mean "
-                    f"work at {P} devices on an average step (up to {db['busiest_over_mean_max']:.2f}x)."
+                    f"{P} simulated devices: MoGE's Imbalance Score is {exact}; {base}'s is "
+                    f"{db['is_mean']:.3f} on average and up to "
+                    f"{db['is_max']:.3f}, so its busiest device does {db['busiest_over_mean_mean']:.2f}x the "
+                    f"mean work at {P} devices on an average step (up to {db['busiest_over_mean_max']:.2f}x)."
                     if P == "8" else
-                    f"{P} simulated devices: MoGE {exact}; {base} mean {db['is_mean']:.3f}, max {db['is_max']:.3f}."
+                    f"{P} simulated devices: MoGE {exact}; {base} mean {db['is_mean']:.3f}, "
+                    f"max {db['is_max']:.3f}."
                 )
         wg = summary.get("max_within_group_coactivation", {})
         if "moge" in wg:
             out.append(
-                f"Co-activation inside a MoGE group is {100 * wg['moge']:.1f} % at most (two experts of one group "
-                f"never fire for the same token); for {base} the same expert pairs reach "
+                f"Co-activation inside a MoGE group is {100 * wg['moge']:.1f} % at most (two experts of one "
+                f"group never fire for the same token); for {base} the same expert pairs reach "
                 f"{100 * wg.get(base, float('nan')):.1f} %."
             )
     return out
@@ -86,13 +92,17 @@ def render(summary: dict) -> str:
         "# MoGE vs top-k MoE: training comparison",
         "",
         f"Produced by `{summary['command']}` on {summary['date']} ({summary['machine']}).",
-        f"Wall time of the whole job (tokenizer, two trainings, report): **{summary['wall_s'] / 60:.1f} min**.",
+        f"Wall time of the whole job (tokenizer, two trainings, report): "
+        f"**{summary['wall_s'] / 60:.1f} min**.",
         "",
         f"Both models: preset `{summary['preset']}`, {summary['parameters'] / 1e6:.1f} M parameters "
-        f"({summary['active_parameters'] / 1e6:.1f} M active per token), {E} routed experts, {K} active per token "
+        f"({summary['active_parameters'] / 1e6:.1f} M active per token), {E} routed experts, "
+        f"{K} active per token "
         f"(MoGE: {M} groups of {E // M}, one expert per group), plus a shared expert. Same data order, "
-        f"{any_model['steps']} steps of {summary['tokens_per_step']:,} tokens ({any_model['tokens']:,} tokens), "
-        "same schedule and seed (identical initial weights). Both use the paper's batch-level aux loss (alpha 1e-3).",
+        f"{any_model['steps']} steps of {summary['tokens_per_step']:,} tokens "
+        f"({any_model['tokens']:,} tokens), "
+        "same schedule and seed (identical initial weights). Both use the paper's batch-level aux loss "
+        "(alpha 1e-3).",
         "",
         "## Summary",
         "",

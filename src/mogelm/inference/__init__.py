@@ -13,5 +13,5 @@ from mogelm.inference.chat import Tokenizer
 from mogelm.inference.engine import Completion, Engine, EngineThread, RequestOutput
 from mogelm.inference.sampling import SamplingParams, sample
 
-__all__ = ["Completion", "Engine", "EngineThread", "RequestOutput", "SamplingParams", "SlotKVCache", "Tokenizer",
-           "sample"]
+__all__ = ["Completion", "Engine", "EngineThread", "RequestOutput", "SamplingParams", "SlotKVCache",
+           "Tokenizer", "sample"]

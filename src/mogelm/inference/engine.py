@@ -111,8 +111,8 @@ class Request:
         return len(self.prompt_ids) + self.num_generated - 1
 
     def completion(self) -> Completion:
-        return Completion(self.id, self.prompt_ids, list(self.output_ids), self.text, self.finish_reason or "",
-                          len(self.prompt_ids), self.num_generated)
+        return Completion(self.id, self.prompt_ids, list(self.output_ids), self.text,
+                          self.finish_reason or "", len(self.prompt_ids), self.num_generated)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -131,11 +131,14 @@ def prefill(model: Transformer, rows: CacheRows, ids: list[int], start: int) -> 
     device = rows.k[0].device
     ids_1T = torch.tensor([ids], device=device)
     pos_1T = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
-    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids), last_token_only=True)[0, -1]
+    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids),
+                 last_token_only=True)[0, -1]
 
 
-def decode_one_token(model: Transformer, rows: CacheRows, ids_B: Tensor, pos_B: Tensor, kv_len: int) -> Tensor:
-    """One token per cache row at its own position (row b of `rows` <- ids_B[b] at pos_B[b]); logits [B, V]."""
+def decode_one_token(model: Transformer, rows: CacheRows, ids_B: Tensor, pos_B: Tensor,
+                     kv_len: int) -> Tensor:
+    """One token per cache row at its own position (row b of `rows` <- ids_B[b] at pos_B[b]);
+    logits [B, V]."""
     return model(ids_B[:, None], positions_BT=pos_B[:, None], kv_cache=rows, kv_len=kv_len)[:, 0]
 
 
@@ -211,7 +214,8 @@ class Engine:
         self.max_batch, self.chunk_size = max_batch, chunk_size
         self.cache = SlotKVCache(cfg, max_batch, self.max_len, device=p.device, dtype=p.dtype)
         self.default_sampling = dict(default_sampling or {})
-        self.eos_ids = frozenset([tokenizer.eos_token_id] if tokenizer and tokenizer.eos_token_id is not None else [])
+        self.eos_ids = frozenset([tokenizer.eos_token_id]
+                                 if tokenizer and tokenizer.eos_token_id is not None else [])
         self._incoming: deque[Request] = deque()  # filled by any thread, drained by step()
         self._aborts: deque[str | None] = deque()  # None: every request
         self.waiting: deque[Request] = deque()
@@ -242,8 +246,8 @@ class Engine:
         tokenizer = Tokenizer.from_dir(path)
         model = from_pretrained(path, device=device, dtype=dtype)
         if tokenizer.tok.get_vocab_size(with_added_tokens=True) > model.cfg.vocab_size:
-            raise UserError(f"{path}: the tokenizer has more tokens ({tokenizer.vocab_size}) than the model's "
-                            f"vocabulary ({model.cfg.vocab_size})")
+            raise UserError(f"{path}: the tokenizer has more tokens ({tokenizer.vocab_size}) than the "
+                            f"model's vocabulary ({model.cfg.vocab_size})")
         return cls(model, tokenizer, default_sampling=generation_defaults(path), **kwargs)
 
     # --- requests -------------------------------------------------------------------------------
@@ -305,7 +309,8 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._incoming or self.waiting or self.running)
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
         """Run the given prompts to completion (continuous batching when there are more than max_batch)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
@@ -355,7 +360,8 @@ class Engine:
     def _prefill(self, req: Request, n: int) -> Tensor:
         """Write prompt tokens [num_cached, num_cached + n) into the request's slot; last logits [V]."""
         start = req.num_cached
-        logits_V = prefill(self.model, self.cache.rows(req.slot, req.slot + 1), req.prompt_ids[start:start + n], start)
+        logits_V = prefill(self.model, self.cache.rows(req.slot, req.slot + 1),
+                           req.prompt_ids[start:start + n], start)
         req.num_cached += n
         return logits_V
 
@@ -416,7 +422,8 @@ class Engine:
             req.finish_reason = "abort"
             if req in self.waiting:
                 self.waiting.remove(req)
-        return [(r, RequestOutput(r.id, [], "", True, "abort", len(r.prompt_ids), r.num_generated)) for r in hits]
+        return [(r, RequestOutput(r.id, [], "", True, "abort", len(r.prompt_ids), r.num_generated))
+                for r in hits]
 
     def fail_all(self, message: str) -> None:
         """Finish every request with finish_reason "error" (after an exception in step)."""
@@ -440,7 +447,8 @@ class Engine:
 
 
 def generation_defaults(path: str | Path) -> dict:
-    """temperature / top_p / top_k from the checkpoint's generation_config.json, else the Pangu docs' values."""
+    """temperature / top_p / top_k from the checkpoint's generation_config.json, else the Pangu docs'
+    values."""
     f = Path(path) / "generation_config.json"
     if not f.is_file():
         return dict(PANGU_DEFAULTS)

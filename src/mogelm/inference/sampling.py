@@ -50,17 +50,20 @@ class SamplingParams:
     def validate(self) -> None:
         """InvalidSampling (a ValueError) naming the field; the server turns it into a 400."""
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidSampling("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens}")
+            raise InvalidSampling("max_tokens",
+                                  f"max_tokens must be a positive integer, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:  # also rejects NaN
             raise InvalidSampling("temperature", f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidSampling("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidSampling("top_k", f"top_k must be -1 or 0 (both: disabled) or a positive integer, got {self.top_k}")
+            raise InvalidSampling("top_k", "top_k must be -1 or 0 (both: disabled) or a positive integer, "
+                                           f"got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidSampling("seed", f"seed must be in [0, 2**63), got {self.seed}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise InvalidSampling("stop_token_ids", f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+            raise InvalidSampling("stop_token_ids",
+                                  f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
 
     @property
     def greedy(self) -> bool:
@@ -86,8 +89,10 @@ def filter_logits(logits_BV: Tensor, temperature_B: Tensor, top_k_B: Tensor, top
     return filtered.softmax(dim=-1)
 
 
-def sample(logits_BV: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
-    """One next token per row: int64 [B]. Greedy rows take the argmax; the others draw with their generator."""
+def sample(logits_BV: Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> Tensor:
+    """One next token per row: int64 [B]. Greedy rows take the argmax; the others draw with their
+    generator."""
     assert logits_BV.shape[0] == len(params) == len(generators)
     out_B = logits_BV.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -71,8 +71,8 @@ def _align_kernel(
         offs = c * CHUNK + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    pad_start = _store_padded_layout(counts, experts, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr, counts_ptr,
-                                     S, E, NB_MAX, BLOCK_M, E_PAD, NB_CHUNK)
+    pad_start = _store_padded_layout(counts, experts, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr,
+                                     counts_ptr, S, E, NB_MAX, BLOCK_M, E_PAD, NB_CHUNK)
     seen = tl.zeros((E_PAD,), tl.int32)  # rows of each expert placed by earlier chunks
     for c in range(0, tl.cdiv(S, CHUNK)):
         offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -117,10 +117,11 @@ def _align_plan_kernel(
     counts = tl.zeros((E_PAD,), tl.int32)
     for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
         rows = r0 * ROWS + tl.arange(0, ROWS)
-        h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=(rows < NUM_CHUNKS)[:, None], other=0)
+        h = tl.load(hist_ptr + rows[:, None] * E_PAD + experts[None, :], mask=(rows < NUM_CHUNKS)[:, None],
+                    other=0)
         counts += tl.sum(h, axis=0)
-    pad_start = _store_padded_layout(counts, experts, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr, counts_ptr,
-                                     S, E, NB_MAX, BLOCK_M, E_PAD, NB_CHUNK)
+    pad_start = _store_padded_layout(counts, experts, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr,
+                                     counts_ptr, S, E, NB_MAX, BLOCK_M, E_PAD, NB_CHUNK)
     running = pad_start
     for r0 in range(0, tl.cdiv(NUM_CHUNKS, ROWS)):
         rows = r0 * ROWS + tl.arange(0, ROWS)
@@ -185,7 +186,8 @@ def align_torch(ids_S: Tensor, E: int, block_m: int) -> DispatchPlan:
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
     blocks = torch.arange(p_max // block_m, device=dev) * block_m
     block_expert = torch.searchsorted(pad_end, blocks, right=True).clamp_(max=E - 1).to(torch.int32)
-    return DispatchPlan(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), counts.to(torch.int32), block_m)
+    return DispatchPlan(sorted_ids, block_expert, pad_end[-1:].to(torch.int32), counts.to(torch.int32),
+                        block_m)
 
 
 @functools.cache
@@ -219,8 +221,8 @@ def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
     if S <= ALIGN_ONE_PROGRAM_ROWS:
         _align_kernel[(1,)](
             ids_S, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max,
-            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=min(chunk, max(16, triton.next_power_of_2(S))), NB_CHUNK=nb_chunk,
-            num_warps=8,
+            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=min(chunk, max(16, triton.next_power_of_2(S))),
+            NB_CHUNK=nb_chunk, num_warps=8,
         )
     else:
         num_chunks = triton.cdiv(S, chunk)
@@ -231,5 +233,6 @@ def align(expert_ids_TK: Tensor, E: int, block_m: int) -> DispatchPlan:
             hist, base, sorted_ids, block_expert, num_post_pad, counts, S, E, nb_max, num_chunks,
             BLOCK_M=block_m, E_PAD=e_pad, ROWS=chunk, NB_CHUNK=nb_chunk, num_warps=8,
         )
-        _align_scatter_kernel[(num_chunks,)](ids_S, base, sorted_ids, S, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
+        _align_scatter_kernel[(num_chunks,)](ids_S, base, sorted_ids, S, E_PAD=e_pad, CHUNK=chunk,
+                                             num_warps=8)
     return DispatchPlan(sorted_ids, block_expert, num_post_pad, counts, block_m)

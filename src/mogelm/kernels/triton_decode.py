@@ -122,8 +122,8 @@ class DecodeConfig:
 
 
 def decode(
-    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, cfg: DecodeConfig,
-    w1_scale_EF: Tensor | None = None, w2_scale_ED: Tensor | None = None,
+    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, w1_EFD: Tensor, w2_EDF: Tensor,
+    cfg: DecodeConfig, w1_scale_EF: Tensor | None = None, w2_scale_ED: Tensor | None = None,
 ) -> Tensor:
     """Small-T routed experts in two launches (_decode_kernel, _sum_parts_kernel); y_TD in x's dtype."""
     T, D = x_TD.shape
@@ -139,12 +139,14 @@ def decode(
         w2_scale_ED if w2_scale_ED is not None else dummy, expert_ids_TK.reshape(-1),
         weights_TK.reshape(-1).float().contiguous(), part, S, F, D,
         x_TD.stride(0), w1_EFD.stride(0), w1_EFD.stride(1), w2_EDF.stride(0), w2_EDF.stride(1),
-        TOP_K=K, BLOCK_F=cfg.block_f, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, W_SCALE=w1_scale_EF is not None,
+        TOP_K=K, BLOCK_F=cfg.block_f, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        W_SCALE=w1_scale_EF is not None,
         UPCAST=INTERPRET, W_TO_X=w1_EFD.dtype != x_TD.dtype, FP16_DOT=fp16_dot(x_TD, w1_EFD),
         PRECISION=precision(x_TD.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     block_d = min(1024, triton.next_power_of_2(D))
-    _sum_parts_kernel[(T, triton.cdiv(D, block_d))](part, y, T, D, num_pid_f, TOP_K=K, BLOCK_D=block_d, num_warps=4)
+    _sum_parts_kernel[(T, triton.cdiv(D, block_d))](part, y, T, D, num_pid_f, TOP_K=K, BLOCK_D=block_d,
+                                                    num_warps=4)
     return y

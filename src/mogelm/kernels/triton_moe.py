@@ -320,7 +320,8 @@ def fit_shared_memory(cfg: MoEConfig, x: Tensor, w_gate_up: Tensor, w_down: Tens
     """The config with tiles that fit this device's shared memory for these dtypes."""
     if not x.is_cuda:
         return cfg
-    limit = _shared_memory_limit(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    limit = _shared_memory_limit(x.device.index if x.device.index is not None
+                                 else torch.cuda.current_device())
     gu = _fit_gemm(cfg.gate_up, x.element_size(), w_gate_up.element_size(), 2, limit)
     dn = _fit_gemm(cfg.down, x.element_size(), w_down.element_size(), 1, limit)
     return dataclasses.replace(cfg, gate_up=gu, down=dn)
@@ -347,7 +348,8 @@ def gate_up(
     grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
     dummy = plan.sorted_ids_P  # stands in for the scale pointers a launch does not read
     _gate_up_kernel[grid](
-        x_TD, x_scale_T if x_scale_T is not None else dummy, w_EFD, w_scale_EF if w_scale_EF is not None else dummy,
+        x_TD, x_scale_T if x_scale_T is not None else dummy,
+        w_EFD, w_scale_EF if w_scale_EF is not None else dummy,
         h, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
         S, F, D, num_pid_m, x_TD.stride(0), w_EFD.stride(0), w_EFD.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -370,7 +372,8 @@ def down(
     grid = (num_pid_m * triton.cdiv(D, cfg.block_n),)
     dummy = plan.sorted_ids_P  # stands in for the scale pointers a launch does not read
     _down_kernel[grid](
-        h_PF, h_scale_P if h_scale_P is not None else dummy, w_EDF, w_scale_ED if w_scale_ED is not None else dummy,
+        h_PF, h_scale_P if h_scale_P is not None else dummy,
+        w_EDF, w_scale_ED if w_scale_ED is not None else dummy,
         weights_S, y, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
         S, D, F, num_pid_m, h_PF.stride(0), w_EDF.stride(0), w_EDF.stride(1), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -470,7 +473,8 @@ class _RoutedExperts(torch.autograd.Function):
         return dx_TD, dweights_TK, None, d_gate_up, d_down
 
 
-def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor, down_EDF: Tensor) -> Tensor:
+def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor,
+                   down_EDF: Tensor) -> Tensor:
     """ops.routed_experts on the Triton backend. Differentiable in x, weights, gate_up and down."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, gate_up_EFD, down_EDF)):
         return _RoutedExperts.apply(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)

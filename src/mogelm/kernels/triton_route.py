@@ -117,6 +117,7 @@ def moge_route(
             logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E
         )
     w, ids, probs, _ = moge_route_with_counts(
-        logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E, count=False
+        logits_TE, num_groups, experts_per_group_per_tok, router_scale_E, renormalize, expert_bias_E,
+        count=False
     )
     return w, ids, probs

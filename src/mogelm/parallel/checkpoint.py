@@ -147,7 +147,8 @@ def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    save_distributed(str(tmp / DCP_SUBDIR), model, optimizer, extra=json.loads(json.dumps(state, default=str)))
+    save_distributed(str(tmp / DCP_SUBDIR), model, optimizer,
+                     extra=json.loads(json.dumps(state, default=str)))
     # Full expert tensors (and their optimizer moments) for the one-process files.
     full: dict[int, torch.Tensor] = {}
     full_opt: dict[tuple[int, str], torch.Tensor] = {}
@@ -179,9 +180,13 @@ def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict
             params = [p for g in optimizer.param_groups for p in g["params"]]
             for i, p in enumerate(params):
                 if i in opt_sd["state"]:  # a copy: state_dict() shares the live per-param dicts
-                    opt_sd["state"][i] = {k: full_opt.get((id(p), k), v) for k, v in opt_sd["state"][i].items()}
-        torch.save({**state, "optimizer": opt_sd, "rng": rng_state(), "distributed": DCP_SUBDIR}, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "history"}, indent=2, default=str))
+                    opt_sd["state"][i] = {k: full_opt.get((id(p), k), v)
+                                          for k, v in opt_sd["state"][i].items()}
+        torch.save({**state, "optimizer": opt_sd, "rng": rng_state(), "distributed": DCP_SUBDIR},
+                   tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({k: v for k, v in state.items() if k != "history"}, indent=2, default=str)
+        )
         if data_folder is not None:
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if (Path(data_folder) / name).is_file():

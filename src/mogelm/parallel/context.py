@@ -57,7 +57,9 @@ class ParallelContext:
         self.dispatcher = dispatcher
         self._check_agreement()  # before creating subgroups: disagreeing ranks would create different ones
         # Every rank must create every group, in the same order.
-        self.ep_group = self._subgroups([list(range(d * ep_size, (d + 1) * ep_size)) for d in range(self.dp_size)])
+        self.ep_group = self._subgroups(
+            [list(range(d * ep_size, (d + 1) * ep_size)) for d in range(self.dp_size)]
+        )
         self.expert_dp_group = self._subgroups(
             [list(range(e, self.world_size, ep_size)) for e in range(ep_size)]
         )
@@ -121,7 +123,8 @@ class ParallelContext:
                 continue
             flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
             if size > 1:
-                _run(lambda flat=flat, group=group: dist.all_reduce(flat, group=group), "gradient all_reduce", group)
+                _run(lambda flat=flat, group=group: dist.all_reduce(flat, group=group), "gradient all_reduce",
+                     group)
             flat.div_(self.world_size)
             for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(synced.view_as(g))
@@ -139,7 +142,8 @@ class ParallelContext:
             else:
                 sq += s
         if self.ep_size > 1:  # replicated grads are equal everywhere; expert shards add up over EP
-            _run(lambda: dist.all_reduce(expert_sq, group=self.ep_group), "grad-norm all_reduce", self.ep_group)
+            _run(lambda: dist.all_reduce(expert_sq, group=self.ep_group), "grad-norm all_reduce",
+                 self.ep_group)
         total = math.sqrt((sq + expert_sq).item())
         if max_norm > 0 and total > max_norm:
             coef = max_norm / (total + 1e-6)
@@ -156,7 +160,8 @@ class ParallelContext:
     def barrier(self) -> None:
         _run(lambda: dist.barrier(), "barrier", None)
 
-    def save_checkpoint(self, path, model: nn.Module, optimizer=None, state: dict | None = None, data_folder=None):
+    def save_checkpoint(self, path, model: nn.Module, optimizer=None, state: dict | None = None,
+                        data_folder=None):
         """Every rank: the `mogelm train` checkpoint directory (see parallel.checkpoint)."""
         from mogelm.parallel.checkpoint import save_training_checkpoint
 
@@ -263,7 +268,8 @@ def init_parallel(
     """Join the torchrun job (env RANK/WORLD_SIZE/MASTER_ADDR) and build the ParallelContext."""
     world = _env_int("WORLD_SIZE")
     if world is None or _env_int("RANK") is None:
-        raise RuntimeError("init_parallel needs the torchrun environment (RANK, WORLD_SIZE); launch with torchrun")
+        raise RuntimeError("init_parallel needs the torchrun environment (RANK, WORLD_SIZE); "
+                           "launch with torchrun")
     if ep_size < 1 or world % ep_size:
         raise ValueError(f"EP size {ep_size} must divide the world size {world} (DP = world / EP)")
     dev = resolve_device(device)
@@ -279,7 +285,8 @@ def init_parallel(
                 dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
             else:
                 dist.init_process_group(
-                    backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+                    backend, store=store, rank=rank, world_size=world,
+                    timeout=datetime.timedelta(seconds=timeout_s)
                 )
         except Exception as e:
             raise CollectiveError(

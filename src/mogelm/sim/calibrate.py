@@ -75,7 +75,8 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
               source: str = "benchmark JSON") -> HardwareProfile:
     missing = [k for k in ("device", "copy_bandwidth_GBps", "dense_bf16_tflops") if k not in bench]
     if missing:
-        raise ValueError(f"benchmark JSON lacks {', '.join(missing)}: calibrate reads the kernel-benchmark schema "
+        raise ValueError(f"benchmark JSON lacks {', '.join(missing)}: "
+                         "calibrate reads the kernel-benchmark schema "
                          "(see mogelm/sim/calibrate.py or mogelm/sim/README.md)")
     copy_bw, dense = float(bench["copy_bandwidth_GBps"]), float(bench["dense_bf16_tflops"])
     if copy_bw <= 0 or dense <= 0:
@@ -86,17 +87,20 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
     date = bench.get("date", "undated")
     sources = dict(hw.sources)
     sources["mem_efficiency"] = f"calibrated: copy bandwidth {copy_bw:g} GB/s measured on {date} ({source})"
-    sources["gemm_efficiency"] = f"calibrated: dense bf16 GEMM {dense:g} TFLOP/s measured on {date} ({source})"
+    sources["gemm_efficiency"] = (f"calibrated: dense bf16 GEMM {dense:g} TFLOP/s measured on {date} "
+                                  f"({source})")
     hw = dataclasses.replace(hw, name=f"{hw.name}-calibrated", memory_bandwidth_GBps=bw_nominal,
                              mem_efficiency=copy_bw / bw_nominal, gemm_efficiency=min(dense / peak, 1.0),
                              grouped_gemm_curve=[], sources=sources,
-                             description=f"{bench['device']} calibrated from {source} ({date}); base {hw.name}")
+                             description=f"{bench['device']} calibrated from {source} ({date}); "
+                                         f"base {hw.name}")
 
     rows = [r for r in bench.get("rows", []) if isinstance(r, dict) and r.get("dtype", "bf16") == "bf16"
             and r.get("model_shape") in SHAPES and float(r.get("ms", 0)) > 0 and int(r.get("tokens", 0)) > 0]
     backends = sorted({r.get("backend", "") for r in rows})
     if backend is not None and backend not in backends:
-        raise ValueError(f"backend {backend!r} has no usable bf16 rows; the file has: {', '.join(backends) or 'none'}")
+        raise ValueError(f"backend {backend!r} has no usable bf16 rows; "
+                         f"the file has: {', '.join(backends) or 'none'}")
     curves: dict[str, dict[float, float]] = {}
     for r in rows:
         ideal, rpe = block_ideal_ms(SHAPES[r["model_shape"]], int(r["tokens"]), hw)
@@ -116,7 +120,8 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
         hw.links = [inner, *hw.links[1:]]
         sources["links"] = (f"innermost level calibrated from {len(coll)} collective sizes on {p} devices, "
                             f"measured on {date} ({source}): {fixed_us:.1f} us fixed per call (kept alpha "
-                            f"{base.latency_us:g} us per step, the rest as call_overhead_us), {bw / 1e9:.0f} GB/s; "
+                            f"{base.latency_us:g} us per step, the rest as call_overhead_us), "
+                            f"{bw / 1e9:.0f} GB/s; "
                             "outer levels from the base profile. " + sources.get("links", ""))
     attn = [r for r in bench.get("decode_attention", []) if isinstance(r, dict) and float(r.get("ms", 0)) > 0]
     if attn:
@@ -124,14 +129,14 @@ def calibrate(bench: dict, *, base: str | None = None, backend: str | None = Non
         ideal = float(top["kv_bytes"]) / hw.bandwidth
         share = ideal / max(float(top["ms"]) * 1e-3 - hw.op_overhead, 1e-9)
         hw.decode_attention_kv_share = round(min(share, 1.0), 4)
-        sources["decode_attention_kv_share"] = (f"calibrated from decode attention at batch {top.get('batch')}, "
-                                                f"measured on {date} ({source})")
+        sources["decode_attention_kv_share"] = (f"calibrated from decode attention at batch "
+                                                f"{top.get('batch')}, measured on {date} ({source})")
     if curves:
         # Without a choice, take the backend that is most efficient on average: the one we would run.
         chosen = backend or max(curves, key=lambda b: sum(curves[b].values()) / len(curves[b]))
         hw.grouped_gemm_curve = sorted([rpe, round(eff, 4)] for rpe, eff in curves[chosen].items())
-        sources["grouped_gemm_curve"] = (f"calibrated: backend {chosen!r}, {len(curves[chosen])} bf16 points, "
-                                         f"measured on {date} ({source})")
+        sources["grouped_gemm_curve"] = (f"calibrated: backend {chosen!r}, {len(curves[chosen])} bf16 "
+                                         f"points, measured on {date} ({source})")
     return hw
 
 

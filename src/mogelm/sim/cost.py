@@ -115,7 +115,8 @@ def routed_experts_time(rows: float, touched: float, num_local: int, d: int, f_l
     if rows <= 0:
         return 0.0
     flops = 2.0 * rows * 3 * d * f_local
-    nbytes = touched * 3 * d * f_local * quant.weight_bytes + rows * (2 * d * quant.act_bytes + 3 * f_local * 2)
+    nbytes = (touched * 3 * d * f_local * quant.weight_bytes
+              + rows * (2 * d * quant.act_bytes + 3 * f_local * 2))
     eff = hw.grouped_efficiency(rows / max(num_local, 1))
     if eff is None:
         t = roofline(flops, nbytes, hw, quant.compute, hw.gemm_efficiency * hw.grouped_gemm_factor,
@@ -178,7 +179,8 @@ def allgather_time(p: int, nbytes: float, hw: HardwareProfile) -> float:
     if p <= 1 or nbytes <= 0:
         return 0.0
     lk = hw.link_for(p)
-    return (lk.call_overhead_us + lk.steps(p) * lk.latency_us) * 1e-6 + (p - 1) / p * nbytes / lk.bus_bandwidth(p)
+    return ((lk.call_overhead_us + lk.steps(p) * lk.latency_us) * 1e-6
+            + (p - 1) / p * nbytes / lk.bus_bandwidth(p))
 
 
 reducescatter_time = allgather_time

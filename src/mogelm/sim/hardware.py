@@ -59,10 +59,12 @@ class LinkLevel:
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
-            raise ValueError(f"link {self.name!r}: topology must be one of {TOPOLOGIES}, got {self.topology!r}")
-        if self.group_size < 1 or self.bandwidth_GBps <= 0 or self.latency_us < 0 or self.call_overhead_us < 0:
-            raise ValueError(f"link {self.name!r}: group_size, bandwidth_GBps must be positive, latency_us and "
-                             "call_overhead_us >= 0")
+            raise ValueError(f"link {self.name!r}: topology must be one of {TOPOLOGIES}, "
+                             f"got {self.topology!r}")
+        if (self.group_size < 1 or self.bandwidth_GBps <= 0 or self.latency_us < 0
+                or self.call_overhead_us < 0):
+            raise ValueError(f"link {self.name!r}: group_size, bandwidth_GBps must be positive, "
+                             "latency_us and call_overhead_us >= 0")
 
     def bus_bandwidth(self, p: int) -> float:
         """Bytes/s one device can move into a p-way collective."""
@@ -102,12 +104,14 @@ class HardwareProfile:
         for name in ("mem_efficiency", "gemm_efficiency", "grouped_gemm_factor", "attention_efficiency",
                      "decode_attention_kv_share", "usable_memory_fraction"):
             if not 0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], got {getattr(self, name)}")
+                raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], "
+                                 f"got {getattr(self, name)}")
         if not self.peak_tflops:
             raise ValueError(f"profile {self.name!r}: peak_tflops is empty")
         sizes = [lk.group_size for lk in self.links]
         if sizes != sorted(sizes):
-            raise ValueError(f"profile {self.name!r}: links must be listed inner to outer (growing group_size)")
+            raise ValueError(f"profile {self.name!r}: links must be listed inner to outer "
+                             "(growing group_size)")
         self.grouped_gemm_curve = sorted([float(r), float(e)] for r, e in self.grouped_gemm_curve)
         if any(e <= 0 for _, e in self.grouped_gemm_curve):
             raise ValueError(f"profile {self.name!r}: grouped_gemm_curve efficiencies must be positive")
@@ -135,7 +139,8 @@ class HardwareProfile:
         if dtype == "bf16" and dtype not in self.peak_tflops and "fp16" in self.peak_tflops:
             dtype = "fp16"
         if dtype not in self.peak_tflops:
-            raise ValueError(f"{self.name} has no {dtype} compute (has: {', '.join(sorted(self.peak_tflops))})")
+            raise ValueError(f"{self.name} has no {dtype} compute "
+                             f"(has: {', '.join(sorted(self.peak_tflops))})")
         return self.peak_tflops[dtype] * 1e12
 
     def grouped_efficiency(self, rows_per_expert: float) -> float | None:
@@ -193,7 +198,8 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if not (name_or_path.endswith(".json") or path.is_file()):
         path = PROFILE_DIR / f"{name_or_path}.json"
         if not path.is_file():
-            raise ValueError(f"unknown hardware {name_or_path!r}; choose one of: {', '.join(profile_names())} "
+            raise ValueError(f"unknown hardware {name_or_path!r}; "
+                             f"choose one of: {', '.join(profile_names())} "
                              "or pass a profile JSON path")
     if not path.is_file():
         raise ValueError(f"hardware profile file not found: {name_or_path}")

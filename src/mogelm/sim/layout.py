@@ -125,7 +125,8 @@ def weight_bytes_per_device(cfg: ModelConfig, quant: Quant, lo: Layout) -> float
 
 def kv_bytes_per_device(cfg: ModelConfig, quant: Quant, lo: Layout, seqs: int, context: int) -> float:
     kv_heads = max(cfg.num_kv_heads / lo.attn_tp, 1.0)
-    return cfg.num_layers * math.ceil(seqs / lo.attn_dp) * context * 2 * kv_heads * cfg.head_dim * quant.kv_bytes
+    return (cfg.num_layers * math.ceil(seqs / lo.attn_dp) * context * 2 * kv_heads * cfg.head_dim
+            * quant.kv_bytes)
 
 
 def activation_bytes_per_device(cfg: ModelConfig, lo: Layout, tokens: int, seqs: int) -> float:
@@ -246,15 +247,16 @@ def max_batch(cfg, hw, quant, lo, *, cards, tpot_ms, context, routing=None, topk
     return best
 
 
-def plan_decode(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: int, tpot_ms: float, context: int,
-                routing: str | None = None, topk_skew: float = 1.0, layouts: list[Layout] | None = None) -> Plan:
+def plan_decode(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: int, tpot_ms: float,
+                context: int, routing: str | None = None, topk_skew: float = 1.0,
+                layouts: list[Layout] | None = None) -> Plan:
     """Best layout and batch for decode throughput under a TPOT limit. Raises ValueError if none."""
     world = world_size(hw, cards)
     layouts = layouts if layouts is not None else enumerate_layouts(cfg, world)
     if not layouts:
         raise ValueError(f"no parallel layout of {cfg.name} fits {world} devices ({cards} cards x "
-                         f"{hw.devices_per_card}): TP and EP degrees must be powers of two dividing the heads, "
-                         "expert widths and experts")
+                         f"{hw.devices_per_card}): TP and EP degrees must be powers of two dividing the "
+                         "heads, expert widths and experts")
     plans = [p for lo in layouts if (p := max_batch(cfg, hw, quant, lo, cards=cards, tpot_ms=tpot_ms,
                                                       context=context, routing=routing, topk_skew=topk_skew))]
     if not plans:
@@ -265,8 +267,8 @@ def plan_decode(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: i
                              f"{need / 1e9:.1f} GB per device, {hw.memory_bytes / 1e9:.1f} GB usable")
         fastest = min(decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=lo.attn_dp, context=context,
                                      routing=routing, topk_skew=topk_skew).step_ms for lo in fits)
-        raise ValueError(f"TPOT limit {tpot_ms:g} ms is impossible: the fastest layout needs {fastest:.1f} ms "
-                         f"per token at the smallest batch on {cards} {hw.name} cards")
+        raise ValueError(f"TPOT limit {tpot_ms:g} ms is impossible: the fastest layout needs "
+                         f"{fastest:.1f} ms per token at the smallest batch on {cards} {hw.name} cards")
     return max(plans, key=lambda p: (p.tokens_per_s_per_card, -p.step_ms))
 
 

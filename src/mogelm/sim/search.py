@@ -58,18 +58,19 @@ class SearchSpace:
     def __post_init__(self) -> None:
         lo, hi = self.total_params_b
         if not 0 < lo <= hi:
-            raise ValueError(f"total_params_b must be (low, high) with 0 < low <= high, got {self.total_params_b}")
+            raise ValueError(f"total_params_b must be (low, high) with 0 < low <= high, "
+                             f"got {self.total_params_b}")
 
     def candidates(self) -> list[ModelConfig]:
         out = []
-        for d, kv, n_layers, n_exp, f in itertools.product(self.hidden_sizes, self.kv_heads, self.layers, self.experts,
-                                                           self.expert_widths):
+        for d, kv, n_layers, n_exp, f in itertools.product(self.hidden_sizes, self.kv_heads, self.layers,
+                                                           self.experts, self.expert_widths):
             heads = d // self.head_dim
             if d % self.head_dim or heads % kv or n_exp % self.num_groups:
                 continue
             cfg = ModelConfig(
-                vocab_size=self.vocab_size, hidden_size=d, num_layers=n_layers, num_heads=heads, num_kv_heads=kv,
-                head_dim=self.head_dim, num_experts=n_exp, num_groups=self.num_groups,
+                vocab_size=self.vocab_size, hidden_size=d, num_layers=n_layers, num_heads=heads,
+                num_kv_heads=kv, head_dim=self.head_dim, num_experts=n_exp, num_groups=self.num_groups,
                 num_experts_per_tok=self.num_groups, moe_intermediate_size=f,
                 shared_expert_intermediate_size=self.shared_experts * f,
                 name=f"h{d}-q{heads}-kv{kv}-L{n_layers}-E{n_exp}-f{f}")
@@ -127,8 +128,9 @@ def run_search(space: SearchSpace | None = None, targets: list[Target] | None = 
     results = []
     for cfg in space.candidates():
         total, active = count_parameters(cfg)
-        c = Candidate(cfg.name, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, cfg.num_experts,
-                      cfg.moe_intermediate_size, total / 1e9, active / 1e9, is_pangu_shape(cfg))
+        c = Candidate(cfg.name, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers,
+                      cfg.num_experts, cfg.moe_intermediate_size, total / 1e9, active / 1e9,
+                      is_pangu_shape(cfg))
         for t in targets:
             c.moge[t.label], c.batch[t.label] = _throughput(cfg, hws[t.hardware], q, t, context, "moge")
             if compare_topk:

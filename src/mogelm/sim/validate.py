@@ -60,8 +60,8 @@ class Check:
     def to_dict(self) -> dict:
         d = asdict(self)
         # numpy scalars (from the Monte-Carlo and the fits) are not JSON-serialisable: make them plain
-        d.update(predicted=float(self.predicted), measured=float(self.measured), error=round(float(self.error), 4),
-                 passed=bool(self.passed))
+        d.update(predicted=float(self.predicted), measured=float(self.measured),
+                 error=round(float(self.error), 4), passed=bool(self.passed))
         return d
 
 
@@ -79,7 +79,8 @@ def _paper_checks() -> list[Check]:
     q = QUANTS["w8a8"]
     a2, duo = load_profile("ascend-800i-a2"), load_profile("ascend-300i-duo")
     moe = from_name("pangu-pro-moe-72b")
-    models = {"72BA16B MoE": moe, "32B dense": dense_baseline("dense-32b"), "72B dense": dense_baseline("dense-72b")}
+    models = {"72BA16B MoE": moe, "32B dense": dense_baseline("dense-32b"),
+              "72B dense": dense_baseline("dense-72b")}
     out: list[Check] = []
     # Table 5: prefill on 2 cards of 800I A2, batch 2 x 2048.
     for label, ttft in (("72BA16B MoE", 424.21), ("32B dense", 604.07), ("72B dense", 1282.94)):
@@ -105,8 +106,8 @@ def _paper_checks() -> list[Check]:
         out.append(Check("paper Table 6", f"{label} decode TPOT at batch 1", one.step_ms, b1, "ms", PAPER_TOL,
                          note=best.layout.describe()))
         if label == "72BA16B MoE":
-            out.append(Check("paper 5.3", "MoE weight-transfer share of the batch-456 step", at.step.weight_read_s
-                             / at.step.total * 100, 29.0, "%", PAPER_TOL, role="fit",
+            out.append(Check("paper 5.3", "MoE weight-transfer share of the batch-456 step",
+                             at.step.weight_read_s / at.step.total * 100, 29.0, "%", PAPER_TOL, role="fit",
                              note="set the 800I A2 bandwidth estimate"))
     # Table 7: 300I Duo (card = 2 chips).
     best = plan_decode(moe, duo, q, cards=4, tpot_ms=99.5, context=2048)
@@ -114,11 +115,11 @@ def _paper_checks() -> list[Check]:
                      best.tokens_per_s_per_card, 80 / 99.5 * 1e3 / 4, "tok/s", PAPER_TOL,
                      note=f"{best.layout.describe()}; chose batch {best.batch} (paper 80)"))
     h2p = decode_plan_at(moe, duo, q, H2P_8, cards=4, batch=80, context=2048)
-    out.append(Check("paper Table 7", "MoE decode TPOT at batch 80, paper's H2P layout", h2p.step_ms, 99.5, "ms",
-                     PAPER_TOL, note=H2P_8.describe()))
+    out.append(Check("paper Table 7", "MoE decode TPOT at batch 80, paper's H2P layout", h2p.step_ms, 99.5,
+                     "ms", PAPER_TOL, note=H2P_8.describe()))
     one = decode_plan_at(moe, duo, q, H2P_8, cards=4, batch=2, context=2048)
-    out.append(Check("paper Table 7", "MoE decode TPOT at batch 1 per DP group ('about 50 ms')", one.step_ms, 50.0,
-                     "ms", PAPER_TOL, note="the paper gives this only as 'about 50 ms'"))
+    out.append(Check("paper Table 7", "MoE decode TPOT at batch 1 per DP group ('about 50 ms')", one.step_ms,
+                     50.0, "ms", PAPER_TOL, note="the paper gives this only as 'about 50 ms'"))
     share = h2p.step.parts.get("comm_ffn", 0.0)
     out.append(Check("paper 6.3", "300I Duo expert-block AllGather+ReduceScatter share of the batch-80 step",
                      share / h2p.step.total * 100, 8.0, "%", PAPER_TOL, role="fit",
@@ -126,13 +127,14 @@ def _paper_checks() -> list[Check]:
     p = plan_prefill(moe, duo, q, cards=2, batch=2, context=2048)
     out.append(Check("paper Table 7", "MoE prefill latency, 300I Duo x2, 2x2048", p.step_ms, 1940.3, "ms",
                      PAPER_TOL, note=p.layout.describe()))
-    out.append(Check("paper Table 7", "MoE prefill tokens/s/card, 300I Duo x2", p.tokens_per_s_per_card, 1055.0,
-                     "tok/s", PAPER_TOL, note=p.layout.describe()))
+    out.append(Check("paper Table 7", "MoE prefill tokens/s/card, 300I Duo x2", p.tokens_per_s_per_card,
+                     1055.0, "tok/s", PAPER_TOL, note=p.layout.describe()))
     return out
 
 
 # DESIGN.md section 5, one H200, bf16, Pangu expert shapes (hidden 5120, 64 x 1344, top-1 in 8 groups).
-H200_SHARED_MS = {1: 0.061, 8: 0.064, 32: 0.064, 128: 0.069, 512: 0.146, 2048: 0.566, 8192: 2.225, 32768: 8.70}
+H200_SHARED_MS = {1: 0.061, 8: 0.064, 32: 0.064, 128: 0.069, 512: 0.146, 2048: 0.566, 8192: 2.225,
+                  32768: 8.70}
 H200_FUSED_MS = {1: 0.106, 32: 0.635, 128: 0.635, 8192: 5.8, 32768: 22.5}
 
 
@@ -142,7 +144,8 @@ def _h200_checks(hw: HardwareProfile | None = None) -> list[Check]:
     out = []
     for t, ms in H200_SHARED_MS.items():
         pred = dense_ffn_time(t, 5120, 5376, hw, q, kernels=5) * 1e3  # mogelm's unfused SwiGLU
-        out.append(Check("DESIGN.md 5", f"H200 shared expert (dense SwiGLU 5376), T={t}", pred, ms, "ms", OURS_TOL))
+        out.append(Check("DESIGN.md 5", f"H200 shared expert (dense SwiGLU 5376), T={t}", pred, ms, "ms",
+                         OURS_TOL))
     for t, ms in H200_FUSED_MS.items():
         _, touched = routing_load("moge", t, 64, 8, 8, 1)
         pred = routed_experts_time(t * 8, touched, 64, 5120, 1344, hw, q) * 1e3
@@ -155,7 +158,8 @@ def _h200_checks(hw: HardwareProfile | None = None) -> list[Check]:
     return out
 
 
-H200_GROUPED_MM_MS = {1: 0.317, 8: 0.792, 32: 1.102, 128: 1.164, 512: 1.305, 2048: 2.825, 8192: 8.767, 32768: 34.92}
+H200_GROUPED_MM_MS = {1: 0.317, 8: 0.792, 32: 1.102, 128: 1.164, 512: 1.305, 2048: 2.825, 8192: 8.767,
+                      32768: 34.92}
 
 
 def _calibration_checks() -> list[Check]:
@@ -169,9 +173,11 @@ def _calibration_checks() -> list[Check]:
         hw = calibrate({"device": "NVIDIA H200", "date": "2026-11-28", "copy_bandwidth_GBps": 4250.0,
                         "dense_bf16_tflops": 672.0, "rows": rows}, source="DESIGN.md 5")
         _, touched = routing_load("moge", t_out, 64, 8, 8, 1)
-        pred = routed_experts_time(t_out * 8, touched, 64, shape["d"], shape["width"], hw, QUANTS["bf16"]) * 1e3
-        out.append(Check("DESIGN.md 5", f"H200 torch._grouped_mm experts, T={t_out}, calibrated without it", pred,
-                         H200_GROUPED_MM_MS[t_out], "ms", OURS_TOL, note="leave-one-out calibration curve"))
+        pred = routed_experts_time(t_out * 8, touched, 64, shape["d"], shape["width"], hw,
+                                   QUANTS["bf16"]) * 1e3
+        out.append(Check("DESIGN.md 5", f"H200 torch._grouped_mm experts, T={t_out}, calibrated without it",
+                         pred, H200_GROUPED_MM_MS[t_out], "ms", OURS_TOL,
+                         note="leave-one-out calibration curve"))
     return out
 
 
@@ -194,15 +200,15 @@ def _microbench_checks() -> list[Check]:
     def rows(hw, label, coll_rows, attn_rows, note):
         out = []
         for r in attn_rows:
-            pred = attention_decode_time(r["batch"], r["context"], r["heads"], r["kv_heads"], r["head_dim"], hw,
-                                         bf16) * 1e3
-            out.append(Check(src, f"decode attention SDPA, batch {r['batch']} x {r['context']}, {label}", pred,
-                             r["ms"], "ms", OURS_TOL, note=note))
+            pred = attention_decode_time(r["batch"], r["context"], r["heads"], r["kv_heads"], r["head_dim"],
+                                         hw, bf16) * 1e3
+            out.append(Check(src, f"decode attention SDPA, batch {r['batch']} x {r['context']}, {label}",
+                             pred, r["ms"], "ms", OURS_TOL, note=note))
         for r in coll_rows:
             pred = allgather_time(r["world"], r["bytes"], hw) * 1e3
             for key, name in (("allgather_ms", "all-gather"), ("reducescatter_ms", "reduce-scatter")):
-                out.append(Check(src, f"NCCL {name} {r['bytes'] / 2**20:.2f} MiB on {r['world']} GPUs, {label}", pred,
-                                 r[key], "ms", OURS_TOL, note=note))
+                out.append(Check(src, f"NCCL {name} {r['bytes'] / 2**20:.2f} MiB on {r['world']} GPUs, "
+                                      f"{label}", pred, r[key], "ms", OURS_TOL, note=note))
         return out
 
     out = rows(load_profile("nvidia-h200"), "built-in profile", coll, attn, "a-priori alpha 2.5 us, 360 GB/s")
@@ -211,7 +217,8 @@ def _microbench_checks() -> list[Check]:
     by_batch = sorted(attn, key=lambda r: r["batch"])
     cal = calibrate({**mb, "collectives": fit_coll, "decode_attention": by_batch[-1:]}, source="microbench")
     lk = cal.links[0]
-    note = f"held out; calibrated {lk.call_overhead_us + lk.latency_us:.0f} us per call, {lk.bandwidth_GBps:.0f} GB/s, " \
+    note = f"held out; calibrated {lk.call_overhead_us + lk.latency_us:.0f} us per call, " \
+           f"{lk.bandwidth_GBps:.0f} GB/s, " \
            f"KV share {cal.decode_attention_kv_share:.2f}"
     out += rows(cal, "calibrated without it", held_coll, by_batch[:-1], note)
     return out
@@ -223,8 +230,8 @@ def run_checks() -> list[Check]:
 
 def h200_full_model(hw: HardwareProfile | None = None) -> dict:
     """The full 72B model on one 8x H200 server (bf16, 2,048 context, TPOT <= 99 ms): a forecast only."""
-    plan = plan_decode(from_name("pangu-pro-moe-72b"), hw or load_profile("nvidia-h200"), QUANTS["bf16"], cards=8,
-                       tpot_ms=99.0, context=2048)
+    plan = plan_decode(from_name("pangu-pro-moe-72b"), hw or load_profile("nvidia-h200"), QUANTS["bf16"],
+                       cards=8, tpot_ms=99.0, context=2048)
     return plan.to_dict()
 
 
