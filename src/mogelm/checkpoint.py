@@ -53,7 +53,7 @@ from mogelm.hf_config import (  # noqa: F401 (re-exported)
 from mogelm.kernels import ops
 from mogelm.model import Transformer, rope_inv_freq
 from mogelm.moe.experts import Fp8RoutedExperts
-from mogelm.quant import Fp8Linear, Fp8Options, fp8_module_names, quantize_model, target_patterns
+from mogelm.quant import Fp8Linear, Fp8Options, fp8_module_names, is_target, quantize_model, target_patterns
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -349,3 +349,98 @@ def from_pretrained(
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     assert not still_meta, f"parameters left on the meta device: {still_meta}"
     return model
+
+
+# quantised checkpoints ---------------------------------------------------------------------------
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, attention: bool = False,
+                        device: str | torch.device = "cpu", max_shard_size: int | str = "5GB") -> dict:
+    """Write an fp8 copy of checkpoint `src` to the new directory `dst` (`mogelm quantize`).
+
+    Streams: each target weight is read from the memory-mapped input, quantised on `device`
+    (per output row, amax / 448) and written with its `weight_scale` [out, 1]; other tensors are
+    copied as stored; shards are written as they fill (max_shard_size), so memory stays near one
+    shard whatever the model's size. config.json gains the quantization_config block; the other
+    files of `src` (tokenizer, generation config) are copied. `dst` appears only when complete.
+    Returns {"tensors", "quantized", "bytes_in", "bytes_out", "files"}."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise UserError(f"output {dst} already exists; choose a new directory")
+    if not dst.parent.is_dir():
+        raise UserError(f"output folder {dst.parent} does not exist")
+    cfg = read_config(src)
+    if read_quantization_config(src) is not None:
+        raise UserError(f"{src} is already quantised (config.json has a quantization_config)")
+    if not cfg.is_moe:
+        raise UserError(f"{src}: fp8 quantisation covers the routed and shared experts; this model is dense")
+    weight_map = _checkpoint_files(src)
+    with torch.device("meta"):
+        expected = {n: list(t.shape) for n, t in to_checkpoint_tensors(Transformer(cfg)).items()}
+    handles = {f: _open(src / f) for f in sorted(set(weight_map.values()))}
+    problems = [f"missing {n}" for n in expected if n not in weight_map]
+    problems += [f"{n} has shape {handles[weight_map[n]].get_slice(n).get_shape()}, expected {shape}"
+                 for n, shape in expected.items()
+                 if n in weight_map and handles[weight_map[n]].get_slice(n).get_shape() != shape]
+    problems += [f"unexpected {n}" for n in weight_map if n not in expected and not n.endswith("inv_freq")]
+    if problems:
+        handles.clear()
+        raise UserError(f"checkpoint {src} does not match its config: " + "; ".join(problems[:20]))
+
+    patterns = target_patterns(attention)
+    limit = _parse_size(max_shard_size)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    stats = {"tensors": 0, "quantized": 0, "bytes_in": 0, "bytes_out": 0}
+    try:
+        shards: list[str] = []
+        weight_map_out: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+
+        def flush() -> None:
+            name = f"shard-{len(shards):05d}.safetensors"  # renamed below once the count is known
+            save_file(shard, str(staging / name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map_out.update(dict.fromkeys(shard, name))
+            shard.clear()
+
+        size = 0
+        for name in expected:
+            t = handles[weight_map[name]].get_tensor(name)
+            stats["tensors"] += 1
+            stats["bytes_in"] += t.numel() * t.element_size()
+            if name.endswith(".weight") and is_target(name.removesuffix(".weight"), patterns):
+                q, scale = ops.quantize_rows_fp8(t.to(device))
+                out = {name: q.cpu(), name.removesuffix(".weight") + _SCALE: scale.reshape(-1, 1).cpu()}
+                stats["quantized"] += 1
+            else:
+                out = {name: t}
+            nbytes = sum(v.numel() * v.element_size() for v in out.values())
+            if shard and size + nbytes > limit:
+                flush()
+                size = 0
+            shard.update(out)
+            size += nbytes
+            stats["bytes_out"] += nbytes
+        if shard:
+            flush()
+        handles.clear()
+        names = ([SINGLE_FILE] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for old, new in zip(shards, names):
+            os.replace(staging / old, staging / new)
+        if len(shards) > 1:
+            renamed = dict(zip(shards, names))
+            (staging / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": stats["bytes_out"]},
+                 "weight_map": {k: renamed[v] for k, v in weight_map_out.items()}}, indent=2))
+        hf = json.loads((src / CONFIG_NAME).read_text())
+        hf["quantization_config"] = fp8_quantization_config(patterns)
+        (staging / CONFIG_NAME).write_text(json.dumps(hf, indent=2))
+        for f in src.iterdir():  # tokenizer, generation config, README: not weights, not optimizer state
+            skip = f.name in (CONFIG_NAME, INDEX_FILE) or f.name.startswith("trainer_state")
+            if f.is_file() and not skip and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, staging / f.name)
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stats["files"] = len(shards)
+    return stats
