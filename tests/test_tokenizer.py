@@ -25,8 +25,9 @@ from mogelm.hf_config import read_config  # noqa: E402
 from mogelm.inference import Engine, SamplingParams, Tokenizer  # noqa: E402
 from mogelm.inference.chat import TURN_CLOSE, TURN_OPEN  # noqa: E402
 
-CHINESE = ["混合分组专家模型在每个设备上平衡负载。", "系统：你是一个有帮助的助手。", "用户：请写一首关于专家的诗。",
-           "盘古模型使用全局软最大路由。", "每个令牌在每个组中选择相同数量的专家。"]
+CHINESE = ["混合分组专家模型在每个设备上平衡负载。", "系统：你是一个有帮助的助手。",
+           "用户：请写一首关于专家的诗。", "盘古模型使用全局软最大路由。",
+           "每个令牌在每个组中选择相同数量的专家。"]
 TEXTS = ["def main(argv):\n    return len(argv)  # count\n", "混合分组专家模型，负载均衡。",
          "emoji 🙂 and accents: héllo wörld", "  two leading spaces\tand a tab", "数字 12345 and 3.14"]
 
