@@ -22,6 +22,7 @@ from mogelm.cli import main as cli_main
 from mogelm.errors import UserError
 from mogelm.inference import Engine, SamplingParams
 from mogelm.kernels import ops, torch_impl
+from mogelm.model import rope_inv_freq
 from mogelm.moe.experts import Fp8RoutedExperts, RoutedExperts
 from mogelm.moe.reference import reference_routed_experts
 from mogelm.quant import Fp8Linear, Fp8Options, quantize_model, set_activations
@@ -289,6 +290,7 @@ def test_gpu_two_layers_at_72b_widths_fp8_vs_bf16_logits():
     with torch.no_grad():
         ref = model(ids).double()
         model.to(torch.bfloat16)
+        model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, "cuda")  # RoPE stays fp32
         bf16 = model(ids)
         quantize_model(model)  # experts weight-only, shared expert W8A8 (torch._scaled_mm)
         fp8 = model(ids)

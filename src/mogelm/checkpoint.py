@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -251,12 +252,19 @@ def from_pretrained(
         for fname in sorted(set(weight_map.values())):
             handles[fname] = _open(path / fname)
 
+        remaining = Counter(weight_map.values())  # tensors still to read, per file
+
         def read(name: str) -> torch.Tensor | None:
             if name not in weight_map:
                 problems.append(f"missing {name}")
                 return None
             used.add(name)
-            return handles[weight_map[name]].get_tensor(name)
+            fname = weight_map[name]
+            t = handles[fname].get_tensor(name)
+            remaining[fname] -= 1
+            if remaining[fname] == 0:  # unmap a finished shard: its pages leave this process's RSS
+                del handles[fname]
+            return t
 
         def read_weight(ck: str, shape: list[int], fp8: bool) -> tuple[Tensor, Tensor | None] | None:
             """(tensor on device, fp32 scale [out] or None); quantised here when fp8 is wanted but
