@@ -225,10 +225,19 @@ def _markov_batches(vocab: int, n: int, seq: int, seed: int) -> torch.Tensor:
 def test_fp8_quality_bound_on_a_trained_tiny_model(tmp_path):
     """Trained until its loss is far below uniform: fp8 perplexity within 1 % of fp32, greedy text
     mostly identical (measured on the debug preset trained with `mogelm train`: benchmarks/README)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and many times faster on a busy CPU
+    try:
+        _quality_bound(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quality_bound(tmp_path):
     torch.manual_seed(0)
     model = _model(vocab_size=128).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(35):
+    for step in range(25):
         x = _markov_batches(128, 8, 33, seed=step)
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
@@ -236,15 +245,15 @@ def test_fp8_quality_bound_on_a_trained_tiny_model(tmp_path):
         opt.step()
     assert loss.item() < 0.6 * math.log(128)  # it learned the chain
     model.eval()
-    held = _markov_batches(128, 16, 49, seed=10_000)
+    held = _markov_batches(128, 12, 41, seed=10_000)
 
     def ppl(m):
         with torch.no_grad():
             return math.exp(F.cross_entropy(m(held[:, :-1]).flatten(0, 1), held[:, 1:].flatten()).item())
 
     def greedy(m):
-        out = Engine(m, None, max_batch=16).generate([p.tolist() for p in held[:16, :8]],
-                                                      SamplingParams(max_tokens=12, temperature=0.0))
+        out = Engine(m, None, max_batch=12).generate([p.tolist() for p in held[:, :8]],
+                                                      SamplingParams(max_tokens=10, temperature=0.0))
         return [o.token_ids for o in out]
 
     save_pretrained(model, tmp_path)
@@ -253,7 +262,7 @@ def test_fp8_quality_bound_on_a_trained_tiny_model(tmp_path):
         q = from_pretrained(tmp_path, quantize=options)
         assert abs(ppl(q) / base_ppl - 1) < 0.01, (options, ppl(q), base_ppl)
         same = sum(a == b for a, b in zip(greedy(q), base_text))
-        assert same >= 10, (options, same)
+        assert same >= 8, (options, same)  # of 12
 
 
 # --- GPU ----------------------------------------------------------------------------------------
@@ -300,3 +309,18 @@ def test_gpu_two_layers_at_72b_widths_fp8_vs_bf16_logits():
     print("logits relative error vs fp32:", {k: f"{v:.2e}" for k, v in errs.items()})
     assert errs["bf16"] < 2e-2 and errs["fp8"] < 8e-2 and errs["fp8 W8A8 experts"] < 1e-1, errs
     assert torch.isfinite(fp8).all()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_engine_cuda_graphs_with_fp8_weights_match_eager():
+    model = _model().cuda().bfloat16()
+    model.rotary.inv_freq = rope_inv_freq(model.cfg.head_dim, model.cfg.rope_theta, "cuda")
+    quantize_model(model, Fp8Options(attention=True))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
+    graphed = Engine(model, None, max_batch=4, cuda_graphs=True)
+    assert graphed.graphs is not None  # capture did not fall back to eager
+    eager = Engine(model, None, max_batch=4, cuda_graphs=False)
+    assert [o.token_ids for o in graphed.generate(prompts, params)] == \
+        [o.token_ids for o in eager.generate(prompts, params)]

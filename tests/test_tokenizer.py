@@ -137,6 +137,10 @@ def test_engine_and_generate_cli_with_sentencepiece_checkpoint(sp_dir, tmp_path,
                      "--temperature", "0", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["completion_tokens"] == 4 or row["finish_reason"] == "stop"
+    # --quantize fp8 reaches the model through Engine.from_pretrained
+    assert cli_main(["generate", "--model", str(ckpt), "--prompt", "def main(", "--max-tokens", "4",
+                     "--temperature", "0", "--quantize", "fp8", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) >= 1
 
 
 def test_missing_tokenizer_and_missing_sentencepiece_are_one_line_errors(sp_dir, tmp_path, monkeypatch):
