@@ -13,8 +13,15 @@ config.json carries the HF fields (`model_type: "PanguProMoE"` when the model is
 MoGE, which has no group field: groups = num_experts_per_tok) and, for our own models, the full
 mogelm config under the key "mogelm".
 
+FP8 checkpoints (`mogelm quantize`, quantize_checkpoint; layout in docs/quantization.md): the
+target modules' `.weight` is e4m3 and a `.weight_scale` [out, 1] fp32 sits beside it, with a
+compressed-tensors `quantization_config` in config.json. from_pretrained recognises them by
+their tensors and builds Fp8RoutedExperts / Fp8Linear modules (mogelm.quant) with fp8 storage;
+`from_pretrained(..., quantize="fp8")` quantises a bf16 checkpoint tensor by tensor while loading.
+
 Loading builds the model on the meta device and assigns tensors read one at a time from the
-memory-mapped safetensors files, so a model never needs twice its size in RAM. Missing,
+memory-mapped safetensors files straight to the target device (quantised there when asked), so a
+model never needs twice its size in RAM, and an fp8 load never holds the bf16 model. Missing,
 unexpected or mis-shaped tensors are reported together in one UserError. Saving writes into a
 temporary folder and moves finished files into place, so an interrupted save never leaves a
 half-written checkpoint behind the old one's index.
@@ -27,19 +34,33 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from mogelm.errors import UserError
-from mogelm.hf_config import CONFIG_NAME, config_from_hf, config_to_hf, read_config  # noqa: F401 (re-exported)
+from mogelm.hf_config import (  # noqa: F401 (re-exported)
+    CONFIG_NAME,
+    config_from_hf,
+    config_to_hf,
+    fp8_quantization_config,
+    read_config,
+    read_quantization_config,
+)
+from mogelm.kernels import ops
 from mogelm.model import Transformer, rope_inv_freq
+from mogelm.moe.experts import Fp8RoutedExperts
+from mogelm.quant import Fp8Linear, Fp8Options, fp8_module_names, is_target, quantize_model, target_patterns
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_EFD|down_EDF)$")
+_EXPERT_RE = re.compile(r"^layers\.(\d+)\.mlp\.experts\."
+                        r"(gate_up_EFD|down_EDF|gate_up_scale_EF|down_scale_ED)$")
+_SCALE = ".weight_scale"  # beside an e4m3 ".weight": fp32 [out, 1] (compressed-tensors, per channel)
 _CKPT_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\."
                              r"(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -59,18 +80,31 @@ def to_checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
             continue  # safetensors refuses shared storage; the tie is restored on load
         m = _EXPERT_RE.match(name)
         if m is None:
+            if name.endswith(_SCALE):  # Fp8Linear keeps [out]; the checkpoint convention is [out, 1]
+                t = t.reshape(-1, 1)
             out[_to_checkpoint_name(name)] = t.contiguous()
             continue
         layer, kind = m.groups()
         prefix = f"model.layers.{layer}.mlp.experts"
+        suffix = "weight_scale" if "scale" in kind else "weight"
+        if "scale" in kind:
+            t = t.unsqueeze(-1)
         F = cfg.moe_intermediate_size
         for e in range(t.shape[0]):
-            if kind == "gate_up_EFD":
-                out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :F].contiguous()
-                out[f"{prefix}.{e}.up_proj.weight"] = t[e, F:].contiguous()
+            if kind.startswith("gate_up"):
+                out[f"{prefix}.{e}.gate_proj.{suffix}"] = t[e, :F].contiguous()
+                out[f"{prefix}.{e}.up_proj.{suffix}"] = t[e, F:].contiguous()
             else:
-                out[f"{prefix}.{e}.down_proj.weight"] = t[e].contiguous()
+                out[f"{prefix}.{e}.down_proj.{suffix}"] = t[e].contiguous()
     return out
+
+
+def _fp8_targets_of(model: Transformer) -> tuple[str, ...] | None:
+    """compressed-tensors targets of a quantised model (None when it holds no fp8 module)."""
+    fp8 = [n for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8RoutedExperts))]
+    if not fp8:
+        return None
+    return target_patterns(attention=any(".self_attn." in n for n in fp8))
 
 
 def _parse_size(size: int | str) -> int:
@@ -114,7 +148,11 @@ def save_pretrained(model: Transformer, path: str | os.PathLike,
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
             files.append(INDEX_FILE)
-        (staging / CONFIG_NAME).write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2))
+        hf = config_to_hf(model.cfg, dtype)
+        targets = _fp8_targets_of(model)
+        if targets is not None:
+            hf["quantization_config"] = fp8_quantization_config(targets)
+        (staging / CONFIG_NAME).write_text(json.dumps(hf, indent=2))
         files.append(CONFIG_NAME)
         # Remove weights of an earlier save that this one does not overwrite, then move in place.
         for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
@@ -155,69 +193,151 @@ def _open(file: Path):
                         "the checkpoint is corrupt") from None
 
 
+def _stored_fp8_modules(weight_map: dict[str, str]) -> set[str]:
+    """Model module names whose checkpoint weights are e4m3 (a `.weight_scale` beside them)."""
+    names = set()
+    for ck in weight_map:
+        if not ck.endswith(_SCALE):
+            continue
+        module = ck.removesuffix(_SCALE).removeprefix("model.")
+        m = re.match(r"^(layers\.\d+\.mlp\.experts)\.\d+\.(gate|up|down)_proj$", module)
+        names.add(m.group(1) if m else module)
+    return names
+
+
 def from_pretrained(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    quantize: str | Fp8Options | None = None,
 ) -> Transformer:
-    """Load a checkpoint directory (ours or a published PanguProMoE one) into a Transformer."""
+    """Load a checkpoint directory (ours or a published PanguProMoE one) into a Transformer.
+
+    dtype: of every tensor that is not fp8 (default: as stored). An fp8 checkpoint loads with its
+    e4m3 weights and fp32 scales as stored. quantize="fp8" (or "fp8-attention", or an
+    Fp8Options) quantises a bf16 checkpoint's experts (and attention) on `device`, one checkpoint
+    tensor at a time; on an fp8 checkpoint it sets the fp8 modules' activation modes."""
     path = Path(path)
     cfg = read_config(path)
+    qcfg = read_quantization_config(path)
+    try:
+        options = Fp8Options.parse(quantize)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    weight_map = _checkpoint_files(path)
+    stored_fp8 = _stored_fp8_modules(weight_map)
+    if bool(stored_fp8) != (qcfg is not None):
+        what = ("has weight_scale tensors but config.json no quantization_config" if stored_fp8 else
+                "config.json has a quantization_config but no weight_scale tensors")
+        raise UserError(f"checkpoint {path} {what}; re-create it with `mogelm quantize`")
     with torch.device("meta"):
         model = Transformer(cfg)
+    targets = set(stored_fp8)
+    if options is not None:
+        if not cfg.is_moe:
+            raise UserError(f"{path}: fp8 quantisation covers the routed and shared experts; "
+                            "this model is dense")
+        targets |= set(fp8_module_names(model, options.attention))
+    if targets:
+        try:
+            quantize_model(model, options or Fp8Options(), names=sorted(targets))  # meta: the fp8 skeleton
+        except (ValueError, AttributeError) as e:
+            raise UserError(f"checkpoint {path} does not match its config: {e}") from None
     expected = {n: t for n, t in model.state_dict().items()
                 if not (cfg.tie_embeddings and n == "lm_head.weight")}
-    weight_map = _checkpoint_files(path)
 
     handles = {}
+    state: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    used: set[str] = set()
     try:
         for fname in sorted(set(weight_map.values())):
             handles[fname] = _open(path / fname)
 
-        def read(name: str) -> torch.Tensor:
-            return handles[weight_map[name]].get_tensor(name)
+        remaining = Counter(weight_map.values())  # tensors still to read, per file
 
-        state: dict[str, torch.Tensor] = {}
-        problems: list[str] = []
-        used: set[str] = set()
+        def read(name: str) -> torch.Tensor | None:
+            if name not in weight_map:
+                problems.append(f"missing {name}")
+                return None
+            used.add(name)
+            fname = weight_map[name]
+            t = handles[fname].get_tensor(name)
+            remaining[fname] -= 1
+            if remaining[fname] == 0:  # unmap a finished shard: its pages leave this process's RSS
+                del handles[fname]
+            return t
+
+        def read_weight(ck: str, shape: list[int], fp8: bool) -> tuple[Tensor, Tensor | None] | None:
+            """(tensor on device, fp32 scale [out] or None); quantised here when fp8 is wanted but
+            the checkpoint holds a float weight. None after recording a problem."""
+            t = read(ck)
+            if t is None:
+                return None
+            if list(t.shape) != shape:
+                problems.append(f"{ck} has shape {list(t.shape)}, expected {shape}")
+                return None
+            stored = ck.removesuffix(".weight") + _SCALE in weight_map
+            if t.dtype == torch.float8_e4m3fn and not stored:
+                problems.append(f"{ck} is e4m3 but has no {_SCALE.lstrip('.')}")
+                return None
+            if not fp8:
+                return t.to(device=device, dtype=dtype or t.dtype), None
+            if not stored:
+                return ops.quantize_rows_fp8(t.to(device))
+            scale = read(ck.removesuffix(".weight") + _SCALE)
+            if scale is None:
+                return None
+            if t.dtype != torch.float8_e4m3fn or scale.numel() != shape[0]:
+                problems.append(f"{ck}: expected e4m3 with {shape[0]} scales, "
+                                f"got {t.dtype} with {scale.numel()}")
+                return None
+            return t.to(device), scale.to(device=device, dtype=torch.float32).reshape(-1)
+
         F = cfg.moe_intermediate_size
         for name, meta in expected.items():
-            target_dtype = dtype or None
+            module_name = name.rpartition(".")[0]
             m = _EXPERT_RE.match(name)
-            if m is None:
-                ck = _to_checkpoint_name(name)
-                if ck not in weight_map:
-                    if name.endswith("expert_bias_E"):  # optional: published checkpoints have none
-                        state[name] = torch.zeros(meta.shape)
-                        continue
-                    problems.append(f"missing {ck}")
-                    continue
-                t = read(ck)
-                used.add(ck)
-                if tuple(t.shape) != tuple(meta.shape):
-                    problems.append(f"{ck} has shape {list(t.shape)}, expected {list(meta.shape)}")
-                    continue
-                state[name] = t.to(device=device, dtype=target_dtype or t.dtype)
+            if m is not None:
+                layer, kind = m.groups()
+                if "scale" in kind:
+                    continue  # filled with its weights
+                fp8 = isinstance(model.get_submodule(module_name), Fp8RoutedExperts)
+                parts = ("gate_proj", "up_proj") if kind == "gate_up_EFD" else ("down_proj",)
+                want = list(meta.shape[1:]) if kind == "down_EDF" else [F, meta.shape[2]]
+                stacked = scales = None
+                for e in range(cfg.num_experts):
+                    for j, part in enumerate(parts):
+                        got = read_weight(f"model.layers.{layer}.mlp.experts.{e}.{part}.weight", want, fp8)
+                        if got is None:
+                            continue
+                        w, sc = got
+                        if stacked is None:
+                            stacked = torch.empty(meta.shape, dtype=w.dtype, device=device)
+                            scales = (torch.empty(meta.shape[:2], dtype=torch.float32, device=device)
+                                      if fp8 else None)
+                        rows = slice(j * F, (j + 1) * F) if kind == "gate_up_EFD" else slice(None)
+                        stacked[e, rows] = w
+                        if fp8:
+                            scales[e, rows] = sc
+                if stacked is not None:
+                    state[name] = stacked
+                    if fp8:
+                        scale_name = "gate_up_scale_EF" if kind == "gate_up_EFD" else "down_scale_ED"
+                        state[f"{module_name}.{scale_name}"] = scales
                 continue
-            layer, kind = m.groups()
-            parts = ("gate_proj", "up_proj") if kind == "gate_up_EFD" else ("down_proj",)
-            stacked = None
-            for e in range(cfg.num_experts):
-                for j, part in enumerate(parts):
-                    ck = f"model.layers.{layer}.mlp.experts.{e}.{part}.weight"
-                    if ck not in weight_map:
-                        problems.append(f"missing {ck}")
-                        continue
-                    t = read(ck)
-                    used.add(ck)
-                    want = list(meta.shape[1:]) if kind == "down_EDF" else [F, meta.shape[2]]
-                    if list(t.shape) != want:
-                        problems.append(f"{ck} has shape {list(t.shape)}, expected {want}")
-                        continue
-                    if stacked is None:
-                        stacked = torch.empty(meta.shape, dtype=target_dtype or t.dtype, device=device)
-                    rows = slice(j * F, (j + 1) * F) if kind == "gate_up_EFD" else slice(None)
-                    stacked[e, rows] = t
-            if stacked is not None:
-                state[name] = stacked
+            if name.endswith(_SCALE):
+                continue  # filled with its weight
+            if isinstance(model.get_submodule(module_name), Fp8Linear) and name.endswith(".weight"):
+                got = read_weight(_to_checkpoint_name(name), list(meta.shape), fp8=True)
+                if got is not None:
+                    state[name], state[module_name + _SCALE] = got
+                continue
+            ck = _to_checkpoint_name(name)
+            if ck not in weight_map and name.endswith("expert_bias_E"):  # published checkpoints have none
+                state[name] = torch.zeros(meta.shape, device=device)
+                continue
+            got = read_weight(ck, list(meta.shape), fp8=False)
+            if got is not None:
+                state[name] = got[0]
         unexpected = sorted(n for n in weight_map if n not in used and not n.endswith("rotary_emb.inv_freq"))
         problems += [f"unexpected {n}" for n in unexpected]
         if problems:
@@ -227,6 +347,9 @@ def from_pretrained(
         handles.clear()
 
     model.load_state_dict(state, strict=False, assign=True)
+    for mod in model.modules():  # assign=True copies requires_grad from the meta skeleton's params
+        if isinstance(mod, (Fp8Linear, Fp8RoutedExperts)):
+            mod.requires_grad_(False)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # Non-persistent buffers were built on the meta device: compute them for real.
@@ -234,3 +357,98 @@ def from_pretrained(
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     assert not still_meta, f"parameters left on the meta device: {still_meta}"
     return model
+
+
+# quantised checkpoints ---------------------------------------------------------------------------
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, attention: bool = False,
+                        device: str | torch.device = "cpu", max_shard_size: int | str = "5GB") -> dict:
+    """Write an fp8 copy of checkpoint `src` to the new directory `dst` (`mogelm quantize`).
+
+    Streams: each target weight is read from the memory-mapped input, quantised on `device`
+    (per output row, amax / 448) and written with its `weight_scale` [out, 1]; other tensors are
+    copied as stored; shards are written as they fill (max_shard_size), so memory stays near one
+    shard whatever the model's size. config.json gains the quantization_config block; the other
+    files of `src` (tokenizer, generation config) are copied. `dst` appears only when complete.
+    Returns {"tensors", "quantized", "bytes_in", "bytes_out", "files"}."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise UserError(f"output {dst} already exists; choose a new directory")
+    if not dst.parent.is_dir():
+        raise UserError(f"output folder {dst.parent} does not exist")
+    cfg = read_config(src)
+    if read_quantization_config(src) is not None:
+        raise UserError(f"{src} is already quantised (config.json has a quantization_config)")
+    if not cfg.is_moe:
+        raise UserError(f"{src}: fp8 quantisation covers the routed and shared experts; this model is dense")
+    weight_map = _checkpoint_files(src)
+    with torch.device("meta"):
+        expected = {n: list(t.shape) for n, t in to_checkpoint_tensors(Transformer(cfg)).items()}
+    handles = {f: _open(src / f) for f in sorted(set(weight_map.values()))}
+    problems = [f"missing {n}" for n in expected if n not in weight_map]
+    problems += [f"{n} has shape {handles[weight_map[n]].get_slice(n).get_shape()}, expected {shape}"
+                 for n, shape in expected.items()
+                 if n in weight_map and handles[weight_map[n]].get_slice(n).get_shape() != shape]
+    problems += [f"unexpected {n}" for n in weight_map if n not in expected and not n.endswith("inv_freq")]
+    if problems:
+        handles.clear()
+        raise UserError(f"checkpoint {src} does not match its config: " + "; ".join(problems[:20]))
+
+    patterns = target_patterns(attention)
+    limit = _parse_size(max_shard_size)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    stats = {"tensors": 0, "quantized": 0, "bytes_in": 0, "bytes_out": 0}
+    try:
+        shards: list[str] = []
+        weight_map_out: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+
+        def flush() -> None:
+            name = f"shard-{len(shards):05d}.safetensors"  # renamed below once the count is known
+            save_file(shard, str(staging / name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map_out.update(dict.fromkeys(shard, name))
+            shard.clear()
+
+        size = 0
+        for name in expected:
+            t = handles[weight_map[name]].get_tensor(name)
+            stats["tensors"] += 1
+            stats["bytes_in"] += t.numel() * t.element_size()
+            if name.endswith(".weight") and is_target(name.removesuffix(".weight"), patterns):
+                q, scale = ops.quantize_rows_fp8(t.to(device))
+                out = {name: q.cpu(), name.removesuffix(".weight") + _SCALE: scale.reshape(-1, 1).cpu()}
+                stats["quantized"] += 1
+            else:
+                out = {name: t}
+            nbytes = sum(v.numel() * v.element_size() for v in out.values())
+            if shard and size + nbytes > limit:
+                flush()
+                size = 0
+            shard.update(out)
+            size += nbytes
+            stats["bytes_out"] += nbytes
+        if shard:
+            flush()
+        handles.clear()
+        names = ([SINGLE_FILE] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for old, new in zip(shards, names):
+            os.replace(staging / old, staging / new)
+        if len(shards) > 1:
+            renamed = dict(zip(shards, names))
+            (staging / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": stats["bytes_out"]},
+                 "weight_map": {k: renamed[v] for k, v in weight_map_out.items()}}, indent=2))
+        hf = json.loads((src / CONFIG_NAME).read_text())
+        hf["quantization_config"] = fp8_quantization_config(patterns)
+        (staging / CONFIG_NAME).write_text(json.dumps(hf, indent=2))
+        for f in src.iterdir():  # tokenizer, generation config, README: not weights, not optimizer state
+            skip = f.name in (CONFIG_NAME, INDEX_FILE) or f.name.startswith("trainer_state")
+            if f.is_file() and not skip and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, staging / f.name)
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stats["files"] = len(shards)
+    return stats

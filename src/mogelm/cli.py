@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "imbalance": ("mogelm.commands.imbalance",
                   "Monte-Carlo Imbalance Score of top-k vs MoGE routing (paper Fig. 2b)"),
     "info": ("mogelm.commands.info", "show a preset or checkpoint: shapes and parameter counts"),
+    "quantize": ("mogelm.commands.quantize",
+                 "write an fp8 copy of a checkpoint (e4m3 experts, per-channel scales)"),
 }
 
 

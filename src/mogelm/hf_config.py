@@ -2,6 +2,9 @@
 
 Our checkpoints carry the HF fields plus the full mogelm config under "mogelm"; a published
 PanguProMoE config.json has HF fields only and no group count (groups = num_experts_per_tok).
+openPangu-R (`PanguProMoEV2ForCausalLM`, same model_type) is refused by name. An fp8 checkpoint
+adds a compressed-tensors `quantization_config` block (fp8_quantization_config, read back and
+checked by read_quantization_config; docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    refuse_other_architectures(hf)
     if "mogelm" in hf:
         return ModelConfig.from_dict(hf["mogelm"])
     if hf.get("model_type") != "PanguProMoE":
@@ -106,3 +110,70 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return config_from_hf(hf)
     except ValueError as e:
         raise UserError(f"{cfg_path}: invalid model config: {e}") from None
+
+
+# Architectures that share model_type "PanguProMoE" but not its layout: refused by name, before
+# a tensor-by-tensor mismatch list could hide the reason.
+OTHER_ARCHITECTURES = {
+    "PanguProMoEV2ForCausalLM": "openPangu-R (sigmoid router with expert bias, k-layernorm, partial RoPE, "
+                                "'param sink' attention) is a different architecture from Pangu Pro MoE",
+}
+
+
+def refuse_other_architectures(hf: dict) -> None:
+    archs = hf.get("architectures")
+    for arch in archs if isinstance(archs, list) else [archs]:
+        if isinstance(arch, str) and arch in OTHER_ARCHITECTURES:
+            raise UserError(f"config.json declares {arch}: {OTHER_ARCHITECTURES[arch]}; mogelm reads "
+                            "PanguProMoEForCausalLM (Pangu Pro MoE) checkpoints only")
+
+
+# FP8 checkpoints: the compressed-tensors "float-quantized" convention (what vLLM and HF read
+# for per-channel fp8): e4m3 `weight` + fp32 `weight_scale` [out, 1] per target module, activations
+# quantised per token at run time. docs/quantization.md documents the layout.
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+FP8_INPUT_ACTIVATIONS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                         "dynamic": True}
+
+
+def fp8_quantization_config(targets: list[str] | tuple[str, ...]) -> dict:
+    """The config.json `quantization_config` block of an fp8 checkpoint whose modules matching
+    `targets` (compressed-tensors regexes, "re:" prefixed) are e4m3 with per-channel scales."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"format": "float-quantized", "targets": list(targets),
+                                      "weights": dict(FP8_WEIGHTS),
+                                      "input_activations": dict(FP8_INPUT_ACTIVATIONS),
+                                      "output_activations": None}},
+        "ignore": ["lm_head", r"re:.*mlp\.gate$"],
+        "kv_cache_scheme": None,
+    }
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The checkpoint's quantization_config, or None; UserError (one line) unless it is the fp8
+    per-channel compressed-tensors block mogelm writes and reads."""
+    path = Path(path)
+    cfg_path = path if path.is_file() else path / CONFIG_NAME
+    try:
+        q = json.loads(cfg_path.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # read_config reports an unreadable config.json
+    if q is None:
+        return None
+    supported = "mogelm reads fp8 e4m3 weights with per-channel scales in the compressed-tensors layout " \
+                "(docs/quantization.md); use the bf16 checkpoint instead"
+    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
+        what = q.get("quant_method") if isinstance(q, dict) else type(q).__name__
+        raise UserError(f"{cfg_path}: quantization_config quant_method {what!r} is not supported: "
+                        f"{supported}")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise UserError(f"{cfg_path}: quantization_config has no config_groups: {supported}")
+    for name, group in groups.items():
+        w = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(w, dict) or any(w.get(k) != v for k, v in FP8_WEIGHTS.items() if k != "dynamic"):
+            raise UserError(f"{cfg_path}: quantization_config group {name!r} has weights {w}: {supported}")
+    return q

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--quantize", choices=("fp8", "fp8-attention"), default=None,
+                   help="quantise a bf16 checkpoint's experts (and attention) to fp8 while loading")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy "
                         "small CPU)")
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--threads must be positive")
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
+                                    quantize=args.quantize)
     prompts = args.prompt
     if args.chat:
         chat_stop = engine.tokenizer.chat_stop_token_ids()

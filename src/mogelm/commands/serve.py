@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights and cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--quantize", choices=("fp8", "fp8-attention"), default=None,
+                   help="quantise a bf16 checkpoint's experts (and attention) to fp8 while loading")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy "
                         "small CPU)")
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
                                     max_len=args.max_len, chunk_size=args.chunk_size,
-                                    cuda_graphs=False if args.no_cuda_graphs else None)
+                                    cuda_graphs=False if args.no_cuda_graphs else None,
+                                    quantize=args.quantize)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, name, args.max_waiting, args.shutdown_timeout)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -234,8 +234,9 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-                        **kwargs) -> Engine:
-        """Load model, tokenizer and sampling defaults from a checkpoint directory (UserError if unusable)."""
+                        quantize: str | None = None, **kwargs) -> Engine:
+        """Load model, tokenizer and sampling defaults from a checkpoint directory (UserError if unusable).
+        quantize="fp8": quantise a bf16 checkpoint's experts while loading (mogelm.checkpoint)."""
         from mogelm.checkpoint import from_pretrained
 
         path = Path(path)
@@ -244,7 +245,7 @@ class Engine:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         tokenizer = Tokenizer.from_dir(path)
-        model = from_pretrained(path, device=device, dtype=dtype)
+        model = from_pretrained(path, device=device, dtype=dtype, quantize=quantize)
         if tokenizer.tok.get_vocab_size(with_added_tokens=True) > model.cfg.vocab_size:
             raise UserError(f"{path}: the tokenizer has more tokens ({tokenizer.vocab_size}) than the "
                             f"model's vocabulary ({model.cfg.vocab_size})")

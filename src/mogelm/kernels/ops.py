@@ -9,6 +9,10 @@ Backends:
 Choose with `use_backend("loop")` (a context manager, for tests and benchmarks),
 `set_backend(...)`, or the environment variable MOGELM_KERNEL_BACKEND.
 
+FP8 inference (e4m3 weights with per-output-channel fp32 scales): `routed_experts_fp8` (Triton
+weight-only and W8A8 kernels) and `linear_fp8` (dense layers: torch._scaled_mm W8A8 on CUDA, or
+dequantise-then-GEMM), each with a PyTorch twin that rounds where the fast path rounds.
+
 Routing: `moge_route` has a fused Triton kernel and its PyTorch twin. The small helpers the other
 routers are built from (`topk_stable`, `gate_weights`, `apply_router_scale`) and `expert_counts`
 have one PyTorch implementation on every backend; they are exported here so that callers outside
@@ -120,15 +124,31 @@ apply_router_scale = torch_impl.apply_router_scale
 expert_counts = torch_impl.expert_counts
 
 
+# ----------------------------------------------------------------------------------------------
+# FP8 (e4m3) inference: per-output-channel weight scales; activations in x's dtype (weight-only,
+# "bf16") or rounded to e4m3 per token (W8A8, "fp8"). Twins in torch_impl (same rounding).
+# ----------------------------------------------------------------------------------------------
+
+FP8_ACTIVATIONS = ("bf16", "fp8")  # "bf16": weight-only (activations keep x's dtype); "fp8": W8A8
+quantize_rows_fp8 = torch_impl.quantize_rows_fp8
+dequantize_rows = torch_impl.dequantize_rows
+
+
+def _check_activations(activations: str) -> None:
+    if activations not in FP8_ACTIVATIONS:
+        raise ValueError(f"activations must be one of {FP8_ACTIVATIONS}, got {activations!r}")
+
+
+def _autocast_input(x: Tensor) -> Tensor:
+    # Like nn.Linear under autocast: the GEMMs run in the autocast dtype (e.g. bf16 evaluation).
+    device_type = x.device.type
+    return x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
+
+
 def quantize_experts_fp8(gate_up_EFD: Tensor, down_EDF: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """e4m3 expert weights with per-output-channel fp32 scales (w ~= q * scale[..., None]):
     (gate_up_q [E, 2F, D], gate_up_scale [E, 2F], down_q [E, D, F], down_scale [E, D])."""
-
-    def per_row(w: Tensor) -> tuple[Tensor, Tensor]:
-        scale = w.float().abs().amax(-1).clamp_min(1e-12) / 448.0  # 448 = largest e4m3 value
-        return (w.float() / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
-
-    return (*per_row(gate_up_EFD), *per_row(down_EDF))
+    return (*quantize_rows_fp8(gate_up_EFD), *quantize_rows_fp8(down_EDF))
 
 
 def routed_experts_fp8(
@@ -136,12 +156,49 @@ def routed_experts_fp8(
     down_q: Tensor, down_scale: Tensor, activations: str = "bf16",
 ) -> Tensor:
     """Inference-only routed experts with fp8 weights from quantize_experts_fp8. activations="bf16"
-    is weight-only; "fp8" also quantises activations per token (W8A8, Triton backend). The torch
-    twin dequantises the weights and runs routed_experts (activations stay in x's dtype)."""
+    is weight-only; "fp8" also quantises activations per token (W8A8). Triton kernels on the triton
+    backend; the torch twin (torch_impl.routed_experts_fp8) rounds exactly where the kernels do."""
+    _check_activations(activations)
+    x_TD = _autocast_input(x_TD)
     if resolve_backend(x_TD) == "triton":
         return _triton_module().routed_experts_fp8(
             x_TD, weights_TK, expert_ids_TK, gate_up_q, gate_up_scale, down_q, down_scale, activations
         )
-    gate_up = (gate_up_q.float() * gate_up_scale.unsqueeze(-1)).to(x_TD.dtype)
-    down = (down_q.float() * down_scale.unsqueeze(-1)).to(x_TD.dtype)
-    return torch_impl.routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up, down)
+    return torch_impl.routed_experts_fp8(x_TD, weights_TK, expert_ids_TK, gate_up_q, gate_up_scale,
+                                         down_q, down_scale, activations)
+
+
+def scaled_mm_ok(x: Tensor, weight_q: Tensor) -> bool:
+    """torch._scaled_mm can take this W8A8 product: CUDA, a 16-bit output, K and N multiples of 16."""
+    N, K = weight_q.shape
+    return (x.is_cuda and hasattr(torch, "_scaled_mm") and x.dtype in (torch.bfloat16, torch.float16)
+            and K % 16 == 0 and N % 16 == 0)
+
+
+def _linear_fp8_scaled_mm(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """W8A8 on the tensor cores: x quantised per token (one Triton launch when available), then
+    torch._scaled_mm with row-wise scales (x: [M, 1], weight: [1, N]) and fp32 accumulation."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x_MK = x.reshape(-1, K)
+    quant = _triton_module().quant_rows if triton_available() else quantize_rows_fp8
+    x_q, x_scale = quant(x_MK)
+    out = torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale.unsqueeze(-1),
+                           scale_b=weight_scale.float().unsqueeze(0), out_dtype=x.dtype)
+    out = out[0] if isinstance(out, tuple) else out  # older torch returned (out, amax)
+    if bias is not None:
+        out = out + bias
+    return out.view(*lead, -1)
+
+
+def linear_fp8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
+               activations: str = "fp8") -> Tensor:
+    """y = x @ (weight_q * weight_scale[:, None])^T + bias for an e4m3 weight [N, K] with fp32
+    per-output-channel scales [N]. "fp8" (W8A8): on the triton backend (the CUDA default)
+    torch._scaled_mm with per-token activation scales; "bf16" (weight-only): the weight is
+    dequantised to x's dtype, then one GEMM. Elsewhere (CPU, the torch/loop backends, shapes
+    _scaled_mm refuses) the twin torch_impl.linear_fp8 runs, with the same rounding."""
+    _check_activations(activations)
+    x = _autocast_input(x)
+    if activations == "fp8" and resolve_backend(x) == "triton" and scaled_mm_ok(x, weight_q):
+        return _linear_fp8_scaled_mm(x, weight_q, weight_scale, bias)
+    return torch_impl.linear_fp8(x, weight_q, weight_scale, bias, activations)

@@ -138,3 +138,75 @@ def routed_experts(
     y_TKD = y_SD.index_select(0, torch.argsort(order_S)).view(T, K, D)
     acc = torch.promote_types(y_SD.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
     return (y_TKD.to(acc) * weights_TK.unsqueeze(-1).to(acc)).sum(1).to(y_SD.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 (e4m3) inference twins: per-row quantisation, fp8 routed experts, fp8 dense linear
+# ----------------------------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+def quantize_rows_fp8(x_RC: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row e4m3: (q [R, C] fp8, scale [R] fp32) with x ~= q * scale[:, None].
+    Works on any leading shape (rows are the last dim's slices). A zero row keeps a tiny scale."""
+    amax = x_RC.float().abs().amax(-1).clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    q = (x_RC.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """q * scale[..., None] computed in fp32, then cast to `dtype`."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def fake_quantize_rows(x: Tensor) -> Tensor:
+    """x rounded to e4m3 per row and back, in fp32: what a W8A8 kernel multiplies."""
+    q, scale = quantize_rows_fp8(x)
+    return dequantize_rows(q, scale, torch.float32)
+
+
+def routed_experts_fp8(
+    x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_q: Tensor, gate_up_scale: Tensor,
+    down_q: Tensor, down_scale: Tensor, activations: str,
+) -> Tensor:
+    """Twin of triton_moe.routed_experts_fp8. "bf16" (weight-only): dequantised weights, activations
+    in x's dtype. "fp8" (W8A8): like the kernels, x and the SwiGLU output h are rounded to e4m3 per
+    row before each GEMM, products accumulate in fp32, and h is stored in x's dtype in between."""
+    if activations == "bf16":
+        gate_up = dequantize_rows(gate_up_q, gate_up_scale, x_TD.dtype)
+        down = dequantize_rows(down_q, down_scale, x_TD.dtype)
+        return routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up, down)
+    T, D = x_TD.shape
+    K = expert_ids_TK.shape[-1]
+    E, F2, _ = gate_up_q.shape
+    order_S, _, offsets_E = permute(expert_ids_TK, E)
+    x_SD = fake_quantize_rows(x_TD).index_select(0, order_S // K)
+    y_SD = x_SD.new_empty(T * K, D)
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):  # one expert at a time: readable, CPU only
+        if end > start:
+            gate_up_2FD = dequantize_rows(gate_up_q[e], gate_up_scale[e], torch.float32)
+            gate_SF, up_SF = (x_SD[start:end] @ gate_up_2FD.t()).chunk(2, dim=-1)
+            h_SF = (F.silu(gate_SF) * up_SF).to(x_TD.dtype)
+            down_DF = dequantize_rows(down_q[e], down_scale[e], torch.float32)
+            y_SD[start:end] = fake_quantize_rows(h_SF) @ down_DF.t()
+        start = end
+    y_TKD = y_SD.index_select(0, torch.argsort(order_S)).view(T, K, D)
+    return (y_TKD * weights_TK.unsqueeze(-1).float()).sum(1).to(x_TD.dtype)
+
+
+def linear_fp8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None,
+               activations: str) -> Tensor:
+    """y = x @ W^T + b with W = weight_q [N, K] e4m3 * weight_scale [N] (per output channel).
+    "bf16" (weight-only): W dequantised to x's dtype, then one GEMM. "fp8" (W8A8): x rounded to
+    e4m3 per token first and the product taken in fp32, as torch._scaled_mm does with row-wise
+    scales."""
+    if activations == "bf16":
+        return F.linear(x, dequantize_rows(weight_q, weight_scale, x.dtype), bias)
+    y = fake_quantize_rows(x) @ dequantize_rows(weight_q, weight_scale, torch.float32).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
