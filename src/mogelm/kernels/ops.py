@@ -177,3 +177,13 @@ def paged_decode_attention(
 
 # A prompt chunk over its cached prefix: PyTorch SDPA on every backend (kernels/attention.py).
 paged_prefill_attention = torch_attention.paged_prefill_attention
+
+
+def decode_attention_splits(num_rows: int, num_kv_heads: int, max_len: int,
+                            device: torch.device) -> int | None:
+    """The split-KV factor the decode kernel would use for this many rows on `device`, from static
+    sizes only (a CUDA graph fixes it per batch bucket); None where the PyTorch twin runs."""
+    module = _triton_attention_module()
+    if module is None or resolve_backend(torch.empty(0, device=device)) != "triton":
+        return None
+    return module.num_splits_for(num_rows, num_kv_heads, max_len, device)
