@@ -148,6 +148,25 @@ def test_generate_cli_errors(ckpt, tmp_path, capsys):
     assert "context length" in capsys.readouterr().err
     assert cli_main(["generate", "--model", str(ckpt), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    for flag, value in (("--gpu-memory-fraction", "0"), ("--kv-cache-tokens", "0"), ("--block-size", "-1")):
+        assert cli_main(["generate", "--model", str(ckpt), "--prompt", "x", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1
+    # a pool of 32 tokens caps the context: the error says so
+    assert cli_main(["generate", "--model", str(ckpt), "--prompt", "x", "--kv-cache-tokens", "32",
+                     "--max-tokens", "40"]) == 2
+    assert "KV cache holds 32 tokens" in capsys.readouterr().err
+
+
+def test_generate_cli_kv_cache_flags(ckpt, engine, capsys):
+    """A small fp8 pool of 8-token blocks without prefix caching: same greedy text as the engine."""
+    argv = ["generate", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "8", "--json",
+            "--prompt", PROMPTS[0], "--kv-cache-tokens", "64", "--block-size", "8", "--no-prefix-caching",
+            "--kv-cache-dtype", "fp8"]
+    assert cli_main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=0))
+    assert got[0]["token_ids"] == want[0].token_ids
 
 
 @torch.no_grad()
