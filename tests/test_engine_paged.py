@@ -185,3 +185,44 @@ def test_fp8_kv_cache_keeps_greedy_output(base, prompts, reference):
     reqs, _ = run(eng, prompts)
     same = sum(a == b for r, ref in zip(reqs, reference) for a, b in zip(r.output_ids, ref))
     assert same >= 0.9 * sum(map(len, reference)), [(r.output_ids, ref) for r, ref in zip(reqs, reference)]
+
+
+# --- GPU -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_uncached(model, prompt_ids, max_tokens, eos_id):
+    """argmax_reference on the model's device."""
+    device = next(model.parameters()).device
+    ids, out = list(prompt_ids), []
+    for _ in range(max_tokens):
+        t = int(model(torch.tensor([ids], device=device))[0, -1].argmax())
+        if t == eos_id:
+            break
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+@pytest.mark.gpu
+def test_gpu_engine_graphs_eager_fp8_and_memory_sizing(base, prompts):
+    """bf16 on the GPU (Triton decode kernel, CUDA graphs): graphed equals eager equals the uncached
+    bf16 forward; the pool is sized from the memory fraction; an fp8 pool keeps most tokens."""
+    model = type(base.model)(base.model.cfg)
+    model.load_state_dict(base.model.state_dict())
+    model = model.to("cuda", torch.bfloat16)
+    eos = base.tokenizer.eos_token_id
+    ref = [greedy_uncached(model, p, MAX_TOKENS, eos) for p in prompts]
+    kw = dict(max_batch=4, block_size=16, gpu_memory_fraction=0.05)
+    graphed = Engine(model, base.tokenizer, **kw)
+    assert graphed.graphs is not None and sorted(graphed.graphs.graphs) == [1, 2, 4]
+    total = torch.cuda.mem_get_info()[1]
+    per_token = graphed.cache.nbytes() / (graphed.blocks.num_blocks * graphed.block_size)
+    assert 0 < graphed.cache.nbytes() <= 0.05 * total and graphed.stats()["kv_cache_tokens"] > 10_000
+    eager = Engine(model, base.tokenizer, cuda_graphs=False, **kw)
+    a, _ = run(graphed, prompts)
+    b, _ = run(eager, prompts)
+    assert [r.output_ids for r in a] == [r.output_ids for r in b] == ref
+    fp8 = Engine(model, base.tokenizer, kv_cache_dtype="fp8", **kw)
+    assert fp8.cache.nbytes() / (fp8.blocks.num_blocks * fp8.block_size) == per_token / 2
+    c, _ = run(fp8, prompts)
+    same = sum(x == y for r, want in zip(c, ref) for x, y in zip(r.output_ids, want))
+    assert same >= 0.9 * sum(map(len, ref))

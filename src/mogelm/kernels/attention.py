@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 
 def dequantize(x: Tensor, scale_H: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -68,18 +69,20 @@ def paged_prefill_attention(
     scale: float, k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None,
 ) -> Tensor:
     """A prompt chunk at positions start..start+T-1 over its cached prefix and itself (causal);
-    out [T, H, hd] in q's dtype. One SDPA call over the gathered blocks (fast on every device)."""
-    T = q_THd.shape[0]
+    out [T, H, hd] in q's dtype. One SDPA call over the gathered blocks. The KV heads are expanded
+    to the query heads and the causal mask is SDPA's lower-right CausalBias (never materialised), so
+    the flash / memory-efficient backends apply on CUDA."""
+    T, H, _ = q_THd.shape
     length = start + T
     k_LHd = dequantize(gather_blocks(k_pool_PbHd, table_M, length), k_scale_H, q_THd.dtype)
     v_LHd = dequantize(gather_blocks(v_pool_PbHd, table_M, length), v_scale_H, q_THd.dtype)
-    q_HTd, k_HLd, v_HLd = q_THd.transpose(0, 1), k_LHd.transpose(0, 1), v_LHd.transpose(0, 1)
+    G = H // k_LHd.shape[1]
+    k_HLd = k_LHd.repeat_interleave(G, dim=1).transpose(0, 1)
+    v_HLd = v_LHd.repeat_interleave(G, dim=1).transpose(0, 1)
+    q_HTd = q_THd.transpose(0, 1)
     if start == 0:
-        out = F.scaled_dot_product_attention(q_HTd, k_HLd, v_HLd, is_causal=True, scale=scale,
-                                             enable_gqa=True)
-    else:  # SDPA's is_causal aligns the top-left corner; the chunk sits at the bottom right
-        visible_TL = torch.arange(length, device=q_THd.device) <= start + torch.arange(
-            T, device=q_THd.device)[:, None]
-        out = F.scaled_dot_product_attention(q_HTd, k_HLd, v_HLd, attn_mask=visible_TL, scale=scale,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(q_HTd, k_HLd, v_HLd, is_causal=True, scale=scale)
+    else:  # query i (position start + i) sees keys 0..start+i: causal aligned to the bottom right
+        out = F.scaled_dot_product_attention(q_HTd, k_HLd, v_HLd, attn_mask=causal_lower_right(T, length),
+                                             scale=scale)
     return out.transpose(0, 1)
