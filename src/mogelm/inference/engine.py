@@ -301,34 +301,42 @@ class Engine:
             except Exception as e:  # a model op that cannot be captured: fall back to eager decode
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
 
+    MAX_BLOCKS = 1 << 20  # 16 M tokens at block size 16: plenty; keeps the host-side lists small
+
     def _blocks_for_memory(self, fraction: float, kv_dtype: torch.dtype) -> int:
-        """Pool blocks that fit in `fraction` of the device memory, after the weights, the activation
-        peak of the largest step (profiled: a forward of chunk_size + max_batch tokens), the logits of
-        max_batch rows and what other processes hold."""
+        """Pool blocks that fit in this engine's share of the device memory (`fraction` of the total,
+        as vLLM's gpu_memory_utilization: per instance) after its weights, the activation peak of its
+        largest step (profiled: a forward of chunk_size + max_batch tokens), the logits of max_batch
+        rows and a margin for CUDA graphs and workspaces, and never more than is free now."""
         cfg, dev = self.model.cfg, self.device
+        weights = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         T = min(self.chunk_size + self.max_batch, cfg.max_seq_len)
         ids = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
         with torch.inference_mode():
             self.model(ids, last_token_only=True)
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - before
+        del ids
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
-        others = total - free - torch.cuda.memory_reserved(dev)  # CUDA context, other processes
-        logits = 4 * self.max_batch * cfg.vocab_size * 4  # fp32 logits and sampling temporaries
-        budget = fraction * total - others - peak - logits
+        reserve = activations + 4 * self.max_batch * cfg.vocab_size * 4 + (512 << 20)  # + fp32 logits, margin
+        budget = min(fraction * total - weights - reserve, free - reserve)
         per_block = PagedKVCache.bytes_per_block(cfg, self.block_size, kv_dtype)
-        blocks = int(budget // per_block)
+        blocks = min(int(budget // per_block), self.MAX_BLOCKS)
         gib = 2**30
-        log.info("KV cache: %.1f GiB of %.1f (fraction %.2f; weights + activations %.1f, others %.1f) = %d "
-                 "blocks of %d tokens", max(budget, 0) / gib, total / gib, fraction, peak / gib,
-                 others / gib, blocks, self.block_size)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB); GPU %.1f GiB, fraction %.2f, weights "
+                 "%.2f GiB, activations %.2f GiB, free before the cache %.1f GiB", blocks, self.block_size,
+                 blocks * per_block / gib, total / gib, fraction, weights / gib, activations / gib,
+                 free / gib)
         if blocks < 2:
-            raise UserError(f"no room for the KV cache: weights and activations take {peak / gib:.1f} GiB "
-                            f"and other processes {others / gib:.1f} GiB of {total / gib:.1f} GiB; raise "
-                            f"--gpu-memory-fraction (now {fraction}) or lower --chunk-size / --max-batch")
+            raise UserError(f"no room for the KV cache: {fraction} x {total / gib:.1f} GiB holds the "
+                            f"weights ({weights / gib:.1f} GiB) and a step's activations "
+                            f"({activations / gib:.1f} GiB) but not the cache ({free / gib:.1f} GiB free "
+                            "now); raise --gpu-memory-fraction or lower --chunk-size / --max-batch")
         return blocks  # the null block included
 
     @classmethod
