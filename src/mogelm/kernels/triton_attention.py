@@ -195,7 +195,9 @@ def paged_decode_attention(
     N, H, hd = q_NHd.shape
     P, bs, Hkv, hd_k = k_pool_PbHd.shape
     assert hd_k == hd and H % Hkv == 0 and hd == triton.next_power_of_2(hd), (q_NHd.shape, k_pool_PbHd.shape)
-    assert k_pool_PbHd.stride(-1) == 1 and v_pool_PbHd.stride(-1) == 1 and q_NHd.stride(-1) == 1
+    assert k_pool_PbHd.stride(-1) == 1 and v_pool_PbHd.stride(-1) == 1
+    if q_NHd.stride(-1) != 1:
+        q_NHd = q_NHd.contiguous()
     assert tables_NM.dtype == torch.int32 and lens_N.dtype == torch.int32
     G = H // Hkv
     if num_splits is None:
