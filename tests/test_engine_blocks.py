@@ -199,6 +199,19 @@ def test_scheduler_breaks_a_deadlock_of_partial_prefills():
     bm.check()
 
 
+def test_scheduler_runs_an_older_prefill_on_blocks_a_later_preemption_freed():
+    bm = BlockManager(num_blocks=5, block_size=2, prefix_caching=False)  # 8 tokens
+    sched = Scheduler(bm, max_batch=4, chunk_size=8, watermark=0)
+    a, b = Seq("a", [1] * 7), Seq("b", [2] * 5)  # a: prompt half done; b: decoding, its blocks full
+    for s in (a, b):
+        bm.prepare_write(s.id, 0, 4)
+        s.num_computed = 4
+        sched.running.append(s)
+    batch = sched.schedule()  # a cannot grow, b needs a block: b (the newest) goes, then a runs
+    assert batch.preempted == [b] and [(s.id, n) for s, n in batch.rows] == [("a", 3)]
+    bm.check()
+
+
 def test_pool_copy_blocks_and_fp8_write_round_trip():
     cfg = from_name("debug")
     cache = PagedKVCache(cfg, num_blocks=4, block_size=2)

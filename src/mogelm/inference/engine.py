@@ -442,8 +442,8 @@ class Engine:
     def stats(self) -> dict[str, int | float]:
         """Counters and gauges for metrics: KV blocks total/used/free/cached and block size,
         prefix-cache queries/hits (tokens) and evictions, running/waiting requests, preemptions,
-        steps, prompt tokens computed and tokens generated (thread-safe enough to read; values of
-        one step)."""
+        steps, prompt tokens computed (recomputes after preemption included, prefix-cache hits
+        not) and tokens generated. Plain ints, safe to read from another thread."""
         return dict(**self.blocks.stats(), kv_cache_tokens=self.blocks.num_usable * self.block_size,
                     running=len(self.running), waiting=self.num_waiting,
                     preemptions=self.scheduler.num_preemptions, steps=self.num_steps,
@@ -464,10 +464,10 @@ class Engine:
             inputs = self._build_batch(batch)
             logits = self._forward(inputs, batch.is_decode_only)
             for req, n in batch.rows:
+                p, a = len(req.prompt_ids), req.num_computed
+                self.num_prompt_tokens += min(a + n, p) - min(a, p)  # prompt positions computed (again)
                 req.num_computed += n
                 self.blocks.commit(req.id, req.token_ids, req.num_computed)
-                if n > 1 or req.num_generated == 0:
-                    self.num_prompt_tokens += n
             if inputs.samplers:  # 4. sample, stop conditions
                 tokens = sample(logits, [r.params for r in inputs.samplers],
                                 [r.generator for r in inputs.samplers]).tolist()

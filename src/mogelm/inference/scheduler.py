@@ -113,36 +113,49 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        while True:  # a pass schedules nothing only if preemptions freed blocks late, or a deadlock
+            preempted = len(batch.preempted)
+            budget = self._schedule_running(batch)
+            if batch.rows or not self.running:
+                break
+            if len(batch.preempted) > preempted:  # blocks were freed after earlier sequences tried
+                continue
+            assert len(self.running) > 1, "a sequence alone always fits (max_len <= the pool)"
+            self._preempt(self.running[-1], batch)  # partial prefills hold every block: free the newest
+        if not batch.preempted:
+            self._admit(batch, budget)
+        batch.rows.sort(key=lambda row: row[1] > 1)  # one-token rows first (stable)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch) -> int:
+        """Step 1 (module docstring); returns the prompt-token budget left."""
         budget = self.chunk_size
         i = 0
-        while i < len(self.running):  # 1. running, oldest first
+        while i < len(self.running):  # oldest first
             seq = self.running[i]
             left = len(seq.token_ids) - seq.num_computed
             if left == 1:
                 while not self._try_write(seq, 1, batch):
-                    victim = self.running[-1]
+                    victim = self.running[-1]  # the newest (seq itself at worst)
                     self._preempt(victim, batch)
                     if victim is seq:
-                        break
-                if seq not in self.running:
-                    break  # seq was the newest
+                        return budget
             elif budget > 0:
                 n = self._fit_chunk(seq, min(left, budget))
                 if n > 0 and self._try_write(seq, n, batch):
                     budget -= n
             i += 1
-        if not batch.rows and len(self.running) > 1:  # deadlock: partial prefills hold the blocks
-            self._preempt(self.running[-1], batch)
-            return self._merge(batch, self.schedule())
+        return budget
 
-        while (self.waiting and not batch.preempted and len(self.running) < self.max_batch
-               and budget > 0):  # 2. admission
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Step 2: waiting sequences, FIFO, with their cached prefix, while their first chunk fits."""
+        bs = self.blocks.block_size
+        while self.waiting and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
             hits = self.blocks.lookup_prefix(seq.token_ids)
-            cached = len(hits) * self.blocks.block_size
+            cached = len(hits) * bs
             n = min(len(seq.token_ids) - cached, budget)
-            need = (self.blocks.blocks_to_adopt(hits) + -(-(cached + n) // self.blocks.block_size)
-                    - len(hits))
+            need = self.blocks.blocks_to_adopt(hits) + -(-(cached + n) // bs) - len(hits)
             if need > self.blocks.num_free - (self.watermark if self.running else 0):
                 break
             self.waiting.popleft()
@@ -152,10 +165,3 @@ class Scheduler:
             self.running.append(seq)
             if n > 1:
                 budget -= n
-        batch.rows.sort(key=lambda row: row[1] > 1)  # one-token rows first (stable)
-        return batch
-
-    @staticmethod
-    def _merge(first: ScheduledBatch, second: ScheduledBatch) -> ScheduledBatch:
-        second.preempted = first.preempted + second.preempted
-        return second
