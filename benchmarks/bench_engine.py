@@ -23,6 +23,9 @@ Every number goes to OUT/bench_engine.json; a short table is printed last. Secti
              256-token chunks, as the previous engine scheduled it); 48 layers extrapolated
   prefix     64 requests sharing a 1,024-token prefix (+32 own tokens each, one output token):
              prefix caching off, cold (all arrive together), warm (prefix already cached)
+  e2e        with --model DIR (a trained checkpoint): 64 requests of 256 prompt tokens, 128 greedy
+             output tokens each (less if the context is shorter), through Engine.generate: output
+             tokens/s, graphs on and off
 
 Times are medians of triton.testing.do_bench (graph replays for the decode rows) or of repeated
 wall-clock runs with the device synchronised (engine-level sections, host work included).
@@ -380,6 +383,32 @@ def check(model, res):
         f"({'ok' if ok else 'FAILED'}; decode step graphed: {seen[1][0]})")
 
 
+def bench_e2e(model_dir: str, res, num_requests: int):
+    """End-to-end tokens of a trained checkpoint through the engine (host work included)."""
+    rows = []
+    for graphs in (True, False):
+        eng = Engine.from_pretrained(model_dir, device=DEVICE, max_batch=num_requests, cuda_graphs=graphs)
+        vocab = min(eng.model.cfg.vocab_size, eng.tokenizer.vocab_size if eng.tokenizer else 10**9)
+        gen = torch.Generator().manual_seed(5)
+        n_prompt = min(256, eng.max_len // 2)  # 256 + 128 unless the context is shorter
+        prompts = [torch.randint(0, vocab, (n_prompt,), generator=gen).tolist() for _ in range(num_requests)]
+        params = SamplingParams(max_tokens=min(128, eng.max_len - n_prompt), temperature=0, ignore_eos=True)
+        eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+        sync()
+        t = time.perf_counter()
+        outs = eng.generate(prompts, params)
+        sync()
+        dt = time.perf_counter() - t
+        n = sum(len(o.token_ids) for o in outs)
+        rows.append(dict(cuda_graphs=graphs, requests=num_requests, output_tokens=n, seconds=dt,
+                         output_tokens_per_s=n / dt, **eng.stats()))
+        log(f"  e2e {model_dir} graphs={graphs}: {n / dt:8.0f} output tok/s ({dt:.2f} s, "
+            f"{eng.num_steps} steps)")
+        del eng
+        torch.cuda.empty_cache()
+    res["e2e"] = rows
+
+
 def write_json(out_dir: Path, res: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench_engine.json"
@@ -410,6 +439,9 @@ def print_tables(res):
         f"{p['mixed_tokens_per_s_48']:.0f}, one at a time {p['one_at_a_time_tokens_per_s_48']:.0f}, previous "
         f"{p['previous_tokens_per_s_48']:.0f}: x{p['speedup_vs_previous_48']:.2f} vs previous, "
         f"x{p['speedup_vs_one_at_a_time_48']:.2f} vs one at a time")
+    for r in res.get("e2e", []):
+        log(f"e2e (trained checkpoint, graphs {r['cuda_graphs']}): {r['output_tokens_per_s']:.0f} output "
+            "tok/s")
     x = res["prefix"]
     log(f"prefix ({x['layers']} layers, {x['requests']} requests): off {x['off_ms']:.1f} ms, cold "
         f"{x['cold_ms']:.1f}, warm {x['warm_ms']:.1f} -> x{x['speedup_warm']:.1f} warm, "
@@ -420,6 +452,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for bench_engine.json")
     p.add_argument("--quick", action="store_true", help="each path once at small size (smoke run)")
+    p.add_argument("--model", help="a trained checkpoint directory for the end-to-end section (optional)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -449,6 +482,11 @@ def main(argv=None):
     bench_prefill(models, 16 if args.quick else 64, res, 1 if args.quick else 3)
     log(f"[{time.perf_counter() - t0:.0f} s] prefix")
     bench_prefix(models[max(layers)], 16 if args.quick else 64, res, 1 if args.quick else 3)
+    if args.model:
+        log(f"[{time.perf_counter() - t0:.0f} s] e2e")
+        del models
+        torch.cuda.empty_cache()
+        bench_e2e(args.model, res, 16 if args.quick else 64)
     res["seconds"] = time.perf_counter() - t0
     path = write_json(Path(args.out), res)
     print_tables(res)

@@ -324,19 +324,21 @@ class Engine:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         reserve = activations + 4 * self.max_batch * cfg.vocab_size * 4 + (512 << 20)  # + fp32 logits, margin
-        budget = min(fraction * total - weights - reserve, free - reserve)
+        share = fraction * total - weights - reserve  # this engine's share, after weights and a step
+        budget = min(share, free - reserve)
         per_block = PagedKVCache.bytes_per_block(cfg, self.block_size, kv_dtype)
         blocks = min(int(budget // per_block), self.MAX_BLOCKS)
         gib = 2**30
+        if blocks < 2:
+            why = (f"--gpu-memory-fraction {fraction} of {total / gib:.1f} GiB leaves nothing after the "
+                   f"weights ({weights / gib:.1f} GiB) and a step's activations ({reserve / gib:.1f} GiB)"
+                   if share <= free - reserve else f"only {free / gib:.1f} GiB of the GPU is free")
+            raise UserError(f"no room for the KV cache: {why}; raise --gpu-memory-fraction, free the GPU or "
+                            "lower --chunk-size / --max-batch")
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB); GPU %.1f GiB, fraction %.2f, weights "
                  "%.2f GiB, activations %.2f GiB, free before the cache %.1f GiB", blocks, self.block_size,
                  blocks * per_block / gib, total / gib, fraction, weights / gib, activations / gib,
                  free / gib)
-        if blocks < 2:
-            raise UserError(f"no room for the KV cache: {fraction} x {total / gib:.1f} GiB holds the "
-                            f"weights ({weights / gib:.1f} GiB) and a step's activations "
-                            f"({activations / gib:.1f} GiB) but not the cache ({free / gib:.1f} GiB free "
-                            "now); raise --gpu-memory-fraction or lower --chunk-size / --max-batch")
         return blocks  # the null block included
 
     @classmethod
