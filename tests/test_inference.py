@@ -1,5 +1,6 @@
 """Inference engine: cached decode equals the uncached forward, batching and chunking change nothing,
-sampling obeys its parameters, stop conditions, chat templates, `mogelm generate`.
+sampling obeys its parameters, stop conditions, chat templates, `mogelm generate`. (The paged
+engine's own machinery: test_engine_blocks.py, test_engine_paged.py, test_paged_attention.py.)
 
 The test subject is a `debug`-preset model trained for a few steps on a tiny text (so its greedy
 choices are clear-cut, not near-ties) with a byte-level BPE tokenizer trained on the same text.
@@ -86,6 +87,12 @@ def argmax_reference(model, prompt_ids: list[int], max_tokens: int, eos_id: int 
     return out
 
 
+def drained(engine) -> bool:
+    """No request holds KV blocks and the block accounting is consistent (cached blocks may stay)."""
+    engine.blocks.check()
+    return not engine.blocks.tables and engine.blocks.num_used == 0 and not engine.has_unfinished()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One intra-op thread: on a small shared CPU, two spinning OpenMP threads are ~30x slower here."""
@@ -119,7 +126,7 @@ def test_greedy_equals_uncached_argmax(engine):
         assert o.finish_reason == ("length" if len(ref) == GREEDY.max_tokens else "stop")
     again = engine.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]  # deterministic
-    assert engine.cache.num_free == engine.max_batch  # every slot freed
+    assert drained(engine)  # every block freed
 
 
 def test_generate_cli_equals_engine(ckpt, engine, capsys):
@@ -141,6 +148,25 @@ def test_generate_cli_errors(ckpt, tmp_path, capsys):
     assert "context length" in capsys.readouterr().err
     assert cli_main(["generate", "--model", str(ckpt), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    for flag, value in (("--gpu-memory-fraction", "0"), ("--kv-cache-tokens", "0"), ("--block-size", "-1")):
+        assert cli_main(["generate", "--model", str(ckpt), "--prompt", "x", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1
+    # a pool of 32 tokens caps the context: the error says so
+    assert cli_main(["generate", "--model", str(ckpt), "--prompt", "x", "--kv-cache-tokens", "32",
+                     "--max-tokens", "40"]) == 2
+    assert "KV cache holds 32 tokens" in capsys.readouterr().err
+
+
+def test_generate_cli_kv_cache_flags(ckpt, engine, capsys):
+    """A small fp8 pool of 8-token blocks without prefix caching: same greedy text as the engine."""
+    argv = ["generate", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "8", "--json",
+            "--prompt", PROMPTS[0], "--kv-cache-tokens", "64", "--block-size", "8", "--no-prefix-caching",
+            "--kv-cache-dtype", "fp8"]
+    assert cli_main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=0))
+    assert got[0]["token_ids"] == want[0].token_ids
 
 
 @torch.no_grad()
@@ -185,7 +211,7 @@ def test_batched_equals_alone_with_continuous_batching(ckpt, engine):
     assert not eng.has_unfinished()
     assert saw_full_with_queue
     assert [r.output_ids for r in reqs] == solo
-    assert eng.cache.num_free == 2
+    assert drained(eng)
 
 
 def test_chunked_prefill_equals_whole_prompt(engine):
@@ -203,7 +229,7 @@ def test_chunked_prefill_equals_whole_prompt(engine):
     while eng.has_unfinished():
         before = short.num_generated
         eng.step()
-        if 0 < long_req.num_cached < n and short.num_generated > before:
+        if 0 < long_req.num_computed < n and short.num_generated > before:
             interleaved += 1
     assert long_req.output_ids == whole.token_ids
     assert interleaved >= 2  # the short request kept decoding while the long prompt was prefilled in chunks
@@ -280,7 +306,7 @@ def test_context_limit_and_abort(engine):
     while eng.has_unfinished():
         eng.step()
     assert a.finish_reason == "abort" and seen[-1].finished and seen[-1].finish_reason == "abort"
-    assert b.finish_reason in ("length", "stop") and eng.cache.num_free == 1
+    assert b.finish_reason in ("length", "stop") and drained(eng)
 
 
 def test_request_limits_are_typed_errors_and_truncation_stops_at_the_context(engine):
@@ -348,7 +374,7 @@ def test_engine_thread_survives_a_failing_step_and_stops_without_draining(engine
     bad = eng.add_request("The quick", GREEDY, on_output=seen.append)
     runner.wake()
     _wait(lambda: bad.finish_reason is not None)
-    assert bad.finish_reason == "error" and "boom" in seen[-1].error and eng.cache.num_free == 2
+    assert bad.finish_reason == "error" and "boom" in seen[-1].error and drained(eng)
     good = eng.add_request("The quick", GREEDY)
     runner.wake()
     _wait(lambda: good.finish_reason is not None)
@@ -357,7 +383,7 @@ def test_engine_thread_survives_a_failing_step_and_stops_without_draining(engine
     runner.wake()
     _wait(lambda: long.num_generated > 0)
     assert runner.stop(drain=False, timeout=60)
-    assert long.finish_reason == "abort" and long.num_generated < 200 and eng.cache.num_free == 2
+    assert long.finish_reason == "abort" and long.num_generated < 200 and drained(eng)
 
 
 def test_chat_templates(ckpt, tmp_path):

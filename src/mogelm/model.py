@@ -8,7 +8,11 @@
     logits = model(input_ids)                    # [B, T, vocab]
     out = model(input_ids, return_stats=True)    # ModelOutput(logits, aux_loss, layer_stats)
 
-Incremental decoding: pass a KVCache and explicit positions; logits equal the full forward.
+Incremental decoding: pass a KV cache and explicit positions; logits equal the full forward.
+A KV cache is any object with `layer(i, positions_BT, kv_len)` returning layer i's view, whose
+`attend(q, k, v)` stores this call's keys and values and attends over what is cached: KVCache below
+(contiguous rows) or the inference engine's paged pool (mogelm.inference.paged). The model holds no
+cache logic beyond that call.
 
 A Block is handed its FFN (`build_ffn(cfg)` picks it per layer); every FFN returns
 (y, MoEStats | None), so the block never asks which kind it holds. `model.moe_layers()` lists the
@@ -56,6 +60,32 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
+
+    def layer(self, i: int, positions_BT: Tensor, kv_len: int | None = None) -> CachedLayer:
+        """Layer i's view for a call whose tokens sit at `positions_BT` of their rows; `kv_len`
+        bounds the keys attended to (default: max position + 1)."""
+        return CachedLayer(self.k[i], self.v[i], positions_BT, kv_len)
+
+
+class CachedLayer:
+    """One layer of a KVCache (or of rows of one) for one call: attend() writes, then attends."""
+
+    def __init__(self, k_cache: Tensor, v_cache: Tensor, positions_BT: Tensor, kv_len: int | None):
+        self.k_cache, self.v_cache, self.positions_BT, self.kv_len = k_cache, v_cache, positions_BT, kv_len
+
+    def attend(self, q_BHTd: Tensor, k_BHkvTd: Tensor, v_BHkvTd: Tensor) -> Tensor:
+        B, _, T, _ = q_BHTd.shape
+        pos_BT, k_cache, v_cache = self.positions_BT, self.k_cache, self.v_cache
+        rows_BT = torch.arange(B, device=q_BHTd.device).unsqueeze(1).expand(B, T)
+        k_cache[rows_BT, :, pos_BT] = k_BHkvTd.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, hd) slots
+        v_cache[rows_BT, :, pos_BT] = v_BHkvTd.transpose(1, 2).to(v_cache.dtype)
+        L = self.kv_len if self.kv_len is not None else int(pos_BT.max()) + 1
+        keys_pos_L = torch.arange(L, device=q_BHTd.device)
+        visible_B1TL = (keys_pos_L <= pos_BT.unsqueeze(-1)).unsqueeze(1)
+        return F.scaled_dot_product_attention(
+            q_BHTd, k_cache[:, :, :L].to(q_BHTd.dtype), v_cache[:, :, :L].to(q_BHTd.dtype),
+            attn_mask=visible_B1TL, enable_gqa=True,
+        )
 
 
 class RMSNorm(nn.Module):
@@ -105,15 +135,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(
-        self,
-        x_BTD: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        positions_BT: Tensor | None = None,
-        kv: tuple[Tensor, Tensor] | None = None,
-        kv_len: int | None = None,
-    ) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv=None) -> Tensor:
+        """`kv`: None (causal attention within this call) or a cache layer view (see the module
+        docstring) that stores this call's keys/values and attends over the cache."""
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -122,17 +146,7 @@ class Attention(nn.Module):
         if kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k_cache, v_cache = kv
-            rows_BT = torch.arange(B, device=x_BTD.device).unsqueeze(1).expand(B, T)
-            k_cache[rows_BT, :, positions_BT] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, hd) slots
-            v_cache[rows_BT, :, positions_BT] = v.transpose(1, 2).to(v_cache.dtype)
-            L = kv_len if kv_len is not None else int(positions_BT.max()) + 1
-            keys_pos_L = torch.arange(L, device=x_BTD.device)
-            visible_B1TL = (keys_pos_L <= positions_BT.unsqueeze(-1)).unsqueeze(1)
-            out = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=visible_B1TL,
-                enable_gqa=True,
-            )
+            out = kv.attend(q, k, v)  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -157,8 +171,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = ffn  # checkpoint name: model.layers.{l}.mlp.*
 
-    def forward(self, x, cos, sin, positions_BT=None, kv=None, kv_len=None) -> tuple[Tensor, MoEStats | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions_BT, kv, kv_len)
+    def forward(self, x, cos, sin, kv=None) -> tuple[Tensor, MoEStats | None]:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
         y, stats = self.mlp(self.post_attention_layernorm(h))
         return h + y, stats
 
@@ -200,18 +214,21 @@ class Transformer(nn.Module):
         self,
         input_ids_BT: Tensor,
         positions_BT: Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache=None,
         kv_len: int | None = None,
         return_stats: bool = False,
         last_token_only: bool = False,
+        logits_indices: Tensor | None = None,
     ) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (or ModelOutput with return_stats=True).
 
         Without a cache, positions default to 0..T-1 and attention is causal over this call.
-        With a cache, `positions_BT` says where each token sits in its row; `kv_len` (optional)
-        bounds the keys attended to (default: max position + 1). `last_token_only` computes
-        logits for the last position only ([B, 1, V]): prefill needs no more, and the LM head
-        over every prompt token is a large share of its cost."""
+        With a cache (KVCache or any object with its `layer` method), `positions_BT` says where
+        each token sits in its sequence; `kv_len` (optional, KVCache) bounds the keys attended to
+        (default: max position + 1). `last_token_only` computes logits for the last position only
+        ([B, 1, V]): prefill needs no more, and the LM head over every prompt token is a large share
+        of its cost. `logits_indices` [n] picks rows of the flattened B*T positions instead and
+        returns logits [n, V] (a packed batch of several sequences: their last tokens)."""
         B, T = input_ids_BT.shape
         if kv_cache is not None and positions_BT is None:
             raise ValueError("positions_BT is required when decoding with a KV cache")
@@ -221,12 +238,14 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids_BT)
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
-            kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
-            x, layer_stats = block(x, cos, sin, positions_BT if kv is not None else None, kv, kv_len)
+            kv = kv_cache.layer(i, positions_BT, kv_len) if kv_cache is not None else None
+            x, layer_stats = block(x, cos, sin, kv)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if last_token_only:
             x = x[:, -1:]
+        elif logits_indices is not None:
+            x = x.flatten(0, 1)[logits_indices]  # [n, D]
         logits = self.lm_head(self.norm(x))
         if not return_stats:
             return logits

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mogelm.commands import engine_flags
 from mogelm.errors import UserError
 
 
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy "
                         "small CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON list with text, token ids and counts")
+    engine_flags.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
-                                    quantize=args.quantize)
+                                    quantize=args.quantize, **engine_flags.engine_kwargs(args))
     prompts = args.prompt
     if args.chat:
         chat_stop = engine.tokenizer.chat_stop_token_ids()

@@ -14,6 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from mogelm.commands import engine_flags
 from mogelm.errors import UserError
 from mogelm.inference.server import create_app, listen_socket, serve
 
@@ -25,10 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--served-model-name", default=None,
                    help="model id in the API (default: the directory name)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-len", type=int, default=None,
                    help="context length per sequence (default: the model's)")
-    p.add_argument("--chunk-size", type=int, default=256, help="prompt tokens prefilled per engine step")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prompt tokens per engine step, beside the decodes (default: 256 on CPU, 2048 "
+                        "on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights and cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -42,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to drain requests on shutdown")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    engine_flags.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
                                     max_len=args.max_len, chunk_size=args.chunk_size,
                                     cuda_graphs=False if args.no_cuda_graphs else None,
-                                    quantize=args.quantize)
+                                    quantize=args.quantize, **engine_flags.engine_kwargs(args))
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, name, args.max_waiting, args.shutdown_timeout)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         sock = listen_socket(args.host, args.port)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    print(f"serving {name} ({engine.max_len}-token context, {engine.max_batch} slots, {engine.device}) "
+    print(f"serving {name} ({engine.max_len}-token context, {engine.max_batch} sequences, "
+          f"{engine.stats()['kv_cache_tokens']}-token KV cache, {engine.device}) "
           f"on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
     serve(app, sock, args.log_level, args.shutdown_timeout, host=args.host)
     return 0

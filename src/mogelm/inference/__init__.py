@@ -1,4 +1,5 @@
-"""Inference: a slotted KV cache, sampling, an engine with continuous batching, chat templates.
+"""Inference: an engine with continuous batching over a paged KV cache (mixed prefill + decode
+steps, prefix caching, preemption), sampling, chat templates; the slotted cache as reference.
 
     from mogelm.inference import Engine, SamplingParams
     engine = Engine.from_pretrained("ckpt/", max_batch=8)

@@ -1,4 +1,8 @@
-"""A slotted, preallocated KV cache for continuous batching.
+"""The slotted KV cache and the previous engine's method over it, kept as the reference the paged
+engine is tested against (tests/test_engine_*.py) and timed beside (benchmarks/bench_engine.py,
+"previous version"). The engine itself uses the paged pool (inference/paged.py).
+
+    out = slotted_greedy(model, [prompt_ids, ...], max_tokens=32)    # token ids per prompt
 
 Layout (one tensor pair per layer, allocated once):
 
@@ -15,7 +19,9 @@ rows [0, n); rows in that range that are not decoding (free slots, or sequences 
 prefilled in chunks) are fed a dummy token at position L, so their writes land in the scratch
 column, which no real query (positions < L) ever sees.
 
-Slots are handed out lowest-free-first, which keeps the decode range [0, n) short.
+Slots are handed out lowest-free-first, which keeps the decode range [0, n) short. A slot reserves
+max_len tokens whether its sequence uses them or not, and the CUDA-graph decode attends to the
+whole row (kv_len = L + 1): the two costs the paged engine removes.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from __future__ import annotations
 import heapq
 
 import torch
+from torch import Tensor
 
 from mogelm.config import ModelConfig
-from mogelm.model import KVCache
+from mogelm.model import KVCache, Transformer
 
 
-class CacheRows:
+class CacheRows(KVCache):
     """A view of rows [start, stop) of a SlotKVCache, in the shape the model expects (`.k[l]`, `.v[l]`).
 
     The views share storage with the cache, so the model's writes go straight into the slots."""
@@ -37,10 +44,6 @@ class CacheRows:
         self.k = [t[start:stop] for t in k]
         self.v = [t[start:stop] for t in v]
         self.max_len = k[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
 
 
 class SlotKVCache:
@@ -80,3 +83,87 @@ class SlotKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def prefill(model: Transformer, rows: CacheRows, ids: list[int], start: int) -> Tensor:
+    """Write tokens `ids` at positions start.. of a one-row cache view; logits of the last one [V]."""
+    device = rows.k[0].device
+    ids_1T = torch.tensor([ids], device=device)
+    pos_1T = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids),
+                 last_token_only=True)[0, -1]
+
+
+def decode_one_token(model: Transformer, rows: CacheRows, ids_B: Tensor, pos_B: Tensor,
+                     kv_len: int) -> Tensor:
+    """One token per cache row at its own position (row b of `rows` <- ids_B[b] at pos_B[b]);
+    logits [B, V]."""
+    return model(ids_B[:, None], positions_BT=pos_B[:, None], kv_cache=rows, kv_len=kv_len)[:, 0]
+
+
+class SlotGraphDecoder:
+    """The previous engine's CUDA-graph decode: one graph per batch size in `buckets`, each reading
+    static ids/positions and cache rows [0, bucket) and attending to the whole row (kv_len = L + 1;
+    masking hides keys beyond each row's position). Rows past the live batch get a dummy token at
+    the scratch column."""
+
+    def __init__(self, model: Transformer, cache: SlotKVCache, buckets: list[int]):
+        self.cache, self.buckets, self.graphs = cache, sorted(buckets), {}
+        device = cache.k[0].device
+        pool = None
+        for b in sorted(buckets, reverse=True):  # largest first, so smaller graphs reuse its memory pool
+            ids = torch.zeros(b, dtype=torch.long, device=device)
+            pos = torch.full((b,), cache.scratch_pos, dtype=torch.long, device=device)
+            rows = cache.rows(0, b)
+
+            def fwd(ids=ids, pos=pos, rows=rows):
+                return decode_one_token(model, rows, ids, pos, kv_len=cache.max_len + 1)
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up (allocator, lazy init) off the capture
+                for _ in range(2):
+                    fwd()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = fwd()
+            pool = graph.pool()
+            self.graphs[b] = (graph, ids, pos, logits)
+
+    def __call__(self, ids_n: Tensor, pos_n: Tensor) -> Tensor:
+        n = ids_n.shape[0]
+        b = next(s for s in self.buckets if s >= n)
+        graph, ids, pos, logits = self.graphs[b]
+        ids.zero_()
+        pos.fill_(self.cache.scratch_pos)
+        ids[:n].copy_(ids_n)
+        pos[:n].copy_(pos_n)
+        graph.replay()
+        return logits[:n]
+
+
+@torch.inference_mode()
+def slotted_greedy(model: Transformer, prompts: list[list[int]], max_tokens: int, stop_id: int | None = None,
+                   max_len: int | None = None) -> list[list[int]]:
+    """Greedy decoding of every prompt at once the previous engine's way: each prompt prefilled
+    alone into its slot, then one batched decode step per token over all slots."""
+    device = next(model.parameters()).device
+    max_len = max_len or max(len(p) for p in prompts) + max_tokens
+    cache = SlotKVCache(model.cfg, len(prompts), max_len, device=device, dtype=next(model.parameters()).dtype)
+    last = [int(prefill(model, cache.rows(s, s + 1), p, 0).argmax()) for s, p in enumerate(prompts)]
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_tokens):
+        for s, t in enumerate(last):
+            if not done[s]:
+                done[s] = t == stop_id
+                if not done[s]:
+                    outs[s].append(t)
+        if all(done) or step == max_tokens - 1:
+            break
+        ids = torch.tensor(last, device=device)
+        pos = torch.tensor([len(p) + step for p in prompts], device=device)
+        last = decode_one_token(model, cache.rows(0, len(prompts)), ids, pos,
+                                int(pos.max()) + 1).argmax(-1).tolist()
+    return outs

@@ -1,27 +1,46 @@
-"""The inference engine: prefill and decode around a slotted KV cache, with continuous batching.
+"""The inference engine: continuous batching over a paged KV cache, with mixed prefill + decode
+steps, chunked prefill, prefix caching, preemption under memory pressure and CUDA-graph decode.
 
     engine = Engine.from_pretrained("ckpt/", max_batch=8)           # or Engine(model, tokenizer, ...)
     outs = engine.generate(["def main(", "import os"], SamplingParams(max_tokens=32, temperature=0))
-    print(outs[0].text, outs[0].finish_reason)
+    print(outs[0].text, outs[0].finish_reason, engine.stats())
 
-One `step()` does, in order:
-  1. admit waiting requests into free cache slots (lowest slot first);
-  2. prefill: feed up to `chunk_size` prompt tokens, oldest request first; a prompt longer than the
-     budget is prefilled over several steps (chunked prefill), so running requests keep decoding;
-     when a prompt is complete its last logits give the first generated token;
-  3. decode: one token for every request that was already decoding, in one batched forward over
-     cache rows [0, n) (rows not decoding get a dummy token at the scratch column, see cache.py);
-     on CUDA this forward replays a CUDA graph captured for the smallest bucket >= n;
-  4. finished requests (stop token, stop string, max_tokens, context full, abort) free their slot.
+Pieces (one concept per module):
+  block_manager.py  blocks of the KV pool: free list, refcounts, block tables, prefix cache (LRU)
+  scheduler.py      which sequences run this step and with how many tokens; preemption
+  paged.py          the pool tensors and the step's attention state the model's Attention calls
+  kernels/ops.py    paged decode attention (split-KV Triton kernel on CUDA) and prefill (SDPA)
 
-Positions are explicit: prompt token i sits at position i of its slot and generated token j at
-len(prompt) + j, so every batch row is an independent sequence and batched decode equals
-decoding each sequence alone. Requests come in through thread-safe queues, so a server thread can
-`add_request` while an `EngineThread` runs `step()` in a loop; each request's `on_output` callback
-receives a RequestOutput (new tokens and new text) every step it advances.
+A request is a sequence of token ids (prompt, then generated tokens) and `num_computed`, how many
+of them have their KV in the pool. One `step()`:
+  1. takes in new requests and aborts (an aborted request's blocks are freed at once);
+  2. schedules (Scheduler.schedule): every running sequence with one token left decodes it;
+     prompt chunks of prefilling and newly admitted sequences fill a budget of `chunk_size`
+     prompt tokens; a prompt's leading blocks found in the prefix cache are not recomputed; when
+     blocks run out the newest sequence is preempted and later recomputed;
+  3. runs ONE forward over the packed batch [1, N] (decode rows first, then the chunks; no
+     padding): copy-on-write block copies first, then the model with a PagedAttention state;
+     a decode-only step replays the CUDA graph captured for the smallest bucket >= its rows;
+     logits are computed only for the last token of each sequence whose tokens are all in;
+  4. samples those sequences' next tokens, commits full blocks to the prefix cache, checks stop
+     conditions (stop token, stop string, max_tokens, context full) and frees finished sequences.
 
-The model is called only through two free functions, `prefill` (one sequence, a run of prompt
-tokens) and `decode_one_token` (one token per cache row); the CUDA graphs capture the latter.
+Positions are explicit (token i of a sequence sits at position i), so batching changes nothing:
+greedy output equals decoding each prompt alone and equals the uncached forward (tests). A
+preempted request keeps what it has streamed; it recomputes its prompt and generated tokens
+(prefill, mostly prefix-cache hits) and goes on from its next token: nothing is lost or repeated.
+
+Memory: the pool is sized once. On CUDA, after the weights are loaded, a forward of the largest
+step is profiled and the pool takes what is left of `gpu_memory_fraction` of the device memory
+(`kv_cache_tokens` overrides); on CPU it holds `kv_cache_tokens` or max_batch x max_len tokens, so
+no sequence is ever preempted by default. The context limit (max_len) is at most the pool's
+capacity, so any accepted request fits alone. `stats()` reports blocks total/used/free, prefix-cache
+queries/hits, running/waiting and preemptions (for metrics).
+
+Extension points: speculative decoding appends k draft tokens to a sequence, schedules k + 1 rows
+(several positions of one sequence in one forward) and rolls back with BlockManager.truncate;
+prompt logprobs add a chunk's positions to the logits indices (`_build_batch`); n > 1 forks the
+prompt's blocks (BlockManager.fork; copy-on-write of the last partial block is in prepare_write).
 The engine works on token ids; the tokenizer (optional) is used only for text prompts, stop strings
 and the text it returns. fp32 on CPU, bf16 on CUDA by default.
 """
@@ -38,13 +57,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mogelm.errors import UserError
-from mogelm.inference.cache import CacheRows, SlotKVCache
+from mogelm.inference.block_manager import NULL_BLOCK, BlockManager
 from mogelm.inference.chat import Tokenizer
+from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache, PrefillChunk, calibrate_kv_scales
 from mogelm.inference.sampling import PANGU_DEFAULTS, SamplingParams, sample
+from mogelm.inference.scheduler import ScheduledBatch, Scheduler
+from mogelm.kernels import ops
 from mogelm.model import Transformer
 
 log = logging.getLogger("mogelm.inference")
@@ -52,9 +75,9 @@ log = logging.getLogger("mogelm.inference")
 
 class RequestError(ValueError):
     """A request the engine cannot serve as given: the prompt is empty, holds a token id outside the
-    vocabulary, or does not fit the context with its max_tokens. `param` names the offending field
-    ("prompt" or "max_tokens") and `code` the reason ("invalid_value", "context_length_exceeded");
-    the server answers 400 with them. Messages follow OpenAI's wording."""
+    vocabulary, or does not fit the context (or the KV cache) with its max_tokens. `param` names the
+    offending field ("prompt" or "max_tokens") and `code` the reason ("invalid_value",
+    "context_length_exceeded"); the server answers 400 with them. Messages follow OpenAI's wording."""
 
     def __init__(self, message: str, param: str, code: str = "invalid_value"):
         super().__init__(message)
@@ -94,21 +117,17 @@ class Request:
     stop_ids: frozenset[int]
     generator: torch.Generator
     on_output: Callable[[RequestOutput], None] | None = None
-    slot: int | None = None
-    num_cached: int = 0  # prompt tokens written to the cache
+    token_ids: list[int] = field(default_factory=list)  # prompt, then generated tokens (fed or to feed)
+    num_computed: int = 0  # tokens of token_ids whose KV is in the pool
+    num_preemptions: int = 0
     output_ids: list[int] = field(default_factory=list)
-    num_generated: int = 0
+    num_generated: int = 0  # sampled tokens, a final stop token included
     text: str = ""  # text released so far
     finish_reason: str | None = None
     error: str | None = None
 
-    @property
-    def decoding(self) -> bool:
-        return self.num_generated > 0 and self.finish_reason is None
-
-    @property
-    def next_pos(self) -> int:  # position of the next token fed to the model
-        return len(self.prompt_ids) + self.num_generated - 1
+    def __post_init__(self):
+        self.token_ids = list(self.prompt_ids)
 
     def completion(self) -> Completion:
         return Completion(self.id, self.prompt_ids, list(self.output_ids), self.text,
@@ -126,22 +145,6 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
-def prefill(model: Transformer, rows: CacheRows, ids: list[int], start: int) -> Tensor:
-    """Write tokens `ids` at positions start.. of a one-row cache view; logits of the last one [V]."""
-    device = rows.k[0].device
-    ids_1T = torch.tensor([ids], device=device)
-    pos_1T = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
-    return model(ids_1T, positions_BT=pos_1T, kv_cache=rows, kv_len=start + len(ids),
-                 last_token_only=True)[0, -1]
-
-
-def decode_one_token(model: Transformer, rows: CacheRows, ids_B: Tensor, pos_B: Tensor,
-                     kv_len: int) -> Tensor:
-    """One token per cache row at its own position (row b of `rows` <- ids_B[b] at pos_B[b]);
-    logits [B, V]."""
-    return model(ids_B[:, None], positions_BT=pos_B[:, None], kv_cache=rows, kv_len=kv_len)[:, 0]
-
-
 def decode_buckets(max_batch: int) -> list[int]:
     """Batch sizes with a captured decode graph: powers of two up to max_batch, and max_batch."""
     sizes, b = [], 1
@@ -151,28 +154,46 @@ def decode_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-class CUDAGraphDecoder:
-    """Decode forwards captured as CUDA graphs, one per bucketed batch size.
+@dataclass
+class StepInputs:
+    """One step's packed batch on the host (built by Engine._build_batch)."""
 
-    Each graph reads static `ids`/`positions` buffers and cache rows [0, bucket), attends to the whole
-    cache (kv_len fixed at L + 1; masking hides keys beyond each row's position) and writes static
-    logits. Rows past the live batch are padded with a dummy token at the scratch column."""
+    ids: list[int]  # [N] token ids, decode rows first
+    positions: list[int]  # [N]
+    slots: list[int]  # [N] pool slots
+    decode_tables: list[list[int]]  # [R] block tables of the decode rows
+    decode_lens: list[int]  # [R] their position + 1
+    chunks: list[tuple[int, int, int, list[int]]]  # (lo, hi, start position, block table)
+    logits_indices: list[int]  # tokens whose logits are needed
+    samplers: list[Request]  # the request of each of those
 
-    def __init__(self, model: Transformer, cache: SlotKVCache, buckets: list[int]):
-        self.cache, self.buckets, self.graphs = cache, sorted(buckets), {}
+
+class CUDAGraphRunner:
+    """Decode-only steps replayed from CUDA graphs, one per bucketed batch size.
+
+    Each graph runs the model on static buffers: ids/positions [1, b], pool slots [b], block tables
+    [b, max_blocks] and live lengths [b] (a PagedAttention over them, with the decode kernel's split
+    factor fixed for b). Before a replay the live rows are copied in; rows past them write to the
+    null block and have length 0 (their attention output is zero and their logits unused)."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, buckets: list[int], max_blocks: int):
+        self.buckets, self.graphs = sorted(buckets), {}
         device = cache.k[0].device
         pool = None
         for b in sorted(buckets, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            ids = torch.zeros(b, dtype=torch.long, device=device)
-            pos = torch.full((b,), cache.scratch_pos, dtype=torch.long, device=device)
-            rows = cache.rows(0, b)
+            ids = torch.zeros(1, b, dtype=torch.long, device=device)
+            pos = torch.zeros(1, b, dtype=torch.long, device=device)
+            splits = ops.decode_attention_splits(b, cache.num_kv_heads, max_blocks * cache.block_size, device)
+            state = PagedAttention(cache, torch.zeros(b, dtype=torch.long, device=device),
+                                   torch.zeros(b, max_blocks, dtype=torch.int32, device=device),
+                                   torch.zeros(b, dtype=torch.int32, device=device), num_splits=splits)
 
-            def fwd(ids=ids, pos=pos, rows=rows):
-                return decode_one_token(model, rows, ids, pos, kv_len=cache.max_len + 1)
+            def fwd(ids=ids, pos=pos, state=state):
+                return model(ids, positions_BT=pos, kv_cache=state)[0]  # [b, V]
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up (allocator, lazy init) off the capture
+            with torch.cuda.stream(side):  # warm up (allocator, lazy init, Triton compiles) off the capture
                 for _ in range(2):
                     fwd()
             torch.cuda.current_stream().wait_stream(side)
@@ -180,18 +201,26 @@ class CUDAGraphDecoder:
             with torch.cuda.graph(graph, pool=pool):
                 logits = fwd()
             pool = graph.pool()
-            self.graphs[b] = (graph, ids, pos, logits)
+            self.graphs[b] = (graph, ids, pos, state, logits)
 
-    def __call__(self, ids_n: Tensor, pos_n: Tensor) -> Tensor:
-        n = ids_n.shape[0]
-        b = next(s for s in self.buckets if s >= n)
-        graph, ids, pos, logits = self.graphs[b]
-        ids.zero_()
-        pos.fill_(self.cache.scratch_pos)
-        ids[:n].copy_(ids_n)
-        pos[:n].copy_(pos_n)
+    def __call__(self, ids_R: Tensor, pos_R: Tensor, slots_R: Tensor, tables_RW: Tensor,
+                 lens_R: Tensor) -> Tensor:
+        """Logits [R, V] of one decode step over R rows (host or device tensors)."""
+        R, W = tables_RW.shape
+        b = next(s for s in self.buckets if s >= R)
+        graph, ids, pos, state, logits = self.graphs[b]
+        ids[0, :R].copy_(ids_R)
+        pos[0, :R].copy_(pos_R)
+        state.slots_N[:R].copy_(slots_R)
+        state.tables_RM[:R, :W].copy_(tables_RW)  # columns past W are stale but never read (lengths)
+        state.lens_R[:R].copy_(lens_R)
+        if R < b:
+            ids[0, R:].zero_()
+            pos[0, R:].zero_()
+            state.slots_N[R:].fill_(NULL_BLOCK)  # slot 0 = offset 0 of the null block
+            state.lens_R[R:].zero_()
         graph.replay()
-        return logits[:n]
+        return logits[:R]
 
 
 class Engine:
@@ -201,36 +230,117 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         max_batch: int = 8,
         max_len: int | None = None,
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         cuda_graphs: bool | None = None,
         default_sampling: dict | None = None,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        gpu_memory_fraction: float = 0.9,
+        kv_cache_dtype: str | torch.dtype | None = None,
+        prefix_caching: bool = True,
     ):
+        """max_batch: sequences running at once (the largest decode batch); max_len: context per
+        sequence (default the model's); chunk_size: prompt tokens per step (default 256 on CPU, 2048 on
+        CUDA); block_size: tokens per KV block; kv_cache_tokens: pool size in tokens (default: CPU
+        max_batch x max_len, CUDA what gpu_memory_fraction leaves after weights and activations);
+        kv_cache_dtype: None/"auto" (the model's dtype) or "fp8" (e4m3, per-head scales calibrated at
+        start-up); prefix_caching: reuse cached blocks of identical prompt prefixes."""
         cfg = model.cfg
         p = next(model.parameters())
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, p.device
-        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        if chunk_size <= 0:
+        on_cuda = p.device.type == "cuda"
+        if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.max_batch, self.chunk_size = max_batch, chunk_size
-        self.cache = SlotKVCache(cfg, max_batch, self.max_len, device=p.device, dtype=p.dtype)
+        if max_batch <= 0 or block_size <= 0:
+            raise ValueError(f"max_batch ({max_batch}) and block_size ({block_size}) must be positive")
+        if kv_cache_tokens is not None and kv_cache_tokens <= 0:
+            raise ValueError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
+        if not 0 < gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
+        self.max_batch, self.block_size = max_batch, block_size
+        self.chunk_size = chunk_size or (2048 if on_cuda else 256)
+        max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        kv_dtype = {None: p.dtype, "auto": p.dtype, "fp8": FP8}.get(kv_cache_dtype, kv_cache_dtype)
+        if not isinstance(kv_dtype, torch.dtype):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
+
+        if kv_cache_tokens is not None:
+            num_blocks = -(-kv_cache_tokens // block_size) + 1
+        elif on_cuda:
+            num_blocks = self._blocks_for_memory(gpu_memory_fraction, kv_dtype)
+        else:
+            num_blocks = max_batch * -(-max_len // block_size) + 1
+        self.max_len = min(max_len, (num_blocks - 1) * block_size)
+        if self.max_len < max_len:
+            log.warning("the KV cache holds %d tokens: context limited to that (from %d)", self.max_len,
+                        max_len)
+        self.max_len_model = max_len
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, device=p.device, dtype=p.dtype,
+                                  kv_dtype=kv_dtype)
+        if kv_dtype == FP8:
+            with torch.inference_mode():
+                calibrate_kv_scales(model, self.cache)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_batch, self.chunk_size)
+        self.max_blocks_per_seq = -(-self.max_len // block_size)
         self.default_sampling = dict(default_sampling or {})
         self.eos_ids = frozenset([tokenizer.eos_token_id]
                                  if tokenizer and tokenizer.eos_token_id is not None else [])
         self._incoming: deque[Request] = deque()  # filled by any thread, drained by step()
         self._aborts: deque[str | None] = deque()  # None: every request
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in a slot, in admission order
         self._ids = itertools.count()
-        use_graphs = (p.device.type == "cuda") if cuda_graphs is None else cuda_graphs
-        self.graphs = None
+        self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+        use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.graphs: CUDAGraphRunner | None = None
         if use_graphs:
-            if not torch.cuda.is_available() or p.device.type != "cuda":
+            if not torch.cuda.is_available() or not on_cuda:
                 raise ValueError("cuda_graphs=True needs the model on a CUDA device")
             try:
                 with torch.inference_mode():
-                    self.graphs = CUDAGraphDecoder(model, self.cache, decode_buckets(max_batch))
+                    self.graphs = CUDAGraphRunner(model, self.cache, decode_buckets(max_batch),
+                                                  self.max_blocks_per_seq)
             except Exception as e:  # a model op that cannot be captured: fall back to eager decode
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+
+    MAX_BLOCKS = 1 << 20  # 16 M tokens at block size 16: plenty; keeps the host-side lists small
+
+    def _blocks_for_memory(self, fraction: float, kv_dtype: torch.dtype) -> int:
+        """Pool blocks that fit in this engine's share of the device memory (`fraction` of the total,
+        as vLLM's gpu_memory_utilization: per instance) after its weights, the activation peak of its
+        largest step (profiled: a forward of chunk_size + max_batch tokens), the logits of max_batch
+        rows and a margin for CUDA graphs and workspaces, and never more than is free now."""
+        cfg, dev = self.model.cfg, self.device
+        weights = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        T = min(self.chunk_size + self.max_batch, cfg.max_seq_len)
+        ids = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
+        with torch.inference_mode():
+            self.model(ids, last_token_only=True)
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - before
+        del ids
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        reserve = activations + 4 * self.max_batch * cfg.vocab_size * 4 + (512 << 20)  # + fp32 logits, margin
+        share = fraction * total - weights - reserve  # this engine's share, after weights and a step
+        budget = min(share, free - reserve)
+        per_block = PagedKVCache.bytes_per_block(cfg, self.block_size, kv_dtype)
+        blocks = min(int(budget // per_block), self.MAX_BLOCKS)
+        gib = 2**30
+        if blocks < 2:
+            why = (f"--gpu-memory-fraction {fraction} of {total / gib:.1f} GiB leaves nothing after the "
+                   f"weights ({weights / gib:.1f} GiB) and a step's activations ({reserve / gib:.1f} GiB)"
+                   if share <= free - reserve else f"only {free / gib:.1f} GiB of the GPU is free")
+            raise UserError(f"no room for the KV cache: {why}; raise --gpu-memory-fraction, free the GPU or "
+                            "lower --chunk-size / --max-batch")
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB); GPU %.1f GiB, fraction %.2f, weights "
+                 "%.2f GiB, activations %.2f GiB, free before the cache %.1f GiB", blocks, self.block_size,
+                 blocks * per_block / gib, total / gib, fraction, weights / gib, activations / gib,
+                 free / gib)
+        return blocks  # the null block included
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
@@ -286,13 +396,16 @@ class Engine:
             raise RequestError("prompt must not be empty", "prompt")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        # a context cut by the KV pool's size says so: such a request could never fit in the cache
+        why = "" if limit == self.max_len_model else (
+            f" (the KV cache holds {limit} tokens; raise --gpu-memory-fraction or --kv-cache-tokens)")
         if n >= limit:
             raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} "
-                               "tokens.", "prompt", "context_length_exceeded")
+                               f"tokens.{why}", "prompt", "context_length_exceeded")
         if max_tokens is not None and n + max_tokens > limit:
             raise RequestError(f"This model's maximum context length is {limit} tokens. However, you "
                                f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the "
-                               "completion).", "max_tokens", "context_length_exceeded")
+                               f"completion).{why}", "max_tokens", "context_length_exceeded")
 
     def abort(self, request_id: str) -> None:
         """Finish a request early (thread-safe); its callback gets finish_reason "abort"."""
@@ -303,8 +416,18 @@ class Engine:
         self._aborts.append(None)
 
     @property
+    def running(self) -> list[Request]:
+        """Requests being computed (admitted, holding KV blocks), the oldest first."""
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> deque[Request]:
+        """Requests queued for admission (preempted ones first)."""
+        return self.scheduler.waiting
+
+    @property
     def num_waiting(self) -> int:
-        """Requests queued for a slot."""
+        """Requests not yet admitted (queued or preempted)."""
         return len(self._incoming) + len(self.waiting)
 
     def has_unfinished(self) -> bool:
@@ -320,67 +443,84 @@ class Engine:
             self.step()
         return [r.completion() for r in reqs]
 
+    def stats(self) -> dict[str, int | float]:
+        """Counters and gauges for metrics: KV blocks total/used/free/cached and block size,
+        prefix-cache queries/hits (tokens) and evictions, running/waiting requests, preemptions,
+        steps, prompt tokens computed (recomputes after preemption included, prefix-cache hits
+        not) and tokens generated. Plain ints, safe to read from another thread."""
+        return dict(**self.blocks.stats(), kv_cache_tokens=self.blocks.num_usable * self.block_size,
+                    running=len(self.running), waiting=self.num_waiting,
+                    preemptions=self.scheduler.num_preemptions, steps=self.num_steps,
+                    prompt_tokens_computed=self.num_prompt_tokens, generated_tokens=self.num_generated_tokens)
+
     # --- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs: list[tuple[Request, RequestOutput]] = []
-        while self._incoming:
-            self.waiting.append(self._incoming.popleft())
+        while self._incoming:  # 1. new requests and aborts
+            self.scheduler.add(self._incoming.popleft())
         while self._aborts:
             outputs += self._abort(self._aborts.popleft())
-        while self.waiting and self.cache.num_free:  # 1. admit
-            req = self.waiting.popleft()
-            req.slot = self.cache.allocate()
-            self.running.append(req)
 
-        decoding = [r for r in self.running if r.decoding]
-        budget = self.chunk_size  # 2. prefill, chunked
-        for req in self.running:
-            if budget == 0:
-                break
-            if req.num_generated or req.finish_reason is not None:
-                continue
-            n = min(budget, len(req.prompt_ids) - req.num_cached)
-            logits_V = self._prefill(req, n)
-            budget -= n
-            if req.num_cached == len(req.prompt_ids):
-                token = sample(logits_V[None], [req.params], [req.generator])
-                outputs.append((req, self._advance(req, int(token[0]))))
-
-        if decoding:  # 3. decode
-            logits_BV = self._decode(decoding)
-            tokens = sample(logits_BV, [r.params for r in decoding], [r.generator for r in decoding]).tolist()
-            outputs += [(r, self._advance(r, t)) for r, t in zip(decoding, tokens)]
-
-        for req in [r for r in self.running if r.finish_reason is not None]:  # 4. retire
-            self.cache.release(req.slot)
-            self.running.remove(req)
+        batch = self.scheduler.schedule()  # 2. who runs, how many tokens
+        if batch.rows:
+            self.cache.copy_blocks(batch.copies)  # 3. copy-on-write, then one forward
+            inputs = self._build_batch(batch)
+            logits = self._forward(inputs, batch.is_decode_only)
+            for req, n in batch.rows:
+                p, a = len(req.prompt_ids), req.num_computed
+                self.num_prompt_tokens += min(a + n, p) - min(a, p)  # prompt positions computed (again)
+                req.num_computed += n
+                self.blocks.commit(req.id, req.token_ids, req.num_computed)
+            if inputs.samplers:  # 4. sample, stop conditions
+                tokens = sample(logits, [r.params for r in inputs.samplers],
+                                [r.generator for r in inputs.samplers]).tolist()
+                outputs += [(r, self._advance(r, t)) for r, t in zip(inputs.samplers, tokens)]
+            self.num_steps += 1
+        for req in [r for r in self.running if r.finish_reason is not None]:
+            self.scheduler.finish(req)
         self._deliver(outputs)
         return [out for _, out in outputs]
 
-    def _prefill(self, req: Request, n: int) -> Tensor:
-        """Write prompt tokens [num_cached, num_cached + n) into the request's slot; last logits [V]."""
-        start = req.num_cached
-        logits_V = prefill(self.model, self.cache.rows(req.slot, req.slot + 1),
-                           req.prompt_ids[start:start + n], start)
-        req.num_cached += n
-        return logits_V
+    def _build_batch(self, batch: ScheduledBatch) -> StepInputs:
+        """The packed batch of a schedule: token ids, positions and pool slots of every row, block
+        tables and lengths of the decode rows, the chunks' ranges, and which logits to compute (the
+        last token of each sequence whose tokens are all in this step)."""
+        bs = self.block_size
+        inp = StepInputs([], [], [], [], [], [], [], [])
+        for req, n in batch.rows:
+            a, table = req.num_computed, self.blocks.tables[req.id]
+            lo = len(inp.ids)
+            inp.ids += req.token_ids[a:a + n]
+            inp.positions += range(a, a + n)
+            inp.slots += [table[p // bs] * bs + p % bs for p in range(a, a + n)]
+            if n == 1:
+                inp.decode_tables.append(table)
+                inp.decode_lens.append(a + 1)
+            else:
+                inp.chunks.append((lo, lo + n, a, table))
+            if a + n == len(req.token_ids):
+                inp.logits_indices.append(len(inp.ids) - 1)
+                inp.samplers.append(req)
+        return inp
 
-    def _decode(self, reqs: list[Request]) -> Tensor:
-        """One token for each request, batched over cache rows [0, max slot]; logits [len(reqs), V]."""
-        n = max(r.slot for r in reqs) + 1
-        ids = [0] * n
-        pos = [self.cache.scratch_pos] * n
-        for r in reqs:
-            ids[r.slot], pos[r.slot] = r.output_ids[-1], r.next_pos
-        ids_n = torch.tensor(ids, device=self.device)
-        pos_n = torch.tensor(pos, device=self.device)
-        if self.graphs is not None:
-            logits = self.graphs(ids_n, pos_n)
-        else:
-            kv_len = max(r.next_pos for r in reqs) + 1
-            logits = decode_one_token(self.model, self.cache.rows(0, n), ids_n, pos_n, kv_len)
-        return logits[torch.tensor([r.slot for r in reqs], device=self.device)]
+    def _forward(self, inp: StepInputs, decode_only: bool) -> Tensor:
+        """Logits [len(inp.logits_indices), V] of one step."""
+        dev = self.device
+        width = max((len(t) for t in inp.decode_tables), default=1)
+        padded = [t + [NULL_BLOCK] * (width - len(t)) for t in inp.decode_tables]  # numpy: 3x faster here
+        tables = torch.from_numpy(np.array(padded, dtype=np.int32).reshape(len(padded), width))
+        lens = torch.tensor(inp.decode_lens, dtype=torch.int32)
+        ids, pos = torch.tensor(inp.ids), torch.tensor(inp.positions)
+        slots = torch.tensor(inp.slots)
+        if decode_only and self.graphs is not None:
+            logits = self.graphs(ids, pos, slots, tables, lens)
+            return logits[torch.tensor(inp.logits_indices, dtype=torch.long, device=logits.device)]
+        chunks = [PrefillChunk(lo, hi, start, torch.tensor(table, dtype=torch.int32, device=dev))
+                  for lo, hi, start, table in inp.chunks]
+        state = PagedAttention(self.cache, slots.to(dev), tables.to(dev), lens.to(dev), chunks)
+        return self.model(ids.to(dev)[None], positions_BT=pos.to(dev)[None], kv_cache=state,
+                          logits_indices=torch.tensor(inp.logits_indices, dtype=torch.long, device=dev))
 
     def _advance(self, req: Request, token: int) -> RequestOutput:
         """Account for one sampled token: stop token, max_tokens, context, stop strings, new text."""
@@ -390,9 +530,11 @@ class Engine:
             req.finish_reason = "stop"
         else:
             req.output_ids.append(token)
+            req.token_ids.append(token)
             new_ids.append(token)
-            if req.num_generated >= req.params.max_tokens or req.next_pos + 1 >= self.max_len:
-                req.finish_reason = "length"
+            self.num_generated_tokens += 1
+            if req.num_generated >= req.params.max_tokens or len(req.token_ids) >= self.max_len:
+                req.finish_reason = "length"  # the context is full: the last token is never fed
         new_text = self._release_text(req)
         return RequestOutput(req.id, new_ids, new_text, req.finish_reason is not None, req.finish_reason,
                              len(req.prompt_ids), req.num_generated)
@@ -416,13 +558,12 @@ class Engine:
         return new
 
     def _abort(self, request_id: str | None) -> list[tuple[Request, RequestOutput]]:
-        """Mark matching requests (all when request_id is None) aborted; step() frees their slots."""
+        """Finish matching requests (all when request_id is None) as aborted and free their blocks."""
         hits = [r for r in list(self.waiting) + self.running
                 if (request_id is None or r.id == request_id) and r.finish_reason is None]
         for req in hits:
             req.finish_reason = "abort"
-            if req in self.waiting:
-                self.waiting.remove(req)
+            self.scheduler.finish(req)
         return [(r, RequestOutput(r.id, [], "", True, "abort", len(r.prompt_ids), r.num_generated))
                 for r in hits]
 
@@ -433,11 +574,9 @@ class Engine:
             req.finish_reason, req.error = "error", message
             outputs.append((req, RequestOutput(req.id, [], "", True, "error", len(req.prompt_ids),
                                                req.num_generated, error=message)))
-        for req in self.running:
-            self.cache.release(req.slot)
         self._incoming.clear()
-        self.waiting.clear()
-        self.running.clear()
+        for req in list(self.waiting) + list(self.running):
+            self.scheduler.finish(req)
         self._deliver(outputs)
 
     @staticmethod

@@ -1,5 +1,5 @@
-"""The one import surface for MoE kernels. Layers call these functions; the backend is chosen
-here, once, and never at call sites.
+"""The one import surface for kernels (MoE and paged attention). Layers call these functions; the
+backend is chosen here, once, and never at call sites.
 
 Backends:
     "torch"   readable PyTorch (torch._grouped_mm for the expert GEMMs); default on CPU
@@ -17,6 +17,10 @@ Routing: `moge_route` has a fused Triton kernel and its PyTorch twin. The small 
 routers are built from (`topk_stable`, `gate_weights`, `apply_router_scale`) and `expert_counts`
 have one PyTorch implementation on every backend; they are exported here so that callers outside
 kernels/ (moe/, analysis/) import nothing else.
+
+Paged attention (the inference engine's KV pool, layout in kernels/attention.py):
+`paged_decode_attention` has a split-KV Triton kernel (kernels/triton_attention.py) and its PyTorch
+twin; `paged_prefill_attention` (a prompt chunk over its cached prefix) is PyTorch SDPA everywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from mogelm.kernels import attention as torch_attention
 from mogelm.kernels import torch_impl
 
 BACKENDS = ("torch", "loop", "triton")
@@ -41,6 +46,14 @@ def _triton_module():
     """The Triton kernels module, or None when triton (or the module) is unavailable."""
     try:
         return importlib.import_module("mogelm.kernels.triton_moe")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def _triton_attention_module():
+    try:
+        return importlib.import_module("mogelm.kernels.triton_attention")
     except ImportError:
         return None
 
@@ -202,3 +215,32 @@ def linear_fp8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor |
     if activations == "fp8" and resolve_backend(x) == "triton" and scaled_mm_ok(x, weight_q):
         return _linear_fp8_scaled_mm(x, weight_q, weight_scale, bias)
     return torch_impl.linear_fp8(x, weight_q, weight_scale, bias, activations)
+
+
+def paged_decode_attention(
+    q_NHd: Tensor, k_pool_PbHd: Tensor, v_pool_PbHd: Tensor, tables_NM: Tensor, lens_N: Tensor,
+    scale: float, k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """One query token per row over its own live keys in a paged pool -> out [N, H, hd] (GQA,
+    fp8 pools with per-head scales). tables_NM int32 [N, M], lens_N int32 [N]. `num_splits` (Triton
+    only) fixes the split-KV factor, e.g. per CUDA-graph bucket; None picks one. See attention.py."""
+    if resolve_backend(q_NHd) == "triton" and _triton_attention_module() is not None:
+        return _triton_attention_module().paged_decode_attention(
+            q_NHd, k_pool_PbHd, v_pool_PbHd, tables_NM, lens_N, scale, k_scale_H, v_scale_H, num_splits)
+    return torch_attention.paged_decode_attention(q_NHd, k_pool_PbHd, v_pool_PbHd, tables_NM, lens_N, scale,
+                                                  k_scale_H, v_scale_H)
+
+
+# A prompt chunk over its cached prefix: PyTorch SDPA on every backend (kernels/attention.py).
+paged_prefill_attention = torch_attention.paged_prefill_attention
+
+
+def decode_attention_splits(num_rows: int, num_kv_heads: int, max_len: int,
+                            device: torch.device) -> int | None:
+    """The split-KV factor the decode kernel would use for this many rows on `device`, from static
+    sizes only (a CUDA graph fixes it per batch bucket); None where the PyTorch twin runs."""
+    module = _triton_attention_module()
+    if module is None or resolve_backend(torch.empty(0, device=device)) != "triton":
+        return None
+    return module.num_splits_for(num_rows, num_kv_heads, max_len, device)
