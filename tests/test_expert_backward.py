@@ -141,8 +141,8 @@ VARIANTS = ["default", "persistent", "tma", "persistent+tma"]
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("T,D,F,E,K", [(1, 2048, 512, 64, 8), (33, 1024, 384, 64, 8), (2000, 2048, 512, 64, 8),
-                                       (700, 5120, 1344, 64, 8)])
+@pytest.mark.parametrize("T,D,F,E,K", [(1, 2048, 512, 64, 8), (33, 1024, 384, 64, 8),
+                                       (2000, 2048, 512, 64, 8), (700, 5120, 1344, 64, 8)])
 def test_gpu_bf16_training_path_vs_fp64(T, D, F, E, K, variant):
     x, w, ids, gate_up, down = _problem(T, D, F, E, K, device="cuda")
     y64, dy, g64 = _grads(reference_routed_experts, x.double(), w.double(), ids, gate_up.double(),
