@@ -5,6 +5,7 @@ give the records of before, and activation checkpointing (model.set_activation_c
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,23 @@ def test_training_with_checkpointing_logs_the_same_losses(tmp_path):
     with pytest.raises(UserError, match="--activation-checkpointing must be one of"):
         train(TrainConfig(**common, out=str(tmp_path / "bad"), activation_checkpointing="yes"),
               log=lambda m: None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU with TRITON_INTERPRET unset")
+def test_gpu_training_loop_on_the_fast_path_logs_what_the_cpu_logs(tmp_path):
+    """mogelm.train on CUDA (Triton experts forward+backward, fused ops, chunked loss, statistics read
+    every 10 steps) writes the same records as on the CPU, with a bf16-close first loss."""
+    common = dict(preset="debug", seq_len=64, batch_size=4, max_steps=12, eval_every=100, save_every=100,
+                  threads=1, data=[str(FIXTURES)], cache_dir=str(tmp_path / "cache"))
+    recs = {}
+    for device in ("cpu", "cuda"):
+        tc = TrainConfig(**common, out=str(tmp_path / device), device=device)
+        train(tc, log=lambda msg: None)
+        recs[device] = [r for r in read_log(Path(tc.out) / "log.jsonl") if r["kind"] == "train"]
+    cpu, gpu = recs["cpu"], recs["cuda"]
+    assert [r["step"] for r in gpu] == list(range(1, 13)) and [list(r) for r in gpu] == [list(r) for r in cpu]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in gpu)
+    assert abs(gpu[0]["loss"] - cpu[0]["loss"]) < 2e-2 * cpu[0]["loss"], (gpu[0]["loss"], cpu[0]["loss"])
+    assert gpu[-1]["loss"] < gpu[0]["loss"]
