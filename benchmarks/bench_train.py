@@ -187,16 +187,15 @@ def bench_backward_kernels(shape_name, T, x, w, dy, gate_up, down, saved, cfg, v
                                                 lambda: tg.launch_down_dgrad(dy, down, gu, w_S, plan, K,
                                                                              cfg.down_dgrad, v)),
         "dx (dgu @ gate_up)": (4 * S * D * F, lambda: tg.launch_dx(dgu, gate_up, plan, S, cfg.dx, v)),
-        "wgrad down ((w dy)^T h)": (2 * S * D * F,
-                                    lambda: tg.launch_wgrad(dy, True, h, False, plan, seg, S, K, E,
-                                                            cfg.wgrad_down, v, down.dtype, route_w_S=w_S)),
+        "wgrad down (dy^T hw)": (2 * S * D * F,
+                                 lambda: tg.launch_wgrad(dy, True, h, False, plan, seg, S, K, E,
+                                                         cfg.wgrad_down, v, down.dtype)),
         "wgrad gate_up (dgu^T x)": (4 * S * D * F,
                                     lambda: tg.launch_wgrad(dgu, False, x, True, plan, seg, S, K, E,
                                                             cfg.wgrad_gate_up, v, gate_up.dtype)),
-        "forward gate_up (+SwiGLU)": (4 * S * D * F,
-                                      lambda: tg.launch_gate_up(x, gate_up, plan, K, cfg.gate_up, v, True)),
-        "forward down (+gate weight)": (2 * S * D * F,
-                                        lambda: tg.launch_down(h, down, w_S, plan, S, cfg.down, v)),
+        "forward gate_up (+SwiGLU, gate weight)": (
+            4 * S * D * F, lambda: tg.launch_gate_up(x, gate_up, plan, K, cfg.gate_up, v, True, w_S)),
+        "forward down": (2 * S * D * F, lambda: tg.launch_down(h, down, None, plan, S, cfg.down, v)),
     }
     for name, (flop, fn) in kernels.items():
         ms = bench_ms(fn)
@@ -227,12 +226,11 @@ def tune(out: Path, dense: float, dev: str, smoke: bool) -> dict:
     dgu, _ = tg.launch_down_dgrad(dy, down, gu, w_S, plan, K, base.down_dgrad, v)
     bm = base.block_m
     runs = {
-        "gate_up": lambda c: tg.launch_gate_up(x, gate_up, plan, K, c, v, True),
-        "down": lambda c: tg.launch_down(h, down, w_S, plan, S, c, v),
+        "gate_up": lambda c: tg.launch_gate_up(x, gate_up, plan, K, c, v, True, w_S),
+        "down": lambda c: tg.launch_down(h, down, None, plan, S, c, v),
         "down_dgrad": lambda c: tg.launch_down_dgrad(dy, down, gu, w_S, plan, K, c, v),
         "dx": lambda c: tg.launch_dx(dgu, gate_up, plan, S, c, v),
-        "wgrad_down": lambda c: tg.launch_wgrad(dy, True, h, False, plan, seg, S, K, E, c, v, dtype,
-                                                route_w_S=w_S),
+        "wgrad_down": lambda c: tg.launch_wgrad(dy, True, h, False, plan, seg, S, K, E, c, v, dtype),
         "wgrad_gate_up": lambda c: tg.launch_wgrad(dgu, False, x, True, plan, seg, S, K, E, c, v, dtype),
     }
     row = [GemmConfig(bm, n, k, 8, wp, st) for n, k, wp, st in

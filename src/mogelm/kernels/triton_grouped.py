@@ -9,10 +9,11 @@ Legend: T tokens, D hidden, F expert width, E experts, K experts per token, S = 
 (flat s = t*K + k), P padded rows of the plan, w_s the gate weight of row s, e(p) the expert of
 padded row p, t(p) its token.
 
-    forward   h_PF, gu_P2F = gate_up(x)           _gate_up_kernel   x rows gathered by token,
-                                                                     SiLU(g)*u in the epilogue,
-                                                                     g|u kept for the backward
-              y_SD = w_s * down(h)                 _down_kernel      rows stored in flat order
+    forward   hw_PF, gu_P2F = gate_up(x)          _gate_up_kernel   x rows gathered by token;
+                                                                     hw = w_s * SiLU(g) * u in the
+                                                                     epilogue; g|u kept for the
+                                                                     backward
+              y_SD = down(hw)                      _down_kernel      rows stored in flat order
               y_TD = y_SD.view(T, K, D).sum(1)                       (a gather: no scatter)
     backward  da_PF = dy_t(p) @ down_e            _down_dgrad_kernel dy gathered by token (the
               dw_s = <da, silu(g)*u>                                 combine's backward); SwiGLU
@@ -21,8 +22,12 @@ padded row p, t(p) its token.
                                                                      partial sums, no atomics)
               dx_SD = dgu_P2F @ gate_up_e          _dx_kernel        rows stored in flat order,
               dx_TD = dx_SD.view(T, K, D).sum(1)                     summed over K (no index_add)
-              d_down_e = (w dy)_e^T @ h_e          _wgrad_kernel     one expert per tile, the
+              d_down_e = dy_e^T @ hw_e             _wgrad_kernel     one expert per tile, the
               d_gate_up_e = dgu_e^T @ x_e                            reduction over its rows
+
+The gate weight is folded into the activation the down GEMM reads (hw, zero on padding rows), so
+neither the down GEMM nor its weight gradient scales rows inside its loop: both operands of every
+reduction are plain loads (y = w * down(h) = down(w * h), d down = sum dy^T (w h)).
 
 Nothing reads a device value on the host. Variants (GemmVariant) are compile-time switches of the
 same kernels, measured by benchmarks/bench_train.py:
@@ -69,14 +74,15 @@ def _gate_up_tile(
     tile, num_pid_m,  # this tile; row blocks of the swizzle
     x_ptr,  # [T, D] activations in token order; rows gathered here
     w,  # [E, 2F, D] gate rows then up rows: a pointer, or with W_DESC a descriptor of [E*2F, D]
-    h_ptr,  # [P, F] out: silu(g) * u per padded row
+    h_ptr,  # [P, F] out: silu(g) * u per padded row (times the row's gate weight with SCALE_H)
     gu_ptr,  # [P, 2F] out (STORE_GU): the pre-activations g | u, for the backward
+    route_w_ptr,  # [S] fp32 gate weight of each flat routed row (read with SCALE_H)
     sorted_ids_ptr, block_expert_ptr,  # the plan: flat row per padded row (S = padding); expert per block
     S, F, D,  # routed rows, expert width, hidden
     stride_xt, stride_we, stride_wn, stride_hp, stride_gp,  # x row, weight expert/row, h row, gu row
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,  # EVEN_K: D % BLOCK_K == 0 (no masks in the loop)
-    STORE_GU: tl.constexpr, W_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    STORE_GU: tl.constexpr, SCALE_H: tl.constexpr, W_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,  # interpreter: dot in fp32; tl.dot precision
 ):
     pid_m, pid_n = tile_ids(tile, num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
@@ -120,6 +126,8 @@ def _gate_up_tile(
     nmask = (out_n < F)[None, :]
     rows = offs_m[:, None].to(tl.int64)
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up in fp32
+    if SCALE_H:  # hw = w_s * h; padding rows (w = 0) become exact zeros
+        h = h * tl.load(route_w_ptr + flat, mask=flat < S, other=0.0)[:, None]
     tl.store(h_ptr + rows * stride_hp + out_n[None, :], h.to(h_ptr.dtype.element_ty), mask=nmask)
     if STORE_GU:
         gu_ptrs = gu_ptr + rows * stride_gp + out_n[None, :]
@@ -129,42 +137,44 @@ def _gate_up_tile(
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
+    x_ptr, w, h_ptr, gu_ptr, route_w_ptr, sorted_ids_ptr, block_expert_ptr,
     num_post_pad_ptr,  # [1] int32 padded rows in use: blocks past it have no work
     S, F, D, NUM_PID_M,  # NUM_PID_M: row blocks in the grid (the plan's maximum)
     stride_xt, stride_we, stride_wn, stride_hp, stride_gp,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, STORE_GU: tl.constexpr, PERSISTENT: tl.constexpr,
-    W_DESC: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, STORE_GU: tl.constexpr, SCALE_H: tl.constexpr,
+    PERSISTENT: tl.constexpr, W_DESC: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(F, BLOCK_N)
     if PERSISTENT:
         num_pid_m = tl.cdiv(tl.load(num_post_pad_ptr), BLOCK_M)
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
-            _gate_up_tile(tile, num_pid_m, x_ptr, w, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
-                          S, F, D, stride_xt, stride_we, stride_wn, stride_hp, stride_gp,
-                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, STORE_GU, W_DESC, WARP_SPEC,
-                          UPCAST, PRECISION)
+            _gate_up_tile(tile, num_pid_m, x_ptr, w, h_ptr, gu_ptr, route_w_ptr, sorted_ids_ptr,
+                          block_expert_ptr, S, F, D, stride_xt, stride_we, stride_wn, stride_hp, stride_gp,
+                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, STORE_GU, SCALE_H, W_DESC,
+                          WARP_SPEC, UPCAST, PRECISION)
     else:
         pid_m, _ = tile_ids(tl.program_id(0), NUM_PID_M, num_pid_n, GROUP_M)
         if pid_m * BLOCK_M < tl.load(num_post_pad_ptr):
-            _gate_up_tile(tl.program_id(0), NUM_PID_M, x_ptr, w, h_ptr, gu_ptr, sorted_ids_ptr,
+            _gate_up_tile(tl.program_id(0), NUM_PID_M, x_ptr, w, h_ptr, gu_ptr, route_w_ptr, sorted_ids_ptr,
                           block_expert_ptr, S, F, D, stride_xt, stride_we, stride_wn, stride_hp, stride_gp,
-                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, STORE_GU, W_DESC, WARP_SPEC,
-                          UPCAST, PRECISION)
+                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, STORE_GU, SCALE_H, W_DESC,
+                          WARP_SPEC, UPCAST, PRECISION)
 
 
 @triton.jit
 def _down_tile(
     tile, num_pid_m,
-    h,  # [P, F] SwiGLU activations: a pointer, or with A_DESC a descriptor (block [BM, BK])
+    h,  # [P, F] SwiGLU activations (hw): a pointer, or with A_DESC a descriptor (block [BM, BK])
     w,  # [E, D, F] down projection: a pointer, or with W_DESC a descriptor of [E*D, F] (block [BN, BK])
-    route_w_ptr,  # [S] fp32 gate weight of each flat routed row
-    y_ptr,  # [S, D] out: weighted expert output per flat row
+    route_w_ptr,  # [S] fp32 gate weight of each flat routed row (read with ROUTE_W)
+    y_ptr,  # [S, D] out: (weighted) expert output per flat row
     sorted_ids_ptr, block_expert_ptr,
     S, D, F, stride_hp, stride_we, stride_wn, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # F % BLOCK_K == 0
+    ROUTE_W: tl.constexpr,  # multiply by the gate weight here (False: h already holds it)
     A_DESC: tl.constexpr, W_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -200,8 +210,8 @@ def _down_tile(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    rw = tl.load(route_w_ptr + flat, mask=valid, other=0.0)
-    acc = acc * rw[:, None]
+    if ROUTE_W:
+        acc = acc * tl.load(route_w_ptr + flat, mask=valid, other=0.0)[:, None]
     out_n = n0 + tl.arange(0, BLOCK_N)
     y_ptrs = y_ptr + flat[:, None].to(tl.int64) * stride_ys + out_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (out_n < D)[None, :])
@@ -212,8 +222,8 @@ def _down_kernel(
     h, w, route_w_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, num_post_pad_ptr,
     S, D, F, NUM_PID_M, stride_hp, stride_we, stride_wn, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, PERSISTENT: tl.constexpr, A_DESC: tl.constexpr, W_DESC: tl.constexpr,
-    WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, ROUTE_W: tl.constexpr, PERSISTENT: tl.constexpr, A_DESC: tl.constexpr,
+    W_DESC: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(D, BLOCK_N)
     if PERSISTENT:
@@ -221,13 +231,14 @@ def _down_kernel(
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
             _down_tile(tile, num_pid_m, h, w, route_w_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr,
                        S, D, F, stride_hp, stride_we, stride_wn, stride_ys, BLOCK_M, BLOCK_N, BLOCK_K,
-                       GROUP_M, EVEN_K, A_DESC, W_DESC, WARP_SPEC, UPCAST, PRECISION)
+                       GROUP_M, EVEN_K, ROUTE_W, A_DESC, W_DESC, WARP_SPEC, UPCAST, PRECISION)
     else:
         pid_m, _ = tile_ids(tl.program_id(0), NUM_PID_M, num_pid_n, GROUP_M)
         if pid_m * BLOCK_M < tl.load(num_post_pad_ptr):
             _down_tile(tl.program_id(0), NUM_PID_M, h, w, route_w_ptr, y_ptr, sorted_ids_ptr,
                        block_expert_ptr, S, D, F, stride_hp, stride_we, stride_wn, stride_ys, BLOCK_M,
-                       BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, A_DESC, W_DESC, WARP_SPEC, UPCAST, PRECISION)
+                       BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ROUTE_W, A_DESC, W_DESC, WARP_SPEC, UPCAST,
+                       PRECISION)
 
 
 @triton.jit
@@ -400,12 +411,11 @@ def _wgrad_tile(
     #         pointer, or with A_DESC a descriptor, block [BK, BM])
     b_src,  # B operand rows, the same choices with N columns (B_GATHER / B_DESC, block [BK, BN])
     out_ptr,  # [E, M, N] out: sum over the expert's rows r of a[r]^T b[r]
-    route_w_ptr,  # [S] fp32 gate weights (A_SCALE: each A row times its row's weight)
     sorted_ids_ptr,  # [P] flat routed row per padded row (S = padding)
     seg_start_ptr, seg_end_ptr,  # [E] int32 first / past-last padded row of each expert
     S, M, N, stride_a, stride_b, stride_oe, stride_om,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, A_SCALE: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
     A_DESC: tl.constexpr, B_DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -427,8 +437,8 @@ def _wgrad_tile(
         flat = tl.load(sorted_ids_ptr + rows)
         valid = flat < S
         tok = tl.where(valid, flat // TOP_K, 0).to(tl.int64)
-        # Padding rows read zeros from the gathered operand (and the routed weight 0), so their
-        # product is 0 whatever the padded-row operand holds there.
+        # Padding rows read zeros from the gathered operand, so their product is 0 whatever the
+        # padded-row operand holds there.
         if A_GATHER:
             a = tl.load(a_src + tok[:, None] * stride_a + offs_m[None, :], mask=valid[:, None], other=0.0)
         elif A_DESC:
@@ -436,9 +446,6 @@ def _wgrad_tile(
         else:
             a = tl.load(a_src + rows[:, None].to(tl.int64) * stride_a + offs_m[None, :],
                         mask=valid[:, None], other=0.0)
-        if A_SCALE:
-            rw = tl.load(route_w_ptr + flat, mask=valid, other=0.0)
-            a = (a.to(tl.float32) * rw[:, None]).to(a.dtype)
         if B_GATHER:
             b = tl.load(b_src + tok[:, None] * stride_b + offs_n[None, :], mask=valid[:, None], other=0.0)
         elif B_DESC:
@@ -459,23 +466,23 @@ def _wgrad_tile(
 
 @triton.jit
 def _wgrad_kernel(
-    a_src, b_src, out_ptr, route_w_ptr, sorted_ids_ptr, seg_start_ptr, seg_end_ptr,
+    a_src, b_src, out_ptr, sorted_ids_ptr, seg_start_ptr, seg_end_ptr,
     S, M, N, E, stride_a, stride_b, stride_oe, stride_om,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, A_SCALE: tl.constexpr, PERSISTENT: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, PERSISTENT: tl.constexpr,
     A_DESC: tl.constexpr, B_DESC: tl.constexpr, WARP_SPEC: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     if PERSISTENT:
         num_tiles = E * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _wgrad_tile(tile, a_src, b_src, out_ptr, route_w_ptr, sorted_ids_ptr, seg_start_ptr, seg_end_ptr,
+            _wgrad_tile(tile, a_src, b_src, out_ptr, sorted_ids_ptr, seg_start_ptr, seg_end_ptr,
                         S, M, N, stride_a, stride_b, stride_oe, stride_om, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                        A_GATHER, B_GATHER, A_SCALE, A_DESC, B_DESC, WARP_SPEC, UPCAST, PRECISION)
+                        A_GATHER, B_GATHER, A_DESC, B_DESC, WARP_SPEC, UPCAST, PRECISION)
     else:
-        _wgrad_tile(tl.program_id(0), a_src, b_src, out_ptr, route_w_ptr, sorted_ids_ptr, seg_start_ptr,
+        _wgrad_tile(tl.program_id(0), a_src, b_src, out_ptr, sorted_ids_ptr, seg_start_ptr,
                     seg_end_ptr, S, M, N, stride_a, stride_b, stride_oe, stride_om, TOP_K, BLOCK_M, BLOCK_N,
-                    BLOCK_K, A_GATHER, B_GATHER, A_SCALE, A_DESC, B_DESC, WARP_SPEC, UPCAST, PRECISION)
+                    BLOCK_K, A_GATHER, B_GATHER, A_DESC, B_DESC, WARP_SPEC, UPCAST, PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,8 +613,10 @@ def _common(x: Tensor, variant: GemmVariant, cfg: GemmConfig) -> dict:
 
 
 def launch_gate_up(x_TD: Tensor, gate_up_EFD: Tensor, plan: DispatchPlan, top_k: int, cfg: GemmConfig,
-                   variant: GemmVariant, store_gu: bool) -> tuple[Tensor, Tensor | None]:
-    """h_PF (and gu_P2F when store_gu) for every padded row (garbage on padding rows)."""
+                   variant: GemmVariant, store_gu: bool, w_S: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
+    """h_PF = silu(g) * u, times the rows' gate weights w_S when given (then zero on padding rows,
+    else garbage there), and gu_P2F when store_gu, for every padded row."""
     T, D = x_TD.shape
     E, F2, _ = gate_up_EFD.shape
     F = F2 // 2
@@ -617,30 +626,32 @@ def launch_gate_up(x_TD: Tensor, gate_up_EFD: Tensor, plan: DispatchPlan, top_k:
     w, w_is_desc = _w_desc(variant, gate_up_EFD, [cfg.block_n, cfg.block_k])
     tiles = plan.num_blocks * triton.cdiv(F, cfg.block_n)
     _gate_up_kernel[_grid(x_TD, variant, tiles)](
-        x_TD, w, h, gu, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
+        x_TD, w, h, gu, w_S if w_S is not None else plan.sorted_ids_P, plan.sorted_ids_P,
+        plan.block_expert_NB, plan.num_post_pad,
         T * top_k, F, D, plan.num_blocks, x_TD.stride(0), gate_up_EFD.stride(0), gate_up_EFD.stride(1),
         h.stride(0), gu.stride(0),
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=D % cfg.block_k == 0, STORE_GU=store_gu, PERSISTENT=variant.persistent, W_DESC=w_is_desc,
-        **_common(x_TD, variant, cfg),
+        EVEN_K=D % cfg.block_k == 0, STORE_GU=store_gu, SCALE_H=w_S is not None,
+        PERSISTENT=variant.persistent, W_DESC=w_is_desc, **_common(x_TD, variant, cfg),
     )
     return h, (gu if store_gu else None)
 
 
-def launch_down(h_PF: Tensor, down_EDF: Tensor, w_S: Tensor, plan: DispatchPlan, S: int, cfg: GemmConfig,
-                variant: GemmVariant) -> Tensor:
-    """y_SD[s] = w_s * down_e(h[row of s]) in flat (token, slot) order."""
+def launch_down(h_PF: Tensor, down_EDF: Tensor, w_S: Tensor | None, plan: DispatchPlan, S: int,
+                cfg: GemmConfig, variant: GemmVariant) -> Tensor:
+    """y_SD[s] = down_e(h[row of s]) in flat (token, slot) order, times w_s when w_S is given."""
     E, D, F = down_EDF.shape
     y = torch.empty(S, D, dtype=h_PF.dtype, device=h_PF.device)
     a, a_is_desc = _a_desc(variant, h_PF, [cfg.block_m, cfg.block_k])
     w, w_is_desc = _w_desc(variant, down_EDF, [cfg.block_n, cfg.block_k])
     tiles = plan.num_blocks * triton.cdiv(D, cfg.block_n)
     _down_kernel[_grid(h_PF, variant, tiles)](
-        a, w, w_S, y, plan.sorted_ids_P, plan.block_expert_NB, plan.num_post_pad,
+        a, w, w_S if w_S is not None else plan.sorted_ids_P, y, plan.sorted_ids_P, plan.block_expert_NB,
+        plan.num_post_pad,
         S, D, F, plan.num_blocks, h_PF.stride(0), down_EDF.stride(0), down_EDF.stride(1), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=F % cfg.block_k == 0, PERSISTENT=variant.persistent, A_DESC=a_is_desc, W_DESC=w_is_desc,
-        **_common(h_PF, variant, cfg),
+        EVEN_K=F % cfg.block_k == 0, ROUTE_W=w_S is not None, PERSISTENT=variant.persistent,
+        A_DESC=a_is_desc, W_DESC=w_is_desc, **_common(h_PF, variant, cfg),
     )
     return y
 
@@ -696,20 +707,19 @@ def segments(plan: DispatchPlan, E: int) -> tuple[Tensor, Tensor]:
 
 
 def launch_wgrad(a: Tensor, a_gather: bool, b: Tensor, b_gather: bool, plan: DispatchPlan, seg: tuple,
-                 S: int, top_k: int, E: int, cfg: GemmConfig, variant: GemmVariant, out_dtype: torch.dtype,
-                 route_w_S: Tensor | None = None) -> Tensor:
-    """out[e] = sum over expert e's rows r of a[r]^T b[r] -> [E, M, N]; a gathered rows are
-    a[token of r] (times w_r with route_w_S), padded rows otherwise."""
+                 S: int, top_k: int, E: int, cfg: GemmConfig, variant: GemmVariant, out_dtype: torch.dtype
+                 ) -> Tensor:
+    """out[e] = sum over expert e's rows r of a[r]^T b[r] -> [E, M, N]; a gathered operand reads
+    row r from its token's row (zeros on padding rows), the other operand is in padded-row order."""
     M, N = a.shape[1], b.shape[1]
     out = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
     a_src, a_is_desc = (a, False) if a_gather else _a_desc(variant, a, [cfg.block_k, cfg.block_m])
     b_src, b_is_desc = (b, False) if b_gather else _a_desc(variant, b, [cfg.block_k, cfg.block_n])
     tiles = E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     _wgrad_kernel[_grid(a, variant, tiles)](
-        a_src, b_src, out, route_w_S if route_w_S is not None else plan.sorted_ids_P, plan.sorted_ids_P,
-        seg[0], seg[1], S, M, N, E, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        A_GATHER=a_gather, B_GATHER=b_gather, A_SCALE=route_w_S is not None, PERSISTENT=variant.persistent,
+        a_src, b_src, out, plan.sorted_ids_P, seg[0], seg[1], S, M, N, E, a.stride(0), b.stride(0),
+        out.stride(0), out.stride(1), TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, A_GATHER=a_gather, B_GATHER=b_gather, PERSISTENT=variant.persistent,
         A_DESC=a_is_desc, B_DESC=b_is_desc, **_common(a, variant, cfg),
     )
     return out
@@ -725,7 +735,7 @@ class Saved:
     """What the forward keeps for the backward: the plan and the expert activations."""
 
     plan: DispatchPlan
-    h_PF: Tensor  # silu(g) * u, the down GEMM's input
+    h_PF: Tensor  # w_s * silu(g) * u (0 on padding rows), the down GEMM's input
     gu_P2F: Tensor | None  # g | u pre-activations (None: recomputed in the backward)
 
 
@@ -766,8 +776,8 @@ def forward(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD
     w_S = weights_TK.reshape(-1).float().contiguous()
 
     def run(v: GemmVariant):
-        h, gu = launch_gate_up(x_TD, gate_up_EFD, plan, K, cfg.gate_up, v, save_gu)
-        return h, gu, launch_down(h, down_EDF, w_S, plan, S, cfg.down, v)
+        hw, gu = launch_gate_up(x_TD, gate_up_EFD, plan, K, cfg.gate_up, v, save_gu, w_S)
+        return hw, gu, launch_down(hw, down_EDF, None, plan, S, cfg.down, v)
 
     h, gu, y_SD = _run(variant, run)
     y_TD = y_SD.view(T, K, D).sum(1) if K > 1 else y_SD.view(T, D)
@@ -790,13 +800,12 @@ def backward(dy_TD: Tensor, x_TD: Tensor, weights_TK: Tensor, gate_up_EFD: Tenso
     seg = segments(plan, E)
 
     def run(v: GemmVariant):
-        h, gu = saved.h_PF, saved.gu_P2F
+        hw, gu = saved.h_PF, saved.gu_P2F
         if gu is None:  # recompute the pre-activations (activation memory traded for a GEMM)
-            h, gu = launch_gate_up(x_TD, gate_up_EFD, plan, K, cfg.gate_up, v, True)
+            hw, gu = launch_gate_up(x_TD, gate_up_EFD, plan, K, cfg.gate_up, v, True, w_S)
         dgu, dw_S = launch_down_dgrad(dy_TD, down_EDF, gu, w_S, plan, K, cfg.down_dgrad, v)
         dx_SD = launch_dx(dgu, gate_up_EFD, plan, S, cfg.dx, v)
-        d_down = launch_wgrad(dy_TD, True, h, False, plan, seg, S, K, E, cfg.wgrad_down, v, down_EDF.dtype,
-                              route_w_S=w_S)
+        d_down = launch_wgrad(dy_TD, True, hw, False, plan, seg, S, K, E, cfg.wgrad_down, v, down_EDF.dtype)
         d_gate_up = launch_wgrad(dgu, False, x_TD, True, plan, seg, S, K, E, cfg.wgrad_gate_up, v,
                                  gate_up_EFD.dtype)
         return dx_SD, dw_S, d_gate_up, d_down
