@@ -164,9 +164,10 @@ VARIANTS = ["default", "persistent", "tma", "persistent+tma"]
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("T,D,F,E,K",  # T=4096 takes the benchmark's 128-row tiles: compiled once for both
-                         [(1, 2048, 512, 64, 8), (4096, 2048, 512, 64, 8), (700, 5120, 1344, 64, 8)])
+@pytest.mark.parametrize(  # every variant at the benchmark's tiles (T=4096: 128-row blocks, compiled once
+    "T,D,F,E,K,variant",  # for both); the default also at one token and at Pangu widths
+    [(4096, 2048, 512, 64, 8, v) for v in VARIANTS] + [(1, 2048, 512, 64, 8, "default"),
+                                                       (700, 5120, 1344, 64, 8, "default")])
 def test_gpu_bf16_training_path_vs_fp64(T, D, F, E, K, variant):
     x, w, ids, gate_up, down = _problem(T, D, F, E, K, device="cuda")
     y64, dy, g64 = _grads(reference_routed_experts, x.double(), w.double(), ids, gate_up.double(),

@@ -193,7 +193,7 @@ def _gpu_check(op, ref64, inputs, tol=1e-2):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("backend", ["triton", "compile"])
+@pytest.mark.parametrize("backend", ["triton", "compile"])  # compile: ~1 min of Inductor (-k "not compile")
 def test_gpu_fused_ops_vs_fp64(backend):
     dev = "cuda"
     from mogelm.model import RotaryEmbedding

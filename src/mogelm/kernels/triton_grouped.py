@@ -814,11 +814,3 @@ def backward(dy_TD: Tensor, x_TD: Tensor, weights_TK: Tensor, gate_up_EFD: Tenso
     dx_TD = dx_SD.view(T, K, D).sum(1) if K > 1 else dx_SD.view(T, D)
     return dx_TD, dw_S.view(T, K), d_gate_up, d_down
 
-
-def with_block_m(cfg: TrainConfigs, block_m: int) -> TrainConfigs:
-    """The same configs on another plan block (tests: odd shapes with small blocks)."""
-    row = {n: dataclasses.replace(getattr(cfg, n), block_m=block_m)
-           for n in ("gate_up", "down", "down_dgrad", "dx")}
-    wg = {n: dataclasses.replace(getattr(cfg, n), block_k=min(getattr(cfg, n).block_k, block_m))
-          for n in ("wgrad_down", "wgrad_gate_up")}
-    return TrainConfigs(**row, **wg)
