@@ -6,7 +6,9 @@
 
     model = Transformer(cfg)
     logits = model(input_ids)                    # [B, T, vocab]
-    out = model(input_ids, return_stats=True)    # ModelOutput(logits, aux_loss, layer_stats)
+    out = model(input_ids, return_stats=True)    # ModelOutput(logits, aux_loss, layer_stats, hidden)
+    out = model(input_ids, return_stats=True, head=False)  # no logits: the loss applies the head
+    model.set_activation_checkpointing("moe")    # recompute each FFN in the backward ("full": blocks)
 
 Incremental decoding: pass a KV cache and explicit positions; logits equal the full forward.
 A KV cache is any object with `layer(i, positions_BT, kv_len)` returning layer i's view, whose
@@ -30,16 +32,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mogelm.config import ModelConfig
+from mogelm.kernels import ops, torch_impl
 from mogelm.moe.experts import SwiGLU, output_std
 from mogelm.moe.layer import MoEStats, MoGELayer
 
 
 class ModelOutput(NamedTuple):
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V] (None with head=False)
     aux_loss: Tensor  # scalar: sum over layers of balancing + z losses (already weighted)
     layer_stats: list[MoEStats]  # one per MoE layer (empty for a dense model)
+    hidden: Tensor | None = None  # [B, T, D] RMSNorm_final(y_L): the LM head's input
+
+
+CHECKPOINTING = ("none", "moe", "full")  # activation checkpointing: nothing, each FFN, whole blocks
 
 
 class KVCache:
@@ -95,8 +103,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return ops.rms_norm(x, self.weight, self.eps)  # fused on CUDA; the plain expression on CPU
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
@@ -118,11 +125,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BHTd: Tensor, cos_BTd: Tensor, sin_BTd: Tensor) -> Tensor:
-    x1, x2 = x_BHTd.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos_BTd.unsqueeze(1).to(x_BHTd.dtype), sin_BTd.unsqueeze(1).to(x_BHTd.dtype)
-    return x_BHTd * cos + rotated * sin
+apply_rope = torch_impl.apply_rope  # rotate-half RoPE of one tensor; Attention uses ops.rope_qk
 
 
 class Attention(nn.Module):
@@ -142,7 +145,7 @@ class Attention(nn.Module):
         q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rope_qk(q, k, cos, sin)  # apply_rope to both, fused on CUDA
         if kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -170,11 +173,27 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = ffn  # checkpoint name: model.layers.{l}.mlp.*
+        self.checkpointing = "none"  # one of CHECKPOINTING (Transformer.set_activation_checkpointing)
 
-    def forward(self, x, cos, sin, kv=None) -> tuple[Tensor, MoEStats | None]:
+    def forward(self, x, *args, **kwargs) -> tuple[Tensor, MoEStats | None]:
+        if self.checkpointing == "full" and self._recompute(x):
+            return checkpoint(self._forward, x, *args, use_reentrant=False, **kwargs)
+        return self._forward(x, *args, **kwargs)
+
+    def _recompute(self, x: Tensor) -> bool:
+        # only while training with autograd on (never with a KV cache: inference runs without grad)
+        return self.training and torch.is_grad_enabled() and x.requires_grad
+
+    def _forward(self, x, cos, sin, kv=None) -> tuple[Tensor, MoEStats | None]:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        y, stats = self.mlp(self.post_attention_layernorm(h))
+        if self.checkpointing == "moe" and self._recompute(h):
+            y, stats = checkpoint(self._ffn, h, use_reentrant=False)  # keeps h, drops the FFN's activations
+        else:
+            y, stats = self._ffn(h)
         return h + y, stats
+
+    def _ffn(self, h: Tensor) -> tuple[Tensor, MoEStats | None]:
+        return self.mlp(self.post_attention_layernorm(h))
 
 
 class Transformer(nn.Module):
@@ -219,6 +238,7 @@ class Transformer(nn.Module):
         return_stats: bool = False,
         last_token_only: bool = False,
         logits_indices: Tensor | None = None,
+        head: bool = True,
     ) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (or ModelOutput with return_stats=True).
 
@@ -228,7 +248,10 @@ class Transformer(nn.Module):
         (default: max position + 1). `last_token_only` computes logits for the last position only
         ([B, 1, V]): prefill needs no more, and the LM head over every prompt token is a large share
         of its cost. `logits_indices` [n] picks rows of the flattened B*T positions instead and
-        returns logits [n, V] (a packed batch of several sequences: their last tokens)."""
+        returns logits [n, V] (a packed batch of several sequences: their last tokens).
+        `head=False` (with return_stats) skips the LM head: ModelOutput.logits is None and the
+        loss applies the head to ModelOutput.hidden itself (ops.linear_cross_entropy never holds
+        the whole batch's logits)."""
         B, T = input_ids_BT.shape
         if kv_cache is not None and positions_BT is None:
             raise ValueError("positions_BT is required when decoding with a KV cache")
@@ -246,11 +269,21 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_indices is not None:
             x = x.flatten(0, 1)[logits_indices]  # [n, D]
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden) if head or not return_stats else None
         if not return_stats:
             return logits
-        aux = sum((s.aux_loss + s.z_loss for s in stats), logits.new_zeros((), dtype=torch.float32))
-        return ModelOutput(logits, aux, stats)
+        aux = sum((s.aux_loss + s.z_loss for s in stats), hidden.new_zeros((), dtype=torch.float32))
+        return ModelOutput(logits, aux, stats, hidden)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Recompute activations in the backward instead of keeping them: "none"; "moe" (each
+        block's FFN with its norm: the routed experts hold most of a block's activations); "full"
+        (whole blocks). Only while training with grad enabled; numerics unchanged."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
+        for block in self.layers:
+            block.checkpointing = mode
 
     def moe_layers(self) -> list[MoGELayer]:
         """The MoE layers, in depth order (empty for a dense model)."""

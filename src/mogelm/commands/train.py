@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay on matrices (default 0.1)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0)")
+    o.add_argument("--activation-checkpointing", choices=("none", "moe", "full"), default="none",
+                   help="recompute activations in the backward to save memory: each block's FFN (moe) "
+                   "or whole blocks (full); default none")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/train", help="output folder (checkpoints, log.jsonl)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -102,7 +105,7 @@ def config_from_args(args: argparse.Namespace):
         eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
         progress=args.progress, seed=args.seed, device=args.device, threads=args.threads, resume=args.resume,
-        stop_after=args.stop_after,
+        stop_after=args.stop_after, activation_checkpointing=args.activation_checkpointing,
     )
 
 

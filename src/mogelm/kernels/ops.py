@@ -21,15 +21,25 @@ kernels/ (moe/, analysis/) import nothing else.
 Paged attention (the inference engine's KV pool, layout in kernels/attention.py):
 `paged_decode_attention` has a split-KV Triton kernel (kernels/triton_attention.py) and its PyTorch
 twin; `paged_prefill_attention` (a prompt chunk over its cached prefix) is PyTorch SDPA everywhere.
+
+Training (issue 17): `rms_norm`, `rope_qk`, `swiglu` (the model's memory-bound pieces) and
+`linear_cross_entropy` (the LM head's loss without the whole batch's logits) run as Triton
+kernels (triton_fused.py), `torch.compile` of their twins, or the twins themselves
+(torch_impl.py, the default on CPU: CPU training is bit-identical to the plain model). Every
+lever of the training step is one field of `TrainOptions`, set with `set_options(...)` or
+`use_options(...)` (benchmarks/bench_train.py turns each off in turn); the fused backend also
+reads $MOGELM_FUSED_BACKEND.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -106,7 +116,10 @@ def routed_experts(
         dtype = torch.get_autocast_dtype(device_type)
         x_TD, gate_up_EFD, down_EDF = x_TD.to(dtype), gate_up_EFD.to(dtype), down_EDF.to(dtype)
     if backend == "triton":
-        return _triton_module().routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+        o = _options
+        return _triton_module().routed_experts(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF,
+                                               backward=o.expert_backward, variant=o.gemm_variant,
+                                               save_activations=o.save_expert_activations)
     return torch_impl.routed_experts(
         x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF, use_loop=backend == "loop"
     )
@@ -244,3 +257,158 @@ def decode_attention_splits(num_rows: int, num_kv_heads: int, max_len: int,
     if module is None or resolve_backend(torch.empty(0, device=device)) != "triton":
         return None
     return module.num_splits_for(num_rows, num_kv_heads, max_len, device)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Training speed (issue 17): the levers, the fused memory-bound ops, the chunked LM-head loss
+# ----------------------------------------------------------------------------------------------
+
+FUSED_BACKENDS = ("torch", "triton", "compile")
+LOSSES = ("torch", "chunked")
+EXPERT_BACKWARDS = ("triton", "torch")
+
+
+@dataclass
+class TrainOptions:
+    """The levers of the training step, in one place. Defaults are the fast path; the "torch"
+    value of each is the plain PyTorch of before (all of them together: the previous version)."""
+
+    # routed experts on the triton backend: "triton" = Triton forward and backward over the
+    # dispatch plan (triton_grouped.py); "torch" = Triton forward, PyTorch backward (before issue 17)
+    expert_backward: str = "triton"
+    # levers of those grouped GEMMs: "default" or a "+"-joined subset of persistent, tma, ws
+    gemm_variant: str = "default"
+    # keep the gate/up pre-activations from the forward (False: recompute them in the backward)
+    save_expert_activations: bool = True
+    # RMSNorm / RoPE / SwiGLU: "triton" | "compile" | "torch"; None: $MOGELM_FUSED_BACKEND, else
+    # triton on CUDA and torch on CPU
+    fused: str | None = None
+    # LM-head loss: "chunked" | "torch"; None: chunked on CUDA, torch on CPU
+    loss: str | None = None
+    loss_chunk_rows: int = 0  # rows per chunk (0: about 1 GiB of fp32 logits per chunk)
+
+    def validate(self) -> None:
+        for name, allowed in (("expert_backward", EXPERT_BACKWARDS), ("fused", FUSED_BACKENDS + (None,)),
+                              ("loss", LOSSES + (None,))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        parts = [p for p in self.gemm_variant.replace(",", "+").split("+") if p and p != "default"]
+        if any(p not in ("persistent", "tma", "ws") for p in parts):
+            raise ValueError(f"gemm_variant {self.gemm_variant!r}: use 'default' or a '+'-joined subset "
+                             "of persistent, tma, ws")
+
+
+_options = TrainOptions()
+
+
+def options() -> TrainOptions:
+    """The options in force (a copy)."""
+    return dataclasses.replace(_options)
+
+
+def set_options(**changes) -> None:
+    """Change some TrainOptions fields for every later call."""
+    global _options
+    new = dataclasses.replace(_options, **changes)
+    new.validate()
+    _options = new
+
+
+@contextlib.contextmanager
+def use_options(**changes) -> Iterator[TrainOptions]:
+    previous = _options
+    set_options(**changes)
+    try:
+        yield options()
+    finally:
+        set_options(**dataclasses.asdict(previous))
+
+
+@functools.cache
+def _fused_module():
+    """triton_fused, or None when triton is unavailable."""
+    try:
+        return importlib.import_module("mogelm.kernels.triton_fused")
+    except ImportError:
+        return None
+
+
+def fused_backend(x: Tensor) -> str:
+    """The backend of rms_norm / rope_qk / swiglu for a tensor like x."""
+    name = _options.fused or os.environ.get("MOGELM_FUSED_BACKEND") or None
+    if name:
+        if name not in FUSED_BACKENDS:
+            raise ValueError(f"MOGELM_FUSED_BACKEND={name!r}: choose one of {FUSED_BACKENDS}")
+        return name
+    return "triton" if x.is_cuda and _fused_module() is not None else "torch"
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _rms_norm_as(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    return torch_impl.rms_norm(x, weight, eps).to(dtype)
+
+
+@functools.cache
+def _compiled(name: str):
+    """torch.compile of a twin, made on first use (Inductor fuses each into one kernel a direction)."""
+    fn = {"rms_norm": _rms_norm_as, "rope_qk": torch_impl.rope_qk, "swiglu": torch_impl.swiglu}[name]
+    return torch.compile(fn, dynamic=False)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim (torch_impl.rms_norm). Fused backends return the autocast dtype
+    under autocast (every consumer of a norm is a GEMM that would cast to it), else the twin's."""
+    backend = fused_backend(x)
+    if backend == "torch":
+        return torch_impl.rms_norm(x, weight, eps)
+    dtype = _autocast_dtype(x) or torch.promote_types(x.dtype, weight.dtype)
+    if backend == "compile":
+        return _compiled("rms_norm")(x, weight, eps, dtype)
+    return _fused_module().rms_norm(x, weight, eps, dtype)
+
+
+def rope_qk(q_BHTd: Tensor, k_BHTd: Tensor, cos_BTd: Tensor, sin_BTd: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q and k (torch_impl.apply_rope on each), fused into one launch."""
+    backend = fused_backend(q_BHTd)
+    if backend == "torch" or cos_BTd.requires_grad or sin_BTd.requires_grad:
+        return torch_impl.rope_qk(q_BHTd, k_BHTd, cos_BTd, sin_BTd)
+    if backend == "compile":
+        return _compiled("rope_qk")(q_BHTd, k_BHTd, cos_BTd, sin_BTd)
+    return _fused_module().rope_qk(q_BHTd, k_BHTd, cos_BTd, sin_BTd)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up."""
+    backend = fused_backend(gate)
+    if backend == "torch" or gate.shape != up.shape:
+        return torch_impl.swiglu(gate, up)
+    if backend == "compile":
+        return _compiled("swiglu")(gate, up)
+    return _fused_module().swiglu(gate, up)
+
+
+def linear_cross_entropy(h_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor,
+                         ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of the logits F.linear(h, W) against targets (rows equal to ignore_index
+    do not count), the LM head and its loss in one op. "torch": the twin (fp32 logits of the whole
+    batch); "chunked": kernels/chunked_loss.py (a chunk of logits at a time, no recomputation)."""
+    mode = _options.loss or ("chunked" if h_BTD.is_cuda else "torch")
+    if mode == "torch":
+        return torch_impl.linear_cross_entropy(h_BTD, weight_VD, targets_BT, ignore_index)
+    from mogelm.kernels.chunked_loss import ChunkedLinearCE, ce_chunk_torch
+
+    dtype = _autocast_dtype(h_BTD) or torch.promote_types(h_BTD.dtype, weight_VD.dtype)
+    V, D = weight_VD.shape
+    h_ND, w_VD = h_BTD.reshape(-1, D).to(dtype), weight_VD.to(dtype)
+    rows = _options.loss_chunk_rows or max(256, (1 << 28) // V // 256 * 256)
+    fused = _fused_module()
+    ce_chunk = fused.ce_chunk if (fused is not None and fused_backend(h_BTD) == "triton") else ce_chunk_torch
+    want_grad = torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad)
+    with torch.autocast(h_BTD.device.type, enabled=False):
+        return ChunkedLinearCE.apply(h_ND, w_VD, targets_BT.reshape(-1), ignore_index, rows, ce_chunk,
+                                     want_grad)

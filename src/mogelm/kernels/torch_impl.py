@@ -210,3 +210,34 @@ def linear_fp8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor |
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+# Training ops (issue 17): the readable twins of kernels/triton_fused.py and of the chunked loss.
+# They are the model's own code of before, so CPU training stays bit-identical.
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2) + eps) in fp32, back to x's dtype, times the weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def apply_rope(x_BHTd: Tensor, cos_BTd: Tensor, sin_BTd: Tensor) -> Tensor:
+    """Neox-style (rotate-half) rotary embedding over the full head dim."""
+    x1, x2 = x_BHTd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos_BTd.unsqueeze(1).to(x_BHTd.dtype), sin_BTd.unsqueeze(1).to(x_BHTd.dtype)
+    return x_BHTd * cos + rotated * sin
+
+
+def rope_qk(q_BHTd: Tensor, k_BHTd: Tensor, cos_BTd: Tensor, sin_BTd: Tensor) -> tuple[Tensor, Tensor]:
+    return apply_rope(q_BHTd, cos_BTd, sin_BTd), apply_rope(k_BHTd, cos_BTd, sin_BTd)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def linear_cross_entropy(h_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor,
+                         ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of the LM head's logits F.linear(h, W) (in fp32), the loop's loss of before."""
+    logits = F.linear(h_BTD, weight_VD)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1),
+                           ignore_index=ignore_index)

@@ -1,12 +1,17 @@
 """Shared pieces of the Triton kernel modules: the interpreter flag, fp8 constants, dot options,
-and the gate/up reduction loop that the grouped (triton_moe) and decode (triton_decode) kernels share.
+the gate/up reduction loop that the grouped (triton_moe) and decode (triton_decode) kernels share,
+tile configs (GemmConfig) with the shared-memory fit, the L2 tile swizzle, and the TMA tensor
+descriptor helpers of the training GEMMs (triton_grouped).
 
 Importing raises ImportError when triton is missing (ops.py reads that as "no triton").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton  # ImportError here when triton is missing
@@ -16,6 +21,74 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # set before triton is imported (conftest.py)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of one grouped GEMM launch: block_m rows (or, for a wgrad, output rows), block_n
+    output columns, block_k reduction step; group_m row blocks per L2 swizzle group."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.cache
+def shared_memory_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+
+
+def fit_gemm(cfg: GemmConfig, a_bytes: int, w_bytes: int, num_w_tiles: int, limit: int) -> GemmConfig:
+    """Shrink pipelining depth, then BLOCK_K, until the staged tiles fit in shared memory (with a
+    margin for the epilogue). Tables are tuned for bf16 weights; fp32 weights (e.g. an fp32 model
+    run without autocast) need four bytes a weight and would otherwise fail with OutOfResources."""
+    def need(c: GemmConfig) -> int:
+        return c.num_stages * c.block_k * (c.block_m * a_bytes + num_w_tiles * c.block_n * w_bytes)
+
+    while need(cfg) > 0.9 * limit and (cfg.num_stages > 2 or cfg.block_k > 32):
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        else:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
+
+
+def device_limit(x: Tensor) -> int:
+    """Shared memory per block on x's CUDA device."""
+    return shared_memory_limit(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def tma_ok(t: Tensor) -> bool:
+    """Whether a 2-D view of t can back a TMA tensor descriptor: unit last stride, 16-byte aligned
+    base and row stride (host descriptors check the same and would raise)."""
+    return (t.dim() >= 2 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(-2) * t.element_size()) % 16 == 0)
+
+
+def descriptor(t2d: Tensor, block: list[int]):
+    """A host-side TMA tensor descriptor over a 2-D tensor (triton.tools.tensor_descriptor; triton
+    >= 3.4). Loads outside the tensor read zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), block)
+
+
+@triton.jit
+def tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile `pid` under an L2 swizzle: GROUP_M row blocks walk the N tiles
+    together, so a weight tile and a row block are each re-read from L2 rather than HBM by the
+    programs running at the same time."""
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
 
 
 def fp16_dot(a: Tensor, w: Tensor) -> bool:

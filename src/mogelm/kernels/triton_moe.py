@@ -21,7 +21,9 @@ Pipeline (one expert per BLOCK_M row block, as in every sorted/padded fused-MoE 
 
 Nothing here reads a device value on the host, so the forward is CUDA-graph capturable; every
 launch grid is sized from S, E and the block size alone (programs past the used rows return).
-Backward (dgrad and wgrad) is PyTorch over the expert-sorted rows (see _RoutedExperts).
+Training (_RoutedExperts) runs forward and backward through triton_grouped.py (dgrad through the
+same sorted layout with the SwiGLU backward in an epilogue, wgrad as a grouped GEMM per expert,
+no scatter); the previous PyTorch backward stays as the "torch" lever (_torch_backward).
 """
 
 from __future__ import annotations
@@ -39,9 +41,20 @@ import triton  # ImportError here when triton is missing: ops.py reads it as "no
 import triton.language as tl
 from torch import Tensor
 
-from mogelm.kernels import torch_impl
+from mogelm.kernels import torch_impl, triton_grouped
 from mogelm.kernels.triton_align import DispatchPlan, align
-from mogelm.kernels.triton_common import FP8, FP8_MAX, INTERPRET, fp16_dot, gate_up_accumulate, precision
+from mogelm.kernels.triton_common import (
+    FP8,
+    FP8_MAX,
+    INTERPRET,
+    GemmConfig,
+    device_limit,
+    fit_gemm,
+    fp16_dot,
+    gate_up_accumulate,
+    precision,
+)
+from mogelm.kernels.triton_common import tile_ids as _tile_ids
 from mogelm.kernels.triton_decode import DecodeConfig, decode
 from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
 
@@ -55,19 +68,6 @@ __all__ = [  # what ops.py, the benchmark and the tests use (routing and align l
 # ----------------------------------------------------------------------------------------------
 # Level 1: raw kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # L2 swizzle: GROUP_M row blocks walk the N tiles together, so a weight tile and a row block
-    # are each re-read from L2 rather than HBM by the programs running at the same time.
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -218,16 +218,6 @@ def _quant_rows_kernel(
 
 
 @dataclass(frozen=True)
-class GemmConfig:
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 64
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclass(frozen=True)
 class MoEConfig:
     """Tile sizes for one (shape, T) point. gate_up and down share block_m: h rows are laid out
     by the dispatch plan, whose blocks are block_m rows of one expert. With `decode` set, the
@@ -282,48 +272,33 @@ def _heuristic_config(num_rows: int, D: int, F: int, E: int, kind: str = "bf16")
     return MoEConfig(gu, dn)  # the decode kernel is opt-in (a table entry): it measured slower, see below
 
 
-def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: str = "bf16") -> MoEConfig:
-    """Config for S = num_rows routed rows: the tuned entry with the smallest S bucket at or above
-    num_rows, else the heuristic."""
+def _table_entry(kind: str, num_rows: int, D: int, F: int, E: int, device_name: str) -> dict | None:
+    """The tuned entry with the smallest S bucket at or above num_rows (None: no entry, or far
+    outside the tuned range)."""
     table = _config_table(device_name).get(kind, {}).get(f"E={E},F={F},D={D}")
     buckets = sorted(int(k) for k in table) if table else []
     if buckets and buckets[0] <= 4 * num_rows <= 16 * buckets[-1]:  # far outside the tuned range: heuristic
-        pick = next((b for b in buckets if b >= num_rows), buckets[-1])
-        entry = table[str(pick)]
+        return table[str(next((b for b in buckets if b >= num_rows), buckets[-1]))]
+    return None
+
+
+def get_config(num_rows: int, D: int, F: int, E: int, device_name: str, kind: str = "bf16") -> MoEConfig:
+    """Config for S = num_rows routed rows: the tuned entry with the smallest S bucket at or above
+    num_rows, else the heuristic."""
+    entry = _table_entry(kind, num_rows, D, F, E, device_name)
+    if entry is not None:
         dec = DecodeConfig(**entry["decode"]) if entry.get("decode") else None
         return MoEConfig(GemmConfig(**entry["gate_up"]), GemmConfig(**entry["down"]), dec)
     return _heuristic_config(num_rows, D, F, E, kind)
-
-
-@functools.cache
-def _shared_memory_limit(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
-
-
-def _fit_gemm(cfg: GemmConfig, a_bytes: int, w_bytes: int, num_w_tiles: int, limit: int) -> GemmConfig:
-    """Shrink pipelining depth, then BLOCK_K, until the staged tiles fit in shared memory (with a
-    margin for the epilogue). Tables are tuned for bf16 weights; fp32 weights (e.g. an fp32 model
-    run without autocast) need four bytes a weight and would otherwise fail with OutOfResources."""
-    def need(c: GemmConfig) -> int:
-        return c.num_stages * c.block_k * (c.block_m * a_bytes + num_w_tiles * c.block_n * w_bytes)
-
-    while need(cfg) > 0.9 * limit and (cfg.num_stages > 2 or cfg.block_k > 32):
-        if cfg.num_stages > 2:
-            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-        else:
-            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
-    return cfg
 
 
 def fit_shared_memory(cfg: MoEConfig, x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> MoEConfig:
     """The config with tiles that fit this device's shared memory for these dtypes."""
     if not x.is_cuda:
         return cfg
-    limit = _shared_memory_limit(x.device.index if x.device.index is not None
-                                 else torch.cuda.current_device())
-    gu = _fit_gemm(cfg.gate_up, x.element_size(), w_gate_up.element_size(), 2, limit)
-    dn = _fit_gemm(cfg.down, x.element_size(), w_down.element_size(), 1, limit)
+    limit = device_limit(x)
+    gu = fit_gemm(cfg.gate_up, x.element_size(), w_gate_up.element_size(), 2, limit)
+    dn = fit_gemm(cfg.down, x.element_size(), w_down.element_size(), 1, limit)
     return dataclasses.replace(cfg, gate_up=gu, down=dn)
 
 
@@ -434,50 +409,95 @@ def _grouped_wgrad(a_SM: Tensor, b_SN: Tensor, offsets_E: Tensor, E: int) -> Ten
     return out
 
 
+def _torch_backward(dy_TD, x_TD, weights_TK, ids_TK, gate_up_EFD, down_EDF):
+    """The previous backward (before issue 17; kept as the "torch" lever and as a reference):
+    PyTorch over rows sorted by expert, dgrad with grouped GEMMs, wgrad one matmul per expert,
+    the gate/up activations recomputed, dx scattered back with index_add."""
+    T, K = ids_TK.shape
+    E, F2, D = gate_up_EFD.shape
+    order_S, _, offsets_E = torch_impl.permute(ids_TK, E)
+    token_S = order_S // K
+    x_SD = x_TD.index_select(0, token_S)
+    dy_SD = dy_TD.index_select(0, token_S).to(x_TD.dtype)
+    w_S = weights_TK.reshape(-1).index_select(0, order_S)
+    gu_S2F = _grouped_mm(x_SD, gate_up_EFD.transpose(-2, -1), offsets_E)  # recompute
+    g_SF, u_SF = gu_S2F.float().chunk(2, dim=-1)
+    a_SF = F_.silu(g_SF) * u_SF
+    da_raw_SF = _grouped_mm(dy_SD, down_EDF, offsets_E).float()  # dy @ down_e, before the gate weight
+    dweights_S = (da_raw_SF * a_SF).sum(-1)  # d y / d w = <dy, down_e a> = <dy @ down_e, a>
+    da_SF = da_raw_SF * w_S.unsqueeze(-1)
+    sig = torch.sigmoid(g_SF)
+    dg_SF = da_SF * u_SF * sig * (1 + g_SF * (1 - sig))
+    du_SF = da_SF * g_SF * sig
+    dgu_S2F = torch.cat([dg_SF, du_SF], -1).to(x_TD.dtype)
+    dx_SD = _grouped_mm(dgu_S2F, gate_up_EFD, offsets_E)
+    dx_TD = torch.zeros_like(x_TD).index_add_(0, token_S, dx_SD)
+    dweights_TK = torch.zeros_like(weights_TK).reshape(-1)
+    dweights_TK = dweights_TK.index_copy(0, order_S, dweights_S.to(weights_TK.dtype)).view(T, K)
+    dy_w_SD = (dy_SD.float() * w_S.unsqueeze(-1)).to(x_TD.dtype)
+    d_down = _grouped_wgrad(dy_w_SD, a_SF.to(x_TD.dtype), offsets_E, E)  # [E, D, F]
+    d_gate_up = _grouped_wgrad(dgu_S2F, x_SD, offsets_E, E)  # [E, 2F, D]
+    return dx_TD, dweights_TK, d_gate_up, d_down
+
+
+def train_configs(num_rows: int, D: int, F: int, E: int, device_name: str) -> triton_grouped.TrainConfigs:
+    """Tiles of the training GEMMs for S = num_rows routed rows: a tuned "train" entry of the config
+    table (same buckets as get_config), else the forward's tiles plus heuristic backward tiles."""
+    entry = _table_entry("train", num_rows, D, F, E, device_name)
+    if entry is not None and not INTERPRET:
+        return triton_grouped.TrainConfigs(**{k: GemmConfig(**v) for k, v in entry.items() if k != "ms"})
+    fwd = get_config(num_rows, D, F, E, device_name)
+    return triton_grouped.heuristic_train_configs(fwd.gate_up, fwd.down)
+
+
 class _RoutedExperts(torch.autograd.Function):
-    """Triton forward; backward in PyTorch over rows sorted by expert (dgrad with grouped GEMMs,
-    wgrad one matmul per expert), recomputing the gate/up activations instead of storing them."""
+    """Training path of ops.routed_experts on the triton backend. backward="triton": forward and
+    backward through triton_grouped (the plan and the expert activations are saved; nothing is
+    scattered); "torch": the inference forward and the previous PyTorch backward."""
 
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF):
-        ctx.save_for_backward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
-        return routed_experts_forward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+    def forward(ctx, x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF, backward, variant, save_gu):
+        ctx.mode = backward if x_TD.shape[0] > 0 else "torch"  # no rows: the twin's all-zero grads
+        if ctx.mode == "torch":
+            ctx.save_for_backward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+            return routed_experts_forward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+        T, D = x_TD.shape
+        E, F2, _ = gate_up_EFD.shape
+        cfg = train_configs(T * expert_ids_TK.shape[1], D, F2 // 2, E, _device_name(x_TD))
+        ctx.cfg, ctx.variant = cfg, triton_grouped.GemmVariant.parse(variant)
+        y, saved = triton_grouped.forward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF, cfg,
+                                          ctx.variant, save_gu)
+        plan = saved.plan
+        ctx.block_m, ctx.has_gu = plan.block_m, saved.gu_P2F is not None
+        # every tensor through save_for_backward, so activation checkpointing can drop and recompute them
+        ctx.save_for_backward(x_TD, weights_TK, gate_up_EFD, down_EDF, plan.sorted_ids_P,
+                              plan.block_expert_NB, plan.num_post_pad, plan.counts_E, saved.h_PF,
+                              saved.gu_P2F if ctx.has_gu else saved.h_PF)
+        return y
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, weights_TK, ids_TK, gate_up_EFD, down_EDF = ctx.saved_tensors
-        T, K = ids_TK.shape
-        E, F2, D = gate_up_EFD.shape
-        order_S, _, offsets_E = torch_impl.permute(ids_TK, E)
-        token_S = order_S // K
-        x_SD = x_TD.index_select(0, token_S)
-        dy_SD = dy_TD.index_select(0, token_S).to(x_TD.dtype)
-        w_S = weights_TK.reshape(-1).index_select(0, order_S)
-        gu_S2F = _grouped_mm(x_SD, gate_up_EFD.transpose(-2, -1), offsets_E)  # recompute
-        g_SF, u_SF = gu_S2F.float().chunk(2, dim=-1)
-        a_SF = F_.silu(g_SF) * u_SF
-        da_raw_SF = _grouped_mm(dy_SD, down_EDF, offsets_E).float()  # dy @ down_e, before the gate weight
-        dweights_S = (da_raw_SF * a_SF).sum(-1)  # d y / d w = <dy, down_e a> = <dy @ down_e, a>
-        da_SF = da_raw_SF * w_S.unsqueeze(-1)
-        sig = torch.sigmoid(g_SF)
-        dg_SF = da_SF * u_SF * sig * (1 + g_SF * (1 - sig))
-        du_SF = da_SF * g_SF * sig
-        dgu_S2F = torch.cat([dg_SF, du_SF], -1).to(x_TD.dtype)
-        dx_SD = _grouped_mm(dgu_S2F, gate_up_EFD, offsets_E)
-        dx_TD = torch.zeros_like(x_TD).index_add_(0, token_S, dx_SD)
-        dweights_TK = torch.zeros_like(weights_TK).reshape(-1)
-        dweights_TK = dweights_TK.index_copy(0, order_S, dweights_S.to(weights_TK.dtype)).view(T, K)
-        dy_w_SD = (dy_SD.float() * w_S.unsqueeze(-1)).to(x_TD.dtype)
-        d_down = _grouped_wgrad(dy_w_SD, a_SF.to(x_TD.dtype), offsets_E, E)  # [E, D, F]
-        d_gate_up = _grouped_wgrad(dgu_S2F, x_SD, offsets_E, E)  # [E, 2F, D]
-        return dx_TD, dweights_TK, None, d_gate_up, d_down
+        if ctx.mode == "torch":
+            x_TD, weights_TK, ids_TK, gate_up_EFD, down_EDF = ctx.saved_tensors
+            dx, dw, dgu, ddn = _torch_backward(dy_TD, x_TD, weights_TK, ids_TK, gate_up_EFD, down_EDF)
+            return dx, dw, None, dgu, ddn, None, None, None
+        x_TD, weights_TK, gate_up_EFD, down_EDF, sorted_ids, block_expert, num_post_pad, counts, h, gu = \
+            ctx.saved_tensors
+        plan = DispatchPlan(sorted_ids, block_expert, num_post_pad, counts, ctx.block_m)
+        saved = triton_grouped.Saved(plan, h, gu if ctx.has_gu else None)
+        dx, dw, dgu, ddn = triton_grouped.backward(dy_TD, x_TD, weights_TK, gate_up_EFD, down_EDF, saved,
+                                                   ctx.cfg, ctx.variant)
+        return dx, dw.to(weights_TK.dtype), None, dgu, ddn, None, None, None
 
 
 def routed_experts(x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor, gate_up_EFD: Tensor,
-                   down_EDF: Tensor) -> Tensor:
-    """ops.routed_experts on the Triton backend. Differentiable in x, weights, gate_up and down."""
+                   down_EDF: Tensor, *, backward: str = "triton", variant: str = "default",
+                   save_activations: bool = True) -> Tensor:
+    """ops.routed_experts on the Triton backend. Differentiable in x, weights, gate_up and down.
+    backward / variant / save_activations: the training levers (ops.TrainOptions)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, gate_up_EFD, down_EDF)):
-        return _RoutedExperts.apply(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
+        return _RoutedExperts.apply(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF, backward, variant,
+                                    save_activations)
     return routed_experts_forward(x_TD, weights_TK, expert_ids_TK, gate_up_EFD, down_EDF)
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     threads: int = 0
     resume: bool = False
     stop_after: int = 0  # stop (as if killed) after this step; for tests of --resume
+    activation_checkpointing: str = "none"  # none | moe | full (Transformer.set_activation_checkpointing)
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.seq_len * self.grad_accum * world_size

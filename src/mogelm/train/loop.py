@@ -17,15 +17,14 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mogelm.analysis.metrics import RoutingStats, step_balance
+from mogelm.analysis.metrics import RoutingStats
 from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
+from mogelm.kernels import ops
 from mogelm.parallel.local import LocalContext
 from mogelm.train.checkpointing import find_checkpoints, prune_checkpoints, resume_point, set_rng_state
 from mogelm.train.config import (
@@ -37,6 +36,7 @@ from mogelm.train.config import (
     resolve_device,
 )
 from mogelm.train.logs import JsonlLog, Progress
+from mogelm.train.stats import StepStats
 
 VAL_SEED = 1234  # validation windows are the same for every run on the same corpus
 
@@ -100,6 +100,11 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
     for name in ("seq_len", "batch_size", "grad_accum", "eval_batches"):
         if getattr(tc, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    from mogelm.model import CHECKPOINTING
+
+    if tc.activation_checkpointing not in CHECKPOINTING:
+        raise UserError(f"--activation-checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                        f"not {tc.activation_checkpointing!r}")
     if ctx is None:
         ctx = LocalContext(resolve_device(tc.device))
     rank, world, is_main = ctx.rank, ctx.world_size, ctx.is_main
@@ -140,6 +145,7 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
     check_token_range(td.splits["train"], cfg.vocab_size, "the training data")
     model = ctx.parallelize(model)
     model.train()
+    model.set_activation_checkpointing(tc.activation_checkpointing)
     optimizer = build_optimizer(model, tc)
     if resume_dir is not None:
         ctx.load_checkpoint(resume_dir, model, optimizer)  # this rank's weights and optimizer state
@@ -180,55 +186,51 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
         return rec
 
     last_val = None
-    tokens_step = tc.tokens_per_step(world)
-    t_last = time.time()
+    # Statistics stay on the device and are read when logged (every step on the CPU): no host sync
+    # per micro-batch (train/stats.py; the records are those of before).
+    step_stats = StepStats(cfg.num_experts, tc.sim_devices, tc.grad_accum, tc.tokens_per_step(world), device,
+                           cfg.is_moe)
+
+    def log_steps() -> None:
+        records, bad = step_stats.flush(ctx)  # collective: every rank flushes at the same steps
+        for rec in records:
+            jlog.write(rec)
+            progress.update(rec["step"] - 1, rec)
+        if bad is not None:  # after the all-reduce, so every rank stops together
+            jlog.close()
+            raise UserError(
+                f"the loss became {bad[1]} at step {bad[0]}; lower --lr (now {tc.lr}) or check the data"
+            )
+
     for step in range(start, total):
         lr = lr_at(step, tc, total)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        ce_sum, aux_sum = 0.0, 0.0
-        counts = None
-        step_stats = []
         for micro in range(tc.grad_accum):
             x_BT, y_BT = train_batch(td, tc, step, micro, rank, world)
             x_BT, y_BT = x_BT.to(device), y_BT.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out_m = model(x_BT, return_stats=True)
-                ce = F.cross_entropy(out_m.logits.float().view(-1, cfg.vocab_size), y_BT.reshape(-1))
+                out_m = model(x_BT, return_stats=True, head=False)
+                # the LM head and its cross-entropy in one op (chunked on GPU: no whole-batch logits)
+                ce = ops.linear_cross_entropy(out_m.hidden, model.lm_head.weight, y_BT)
                 loss = ce + out_m.aux_loss
             (loss / tc.grad_accum).backward()
-            ce_sum += float(ce.detach()) / tc.grad_accum
-            aux_sum += float(out_m.aux_loss.detach()) / tc.grad_accum
-            c = [s.counts_E.detach() for s in out_m.layer_stats]
-            counts = c if counts is None else [a + b for a, b in zip(counts, c)]
-            step_stats = out_m.layer_stats
-        ce_sum = ctx.all_reduce_mean(ce_sum)  # log the global batch's loss, not this rank's slice
-        if not math.isfinite(ce_sum):  # after the all-reduce, so every rank stops together
-            jlog.close()
-            raise UserError(
-                f"the loss became {ce_sum} at step {step}; lower --lr (now {tc.lr}) or check the data"
-            )
+            step_stats.add_micro(ce, out_m.aux_loss, out_m.layer_stats)
         ctx.sync_gradients(model)
         grad_norm = ctx.clip_grad_norm(model, tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for layer, c in zip(moe_layers, counts or []):
+        for layer, c in zip(moe_layers, step_stats.counts or []):
             if layer.expert_bias_E is not None:
                 from mogelm.moe.routing import update_expert_bias
 
                 update_expert_bias(layer.expert_bias_E, c, cfg.aux_free_update_rate)
-
-        now = time.time()
-        rec = {"kind": "train", "step": step + 1, "tokens": (step + 1) * tokens_step, "loss": ce_sum,
-               "aux": aux_sum, "lr": lr, "grad_norm": grad_norm,
-               "tok_s": tokens_step / max(now - t_last, 1e-9)}
-        t_last = now
-        if cfg.is_moe and step_stats:
-            rec.update(step_balance(step_stats, cfg.num_experts, tc.sim_devices))
-        jlog.write(rec)
-        progress.update(step, rec)
+        step_stats.end_step(step + 1, lr, grad_norm)
 
         done = step + 1
+        if (step_stats.due(done, min(progress.every, 10)) or done % tc.eval_every == 0 or done == total
+                or done % tc.save_every == 0 or done == tc.stop_after):
+            log_steps()  # before any validation or checkpoint: a non-finite loss stops first
         if done % tc.eval_every == 0 or done == total:
             last_val = validate(done)
             progress.message(f"[{cfg.routing}] step {done}: val loss {last_val['val_loss']:.4f}")
