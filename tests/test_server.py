@@ -32,16 +32,9 @@ from mogelm.commands.serve import exposure_warning
 from mogelm.inference import Engine, SamplingParams
 from mogelm.inference.loadgen import load_test
 from mogelm.inference.metrics import ServerMetrics
+from mogelm.inference.protocol import NOT_YET_SERVED, chat_logprobs, completion_logprobs
 from mogelm.inference.sampling import TokenLogprob
-from mogelm.inference.server import (
-    NOT_YET_SERVED,
-    DrainingServer,
-    chat_logprobs,
-    completion_logprobs,
-    create_app,
-    encode_texts,
-    listen_socket,
-)
+from mogelm.inference.server import DrainingServer, create_app, encode_texts, listen_socket
 
 MODEL = "tiny"
 

@@ -27,9 +27,10 @@ answers 413 to a body over the size limit before anything parses it.
 Invalid requests get a 4xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}}:
 unknown fields and fields the server does not implement (`tools`, `response_format`, ...) are a 400
 naming the field; fields accepted but not served until the engine delivers them are listed in one
-place, NOT_YET_SERVED. Prompt and context limits are the engine's (Engine.check_request raises
-RequestError), sampling values SamplingParams' own (InvalidSampling); both become a 400. A full
-queue is a 503 with Retry-After (counted in mogelm:requests_rejected_total), never a silent drop.
+place, NOT_YET_SERVED (these shapes and checks live in mogelm/inference/protocol.py). Prompt and
+context limits are the engine's (Engine.check_request raises RequestError), sampling values
+SamplingParams' own (InvalidSampling); both become a 400. A full queue is a 503 with Retry-After
+(counted in mogelm:requests_rejected_total), never a silent drop.
 
 Life cycle, as /health reports it: "starting" (503) while a two-token warm-up request runs (the
 first kernel launches, compilation), "ready" (200), then on SIGTERM/SIGINT "draining" (503): new
@@ -59,124 +60,39 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mogelm.inference.engine import Engine, EngineThread, RequestError, RequestOutput
 from mogelm.inference.metrics import ServerMetrics, engine_stats
+from mogelm.inference.protocol import (
+    MAX_N,
+    NOT_YET_SERVED,
+    APIError,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    api_error_handler,
+    chat_logprobs,
+    check_fields,
+    completion_logprobs,
+    error_body,
+    error_response,
+    http_error_handler,
+    served_features,
+    validation_error_handler,
+)
 from mogelm.inference.sampling import MAX_LOGPROBS, InvalidSampling, SamplingParams, TokenLogprob
 
 log = logging.getLogger("mogelm.inference.server")
-MAX_N = 16  # choices per request
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI; chat defaults to the rest of the context
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: ~1 M tokens of text; far beyond any context served here
 RETRY_AFTER_S = 1  # what 503 answers tell clients to wait
 CUT_GRACE_S = 5.0  # after cutting requests at the shutdown timeout, time to send their error events
 
-# Known OpenAI fields this server does not implement: a 400 naming the field when given a value
-# other than null / false / empty (clients may send those defaults explicitly).
-UNSUPPORTED_FIELDS = frozenset({
-    "suffix", "best_of", "tools", "tool_choice", "functions", "function_call", "response_format",
-    "parallel_tool_calls", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
-    "service_tier", "store", "metadata", "verbosity",
-})
-# Accepted and validated, but not served until the engine delivers them (stage 2 of issue 15: the
-# engine returns logprobs and keeps penalty state); each is a 400 naming the parameter until its
-# entry is removed here. See _served_features for what triggers each one.
-NOT_YET_SERVED = {
-    "logprobs": "the engine returns each generated token's logprobs (RequestOutput.logprobs)",
-    "prompt_logprobs": "the engine returns the prompt's logprobs (echo with logprobs)",
-    "penalties": "the engine keeps a PenaltyState per request and passes it to sample()",
-}
 _AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
-
-
-# --- request bodies ----------------------------------------------------------------------------
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown keys are checked by _check_fields, with names
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension (vLLM)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension (vLLM)
-    ignore_eos: bool = False  # extension (vLLM)
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None  # extension (vLLM)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None  # logged with the request id
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict] | None = None
-    name: str | None = None  # accepted; the templates do not use it
-
-
-class ChatRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-
-
-class TokenizeRequest(BaseModel):
-    """vLLM's TokenizeCompletionRequest and TokenizeChatRequest in one body: `prompt` or `messages`."""
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None  # default True for prompt, False for messages (as vLLM)
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    tokens: list[int]
-
-
-# --- errors ------------------------------------------------------------------------------------
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code=None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _is_union_tag(x) -> bool:
-    return isinstance(x, str) and ("[" in x or x in ("str", "int", "float", "bool", "list", "dict", "none"))
-
-
-def _error_response(status: int, message: str, param=None, code=None, type=None,
-                    headers=None) -> JSONResponse:
-    type = type or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def _unavailable(s: ServerState, message: str, reason: str) -> APIError:
@@ -185,31 +101,9 @@ def _unavailable(s: ServerState, message: str, reason: str) -> APIError:
     return APIError(503, message, None, reason, "server_error", {"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _api_error(request: Request, e: APIError):
-    return _error_response(e.status, e.message, e.param, e.code, e.type, e.headers)
-
-
-async def _validation_error(request: Request, e: RequestValidationError):
-    err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    # drop "body" and pydantic's union-member tags ("str", "list[int]", ...) from the location
-    loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_tag(x)]
-    if err.get("type") == "json_invalid":
-        reason = err.get("ctx", {}).get("error", err["msg"])
-        return _error_response(400, f"Invalid JSON in the request body: {reason}", code="invalid_json")
-    param = ".".join(loc) or None
-    if err.get("type") == "extra_forbidden":
-        return _error_response(400, f"Unrecognized request argument supplied: {param}", param,
-                               code="unknown_parameter")
-    return _error_response(400, f"{param or 'body'}: {err['msg']}", param, code="invalid_value")
-
-
-async def _http_error(request: Request, e: StarletteHTTPException):
-    return _error_response(e.status_code, str(e.detail), code=str(e.status_code))
-
-
 async def _internal_error(request: Request, e: Exception):
     log.exception("%s: unhandled error", _request_id(request))
-    return _error_response(500, f"internal error: {type(e).__name__}", code="internal_error")
+    return error_response(500, f"internal error: {type(e).__name__}", code="internal_error")
 
 
 # --- the gate in front of every route ----------------------------------------------------------
@@ -254,13 +148,13 @@ class ServerGate:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
             return None
-        return _error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>` with "
+        return error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>` with "
                                     "the key the server was started with (--api-key / MOGELM_API_KEY).",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _limit_body(self, headers, receive):
         limit = self.s.max_request_bytes
-        too_big = _error_response(413, f"The request body is larger than this server's limit of {limit} "
+        too_big = error_response(413, f"The request body is larger than this server's limit of {limit} "
                                        "bytes (--max-request-bytes).", code="request_too_large")
         length = headers.get("content-length")
         if length is not None:
@@ -426,7 +320,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt", "invalid_value")
     if body.messages is not None:
-        _check_fields(None, body.messages)
+        check_fields(None, body.messages)
 
         def work():
             text = _render_chat(s, body.messages, body.add_generation_prompt)
@@ -463,39 +357,9 @@ async def tokenizer_info(request: Request):
 
 
 # --- handlers: generation ----------------------------------------------------------------------
-def _check_fields(extra: dict | None, messages: list[ChatMessage] = ()) -> None:
-    """Unknown keys and unimplemented OpenAI fields are a 400 naming the field (never ignored)."""
-    fields = list((extra or {}).items())
-    fields += [(f"messages.{i}.{k}", v) for i, m in enumerate(messages)
-               for k, v in (m.model_extra or {}).items()]
-    for name, value in fields:
-        base = name.rsplit(".", 1)[-1]
-        if base not in UNSUPPORTED_FIELDS and base not in ("tool_calls", "tool_call_id"):
-            raise APIError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
-        if value in (None, False, [], {}) or (base == "best_of" and value == 1):
-            continue  # the field's "off" value, as some clients send it
-        raise APIError(400, f"`{name}` is not supported by this server", name, "unsupported")
-
-
-def _served_features(body: _SamplingFields) -> list[tuple[str, str]]:
-    """(NOT_YET_SERVED key, request field) for each such feature the request asks for."""
-    used = []
-    if isinstance(body, CompletionRequest):
-        if body.logprobs is not None:
-            used.append(("logprobs", "logprobs"))
-            if body.echo:
-                used.append(("prompt_logprobs", "echo"))
-    elif body.logprobs:
-        used.append(("logprobs", "logprobs"))
-    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-        if getattr(body, name) not in (None, off):
-            used.append(("penalties", name))
-    return used
-
-
-def _check_common(s: ServerState, body: _SamplingFields, messages: list[ChatMessage] = ()) -> None:
+def _check_common(s: ServerState, body: SamplingFields, messages: list[ChatMessage] = ()) -> None:
     """The API's own checks; prompt and context limits are the engine's (see _submit)."""
-    _check_fields(body.model_extra, messages)
+    check_fields(body.model_extra, messages)
     _check_model(s, body.model)
     if not 1 <= body.n <= MAX_N:
         raise APIError(400, f"n must be in [1, {MAX_N}], got {body.n}", "n", "invalid_value")
@@ -512,7 +376,7 @@ def _check_queue(s: ServerState, num_requests: int, param: str) -> None:
         raise _unavailable(s, "the server is overloaded; retry later", "overloaded")
 
 
-def _logit_bias(s: ServerState, body: _SamplingFields) -> dict[int, float] | None:
+def _logit_bias(s: ServerState, body: SamplingFields) -> dict[int, float] | None:
     if not body.logit_bias:
         return None
     vocab, out = s.engine.model.cfg.vocab_size, {}
@@ -524,7 +388,7 @@ def _logit_bias(s: ServerState, body: _SamplingFields) -> dict[int, float] | Non
     return out
 
 
-def _sampling_params(s: ServerState, body: _SamplingFields, max_tokens: int, logprobs: int | None,
+def _sampling_params(s: ServerState, body: SamplingFields, max_tokens: int, logprobs: int | None,
                      prompt_logprobs: int | None, extra_stop_ids=()) -> SamplingParams:
     """Every sampling field validated by SamplingParams (400 invalid_value), then the ones the engine
     does not deliver yet refused by name (400 unsupported, NOT_YET_SERVED)."""
@@ -539,7 +403,7 @@ def _sampling_params(s: ServerState, body: _SamplingFields, max_tokens: int, log
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except InvalidSampling as e:
         raise APIError(400, str(e), e.param, "invalid_value") from None
-    for feature, name in _served_features(body):
+    for feature, name in served_features(body):
         if feature in NOT_YET_SERVED:
             raise APIError(400, f"`{name}` is not supported by this server yet", name, "unsupported")
     return params
@@ -607,7 +471,7 @@ def _admitting(s: ServerState):
         s.admitting -= 1
 
 
-def _log_request(request: Request, kind: str, body: _SamplingFields, prompt_ids: list[list[int]]) -> None:
+def _log_request(request: Request, kind: str, body: SamplingFields, prompt_ids: list[list[int]]) -> None:
     log.info("%s %s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s, stream=%s, user=%s",
              _request_id(request), kind, len(prompt_ids), "/".join(str(len(p)) for p in prompt_ids[:4]),
              body.n, body.max_tokens, body.stream, json.dumps(body.user))
@@ -648,7 +512,7 @@ def _submit(s: ServerState, prompt_ids: list[list[int]], base: SamplingParams, n
 SHUTDOWN_CUT_MESSAGE = "the server shut down before this request finished (--shutdown-timeout); retry"
 
 
-async def _run_request(s: ServerState, request: Request, body: _SamplingFields, base: SamplingParams,
+async def _run_request(s: ServerState, request: Request, body: SamplingFields, base: SamplingParams,
                        prompt_ids: list[list[int]], truncate: bool,
                        kind: Literal["text_completion", "chat.completion"], arrival: float,
                        echo: list[str] | None = None):
@@ -751,40 +615,6 @@ async def _stream(s: ServerState, kind, rid, now, queue, req_ids, prompt_tokens,
             s.engine.abort(req_ids[i])
 
 
-# --- logprobs in the OpenAI shapes (served once the engine fills RequestOutput.logprobs) --------
-def _token_str(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-def completion_logprobs(tokenizer, entries: list[TokenLogprob | None], text_offset: int = 0) -> dict:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs (token string ->
-    logprob; the chosen token included, as vLLM does) and text_offset. None entries (the first prompt
-    token under echo) have null logprobs."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        if e is None:
-            continue
-        token = _token_str(tokenizer, e.token_id)
-        out["tokens"].append(token)
-        out["token_logprobs"].append(e.logprob)
-        top = {_token_str(tokenizer, t): lp for t, lp in e.top}
-        top.setdefault(token, e.logprob)
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(text_offset)
-        text_offset += len(token)
-    return out
-
-
-def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
-    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
-    def item(token_id: int, logprob: float) -> dict:
-        token = _token_str(tokenizer, token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
-
-
 # --- the app -----------------------------------------------------------------------------------
 def create_app(engine: Engine, model_name: str, max_waiting: int = 1024, shutdown_timeout: float = 60.0, *,
                api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
@@ -795,9 +625,9 @@ def create_app(engine: Engine, model_name: str, max_waiting: int = 1024, shutdow
                         max_prompt_tokens, warmup)
     app.state.server = state
     app.add_middleware(ServerGate, state=state)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, _internal_error)
     app.get("/health")(health)
     app.get("/metrics")(metrics)
