@@ -373,6 +373,23 @@ def test_serve_process_drains_running_stream_on_sigterm(ckpt):
             proc.wait()
 
 
+def test_max_prompt_tokens_caps_prompts(solo):
+    from fastapi.testclient import TestClient
+
+    ids = solo.tokenizer.encode("The quick brown fox jumps")
+    assert len(ids) > 3
+    with TestClient(create_app(solo, MODEL, max_prompt_tokens=3)) as client:
+        for body in ({"prompt": ids}, {"prompt": "The quick brown fox jumps"}, {"prompt": [ids[:2], ids]}):
+            r = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 1, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1,
+                                                       "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": ids[:3], "max_tokens": 1})
+        assert r.status_code == 200
+
+
 def test_full_queue_answers_503(solo):
     from fastapi.testclient import TestClient
 

@@ -314,6 +314,15 @@ def _tokenize(s: ServerState, texts: list[str], param: str, add_special_tokens: 
     return encode_texts(s.engine.tokenizer, texts, add_special_tokens)
 
 
+def _check_prompt_tokens(s: ServerState, prompt_ids: list[list[int]], param: str) -> None:
+    """--max-prompt-tokens (the context itself is the engine's check)."""
+    cap = s.max_prompt_tokens
+    for p in prompt_ids:
+        if cap is not None and len(p) > cap:
+            raise APIError(400, f"The prompt has {len(p)} tokens; this server accepts at most {cap} "
+                                "(--max-prompt-tokens).", param, "context_length_exceeded")
+
+
 async def tokenize(body: TokenizeRequest, request: Request):
     s = _state(request)
     _check_model(s, body.model)
@@ -430,6 +439,7 @@ async def completions(body: CompletionRequest, request: Request):
         texts = [p for p in prompts if isinstance(p, str)]
         encoded = iter(await asyncio.to_thread(_tokenize, s, texts, "prompt") if texts else [])
         prompt_ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+        _check_prompt_tokens(s, prompt_ids, "prompt")
         _log_request(request, "completions", body, prompt_ids)
         echo = None
         if body.echo:
@@ -456,6 +466,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     with _admitting(s):
         prompt_ids = await asyncio.to_thread(
             lambda: _tokenize(s, [_render_chat(s, body.messages)], "messages"))
+        _check_prompt_tokens(s, prompt_ids, "messages")
         _log_request(request, "chat", body, prompt_ids)
         return await _run_request(s, request, body, params, prompt_ids, max_tokens is None,
                                   "chat.completion", arrival)
