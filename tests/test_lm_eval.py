@@ -42,7 +42,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def served(ckpt):
     engine = Engine.from_pretrained(ckpt, max_batch=4)
-    with serving_in_thread(create_app(engine, MODEL)) as (url, _):
+    with serving_in_thread(create_app(engine, MODEL)) as url:
         yield url, engine
 
 

@@ -58,7 +58,7 @@ def solo(ckpt):
     return Engine.from_pretrained(ckpt, max_batch=1)
 
 
-def wait_ready(url: str, timeout: float = 30) -> None:
+def wait_ready(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while httpx.get(url + "/health", timeout=5).status_code != 200:
         assert time.monotonic() < deadline, "server did not become ready"
@@ -66,12 +66,11 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def serving_in_thread(app, server_class=None):
-    """Run an ASGI app with uvicorn on a free loopback port in a thread until it is ready; yields
-    (base URL, the uvicorn server)."""
+def serving_in_thread(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields its base URL once the
+    server answers (a mogelm app: once /health says ready, i.e. after its warm-up request)."""
     sock = listen_socket("127.0.0.1", 0)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
-    srv = server_class(config, app.state.server) if server_class else uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -80,8 +79,9 @@ def serving_in_thread(app, server_class=None):
         time.sleep(0.02)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        wait_ready(url)
-        yield url, srv
+        if hasattr(app.state, "server"):
+            wait_ready(url)
+        yield url
     finally:
         srv.should_exit = True
         thread.join(30)
@@ -93,7 +93,7 @@ def serving_in_thread(app, server_class=None):
 def server(ckpt, _one_thread):
     engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
     app = create_app(engine, MODEL)
-    with serving_in_thread(app) as (url, _):
+    with serving_in_thread(app) as url:
         yield SimpleNamespace(url=url, engine=engine, state=app.state.server,
                               client=openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
                                                    timeout=60))
@@ -567,10 +567,10 @@ def test_logprob_objects_have_openais_shapes(solo):
     a, b = tok.encode("The")[0], tok.encode(" quick")[0]
     sa, sb = tok.decode([a]), tok.decode([b])
     entries = [None, TokenLogprob(a, -0.5, 1, [(a, -0.5), (b, -1.5)]), TokenLogprob(b, -2.0, 3, [(a, -0.1)])]
-    legacy = completion_logprobs(tok, entries)
-    assert legacy["tokens"] == [sa, sb] and legacy["token_logprobs"] == [-0.5, -2.0]
-    assert legacy["top_logprobs"] == [{sa: -0.5, sb: -1.5}, {sa: -0.1, sb: -2.0}]  # the chosen one included
-    assert legacy["text_offset"] == [0, len(sa)]
+    legacy = completion_logprobs(tok, [b, a, b], entries)  # echo: the first prompt token has no logprob
+    assert legacy["tokens"] == [sb, sa, sb] and legacy["token_logprobs"] == [None, -0.5, -2.0]
+    assert legacy["top_logprobs"] == [None, {sa: -0.5, sb: -1.5}, {sa: -0.1, sb: -2.0}]  # chosen included
+    assert legacy["text_offset"] == [0, len(sb), len(sb) + len(sa)]
     chat = chat_logprobs(tok, entries[1:])["content"]
     assert chat[1]["token"] == sb and chat[1]["logprob"] == -2.0
     assert chat[1]["bytes"] == list(sb.encode()) and chat[1]["top_logprobs"][0]["token"] == sa
@@ -620,7 +620,7 @@ def test_health_answers_within_100ms_while_a_maximal_request_is_tokenised(server
 def secured(ckpt, _one_thread):
     engine = Engine.from_pretrained(ckpt, max_batch=2)
     app = create_app(engine, MODEL, api_key="sekrit-key", max_request_bytes=4096)
-    with serving_in_thread(app) as (url, _):
+    with serving_in_thread(app) as url:
         yield url
 
 

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize (/health and "
                         "/metrics stay open); default: $MOGELM_API_KEY, which keeps the key out of `ps`")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help="larger request bodies get 413 before they are parsed (default 4 MiB)")
+                   help="larger request bodies get 413 before they are parsed (default 2 MiB)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the context length)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

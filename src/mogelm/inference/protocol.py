@@ -185,22 +185,28 @@ def _token_str(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def completion_logprobs(tokenizer, entries: list[TokenLogprob | None], text_offset: int = 0) -> dict:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs (token string ->
-    logprob; the chosen token included, as vLLM does) and text_offset. None entries (the first prompt
-    token under echo) have null logprobs."""
+def completion_logprobs(tokenizer, token_ids: list[int], entries: list[TokenLogprob | None],
+                        text_offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object, one position per token id: tokens, token_logprobs,
+    top_logprobs (token string -> logprob; the chosen token included, as vLLM does) and text_offset.
+    A None entry (the first prompt token under echo: nothing precedes it) has null logprob and top,
+    and still takes its position: lm-eval reads `token_logprobs[ctxlen:-1]` by position."""
+    assert len(token_ids) == len(entries)
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        if e is None:
-            continue
-        token = _token_str(tokenizer, e.token_id)
+    for token_id, e in zip(token_ids, entries):
+        token = _token_str(tokenizer, token_id)
         out["tokens"].append(token)
+        out["text_offset"].append(text_offset)
+        text_offset += len(token)
+        if e is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        assert e.token_id == token_id
         out["token_logprobs"].append(e.logprob)
         top = {_token_str(tokenizer, t): lp for t, lp in e.top}
         top.setdefault(token, e.logprob)
         out["top_logprobs"].append(top)
-        out["text_offset"].append(text_offset)
-        text_offset += len(token)
     return out
 
 

@@ -88,7 +88,9 @@ from mogelm.inference.sampling import MAX_LOGPROBS, InvalidSampling, SamplingPar
 
 log = logging.getLogger("mogelm.inference.server")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI; chat defaults to the rest of the context
-DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # 4 MiB: ~1 M tokens of text; far beyond any context served here
+# 2 MiB: ~500 k tokens of text, ~300 k as token ids. Parsing holds the event loop (json.loads is C code
+# under the GIL): 3.5 MB of token ids took 100 ms to parse and 25-50 ms to validate on the dev machine.
+DEFAULT_MAX_REQUEST_BYTES = 2 << 20
 RETRY_AFTER_S = 1  # what 503 answers tell clients to wait
 CUT_GRACE_S = 5.0  # after cutting requests at the shutdown timeout, time to send their error events
 
@@ -282,8 +284,10 @@ async def models(request: Request):
 def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids of each text, as `tokenizer.encode` (mogelm.inference.chat.Tokenizer) gives them
     (BOS prepended when the checkpoint asks for it and add_special_tokens), through encode_batch:
-    it releases the GIL while it works, so a worker thread running it leaves the event loop free."""
-    ids = [e.ids for e in tokenizer.tok.encode_batch(texts, add_special_tokens=False)]
+    unlike encode it releases the GIL while it works, so a worker thread running it leaves the event
+    loop free. One text per call: a batch would be spread over every core by the tokenizer's thread
+    pool, and one request must not take the whole machine from the others."""
+    ids = [tokenizer.tok.encode_batch([t], add_special_tokens=False)[0].ids for t in texts]
     bos = tokenizer.bos_token_id
     if add_special_tokens and tokenizer.add_bos_token:
         ids = [x if x and x[0] == bos else [bos] + x for x in ids]
@@ -539,13 +543,22 @@ async def _run_request(s: ServerState, request: Request, body: SamplingFields, b
                                          prefixes), media_type="text/event-stream")
     num = len(req_ids)
     texts, reasons, completion = list(prefixes), [None] * num, [0] * num
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(num)]
+    # Logprobs, once the engine delivers them (NOT_YET_SERVED): RequestOutput.logprobs holds one
+    # TokenLogprob per new token id, RequestOutput.prompt_logprobs (first output only) one per prompt
+    # token, None first. Under echo the prompt's positions come first, as OpenAI's `logprobs` shows.
+    ids: list[list[int]] = [list(prompt_ids[i // body.n]) if base.prompt_logprobs is not None else []
+                            for i in range(num)]
+    logprobs: list[list[TokenLogprob | None]] = [[] for _ in range(num)]
     try:
         while any(r is None for r in reasons):
             i, out = await queue.get()
             texts[i] += out.text
             completion[i] = out.completion_tokens
-            logprobs[i] += getattr(out, "logprobs", None) or []
+            if base.prompt_logprobs is not None and getattr(out, "prompt_logprobs", None):
+                logprobs[i] = list(out.prompt_logprobs) + logprobs[i]
+            if base.logprobs is not None:
+                ids[i] += out.token_ids
+                logprobs[i] += getattr(out, "logprobs", None) or []
             if out.finished:
                 if out.finish_reason == "error":
                     raise APIError(500, out.error or "generation failed", None, "internal_error",
@@ -560,7 +573,8 @@ async def _run_request(s: ServerState, request: Request, body: SamplingFields, b
     tok = s.engine.tokenizer
     if kind == "text_completion":
         choices = [{"index": i, "text": t,
-                    "logprobs": completion_logprobs(tok, logprobs[i]) if base.logprobs is not None else None,
+                    "logprobs": completion_logprobs(tok, ids[i], logprobs[i]) if base.logprobs is not None
+                    else None,
                     "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
     else:
         choices = [{"index": i, "message": {"role": "assistant", "content": t},
