@@ -154,3 +154,31 @@ def test_out_of_range_values_name_the_field(kw, param):
     assert e.value.param == param
     SamplingParams(presence_penalty=-2, frequency_penalty=2, repetition_penalty=1e-3,
                    logit_bias={0: -100, 1: 100}, logprobs=0, prompt_logprobs=MAX_LOGPROBS)  # the edges pass
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    """The same pipeline on a CUDA device: processed logits and logprobs equal the CPU's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    logits_BV = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5)) * 3
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.4,
+                             logit_bias={7: 3.0}),
+              SamplingParams(temperature=0, presence_penalty=-1.0), SamplingParams(temperature=0)]
+    out = {}
+    for dev in ("cpu", "cuda"):
+        states = []
+        for b, p in enumerate(params):
+            s = PenaltyState([1, 2, 3 + b], 1000, device=dev)
+            for t in (5, 5, 9 + b):
+                s.update(t)
+            states.append(s if p.has_penalties else None)
+        x = logits_BV.to(dev)
+        processed = processed_logits(x, params, states)
+        out[dev] = (processed.cpu(), token_logprobs(x, processed.argmax(dim=-1), num_top=5),
+                    sample(x, params, [None] * 3, states).cpu())
+    assert torch.allclose(out["cpu"][0], out["cuda"][0], atol=1e-5)
+    for a, b in zip(out["cpu"][1], out["cuda"][1]):
+        assert a.token_id == b.token_id and a.rank == b.rank and abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert torch.equal(out["cpu"][2], out["cuda"][2])  # all greedy here: no draws
