@@ -1,12 +1,15 @@
 """The OpenAI-compatible server, driven on loopback by the official `openai` client.
 
-One server (uvicorn in a thread, on a socket bound to 127.0.0.1:0) serves the module; one test
-starts `python -m mogelm serve` as a process and checks that SIGTERM drains a running stream.
+One server (uvicorn in a thread, on a socket bound to 127.0.0.1:0) serves most of the module; a
+second one has an API key and a small body limit; the shutdown test runs DrainingServer in a thread
+over a deliberately slow engine, and one test starts `python -m mogelm serve` as a process and
+checks that SIGTERM drains a running stream and exits with status 0.
 """
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,9 +28,13 @@ import uvicorn
 from test_inference import argmax_reference, build_checkpoint
 
 from mogelm.cli import main as cli_main
+from mogelm.commands.serve import exposure_warning
 from mogelm.inference import Engine, SamplingParams
 from mogelm.inference.loadgen import load_test
-from mogelm.inference.server import create_app
+from mogelm.inference.metrics import ServerMetrics
+from mogelm.inference.protocol import NOT_YET_SERVED, chat_logprobs, completion_logprobs
+from mogelm.inference.sampling import TokenLogprob
+from mogelm.inference.server import DrainingServer, create_app, encode_texts, listen_socket
 
 MODEL = "tiny"
 
@@ -51,11 +58,18 @@ def solo(ckpt):
     return Engine.from_pretrained(ckpt, max_batch=1)
 
 
+def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/health", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def serving_in_thread(app):
-    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields its base URL once the
+    server answers (a mogelm app: once /health says ready, i.e. after its warm-up request)."""
+    sock = listen_socket("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -63,8 +77,11 @@ def serving_in_thread(app):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        if hasattr(app.state, "server"):
+            wait_ready(url)
+        yield url
     finally:
         srv.should_exit = True
         thread.join(30)
@@ -75,9 +92,11 @@ def serving_in_thread(app):
 @pytest.fixture(scope="module")
 def server(ckpt, _one_thread):
     engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
-    with serving_in_thread(create_app(engine, MODEL)) as url:
-        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x",
-                                                                            max_retries=0, timeout=60))
+    app = create_app(engine, MODEL)
+    with serving_in_thread(app) as url:
+        yield SimpleNamespace(url=url, engine=engine, state=app.state.server,
+                              client=openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                                   timeout=60))
 
 
 def greedy_text(solo, prompt: str, max_tokens: int, **kw) -> tuple[str, int]:
@@ -86,7 +105,7 @@ def greedy_text(solo, prompt: str, max_tokens: int, **kw) -> tuple[str, int]:
 
 
 def test_health_and_models(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ready"}
     models = server.client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["max_model_len"] == server.engine.max_len
@@ -188,6 +207,45 @@ INVALID = [  # (path, raw body or dict, status, param)
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400,
      "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    # OpenAI / vLLM ranges, checked before anything runs
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "top_logprobs"),
+    # unknown and unimplemented fields are named, never ignored
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temprature": 0}, 400, "temprature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "functions": [{"name": "f"}]}, 400, "functions"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x", "mood": "sad"}]},
+     400, "messages.0.mood"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"x": 1}}, 400,
+     "stream_options.x"),
+    # accepted and validated, but not served until the engine delivers them (NOT_YET_SERVED)
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1, "echo": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "repetition_penalty": 1.3}, 400, "repetition_penalty"),
+    ("/tokenize", {"prompt": "hi", "model": "nope"}, 404, "model"),
+    ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
+    ("/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
 ]
 
 
@@ -305,7 +363,7 @@ def test_serve_process_drains_running_stream_on_sigterm(ckpt):
         assert chunks[-1].usage.completion_tokens == 180
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         # uvicorn re-raises the signal once it has drained, so the process ends by SIGTERM's default action
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0  # drained, then a clean exit (the signal is not re-raised)
         assert "Traceback" not in proc.stderr.read()
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
@@ -315,10 +373,380 @@ def test_serve_process_drains_running_stream_on_sigterm(ckpt):
             proc.wait()
 
 
+def test_max_prompt_tokens_caps_prompts(solo):
+    from fastapi.testclient import TestClient
+
+    ids = solo.tokenizer.encode("The quick brown fox jumps")
+    assert len(ids) > 3
+    with TestClient(create_app(solo, MODEL, max_prompt_tokens=3)) as client:
+        for body in ({"prompt": ids}, {"prompt": "The quick brown fox jumps"}, {"prompt": [ids[:2], ids]}):
+            r = client.post("/v1/completions", json={"model": MODEL, "max_tokens": 1, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1,
+                                                       "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": ids[:3], "max_tokens": 1})
+        assert r.status_code == 200
+
+
 def test_full_queue_answers_503(solo):
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(solo, MODEL, max_waiting=0)) as client:
+    app = create_app(solo, MODEL, max_waiting=0)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200:  # the warm-up request runs first
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert r.headers["retry-after"] == "1"  # a client knows when to come back: nothing dropped silently
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": ["x", "y"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_choices"  # retrying can't help
         assert client.get("/health").status_code == 200
+        scraped = metric_samples(client.get("/metrics").text)
+        assert scraped[("mogelm:requests_rejected_total", (("reason", "overloaded"),))] == 1
+
+
+def metric_samples(text: str) -> dict:
+    """{(sample name, sorted labels): value} from a Prometheus text scrape, via prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def test_metrics_count_what_the_requests_report(server):
+    before = metric_samples(httpx.get(server.url + "/metrics").text)
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    a = server.client.completions.create(prompt="The quick", **kw)
+    chunks = list(server.client.completions.create(prompt="def add(a", stream=True,
+                                                   stream_options={"include_usage": True}, **kw))
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    after = metric_samples(r.text)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    usage = [a.usage, chunks[-1].usage]
+    assert delta("mogelm:prompt_tokens_total") == sum(u.prompt_tokens for u in usage)
+    assert delta("mogelm:generation_tokens_total") == sum(u.completion_tokens for u in usage) == 12
+    assert delta("mogelm:request_success_total", finished_reason="length") == 2
+    for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert delta(f"mogelm:{h}_count") == 2
+        assert delta(f"mogelm:{h}_sum") > 0
+        assert after[(f"mogelm:{h}_bucket", (("le", "+Inf"),))] == after[(f"mogelm:{h}_count", ())]
+    assert delta("mogelm:e2e_request_latency_seconds_sum") >= delta("mogelm:time_to_first_token_seconds_sum")
+    # the engine's gauges (today's slotted engine, read through engine_stats)
+    assert after[("mogelm:num_requests_running", ())] == 0 and after[("mogelm:num_requests_waiting", ())] == 0
+    slots = after[("mogelm:kv_slots_free", ())] + after[("mogelm:kv_slots_used", ())]
+    assert slots == server.engine.max_batch
+
+
+def test_engine_stats_hook_exports_numeric_fields():
+    stats = {"kv_blocks_used": 3, "kv_blocks_free": 61, "prefix_cache_hits_total": 7,
+             "prefix_cache_hit_rate": 0.25, "spec_decode_acceptance_rate": 0.5, "draining": True,
+             "note": "not a number", "nan": float("nan")}
+    scraped = metric_samples(ServerMetrics(lambda: stats).render()[0].decode())
+    assert scraped[("mogelm:kv_blocks_used", ())] == 3 and scraped[("mogelm:kv_blocks_free", ())] == 61
+    assert scraped[("mogelm:prefix_cache_hits_total", ())] == 7  # `_total` keys are counters
+    assert scraped[("mogelm:prefix_cache_hit_rate", ())] == 0.25
+    assert scraped[("mogelm:spec_decode_acceptance_rate", ())] == 0.5
+    assert scraped[("mogelm:draining", ())] == 1
+    assert not any(name in ("mogelm:note", "mogelm:nan") for name, _ in scraped)
+
+    def broken():
+        raise RuntimeError("engine is restarting")
+
+    assert b"mogelm:prompt_tokens_total" in ServerMetrics(broken).render()[0]  # a scrape still answers
+
+
+def test_request_id_echoed_generated_and_logged_with_user(server, caplog):
+    caplog.set_level(logging.INFO, logger="mogelm.inference.server")
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 2, "user": "alice@example.org"}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"X-Request-Id": "trace-42"},
+                   timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+    r2 = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    generated = r2.headers["x-request-id"]
+    assert len(generated) == 32 and generated != "trace-42"
+    bad = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "x"},
+                     headers={"X-Request-Id": "trace-43"}, timeout=30)
+    assert bad.status_code == 404 and bad.headers["x-request-id"] == "trace-43"  # errors carry it too
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert any("trace-42" in m and "alice@example.org" in m for m in lines)  # the request line, with `user`
+    assert any(m.startswith('trace-42 "POST /v1/completions" 200') for m in lines)  # the access line
+    assert any(m.startswith(f'{generated} "POST /v1/completions" 200') for m in lines)
+
+
+def test_logit_bias_forces_and_bans_tokens_as_the_logits_say(server):
+    tok, model = server.engine.tokenizer, server.engine.model
+    prompt = tok.encode("The quick")
+    fox = tok.encode(" fox")[0]
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                         logit_bias={str(fox): 100})
+    assert r.choices[0].text == tok.decode([fox] * 5)
+    # ban the greedy choice at every step: the server's tokens equal argmax(logits + bias) of an
+    # uncached forward over the growing sequence
+    first = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    bias_V = torch.zeros(model.cfg.vocab_size)
+    bias_V[first] = -100.0
+    ids, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(8):
+            t = int((model(torch.tensor([ids]))[0, -1] + bias_V).argmax())
+            if t == tok.eos_token_id:
+                break
+            want.append(t)
+            ids.append(t)
+    assert want[0] != first
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                         logit_bias={str(first): -100})
+    assert r.choices[0].text == tok.decode(want)
+
+
+def test_neutral_penalties_are_served_and_the_rest_are_named(server):
+    r = server.client.completions.create(model=MODEL, prompt="The quick", max_tokens=2, temperature=0,
+                                         presence_penalty=0, frequency_penalty=0,
+                                         extra_body={"repetition_penalty": 1.0, "tools": None})
+    assert r.usage.completion_tokens == 2
+    assert set(NOT_YET_SERVED) == {"logprobs", "prompt_logprobs", "penalties"}  # stage 2 empties this
+
+
+def test_echo_prepends_the_prompt(server, solo):
+    want, _ = greedy_text(solo, "def add(a", 6)
+    r = server.client.completions.create(model=MODEL, prompt="def add(a", max_tokens=6, temperature=0,
+                                         echo=True)
+    assert r.choices[0].text == "def add(a" + want
+    ids = solo.tokenizer.encode("The quick")
+    stream = server.client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=4, temperature=0,
+                                              echo=True, stream=True)
+    texts = ["", ""]
+    for c in stream:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == ["The quick" + greedy_text(solo, "The quick", 4)[0]] * 2
+
+
+def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shape(server, solo):
+    tok = solo.tokenizer
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "def add(a, b):"}).json()
+    assert r["tokens"] == tok.encode("def add(a, b):") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == server.engine.max_len and "token_strs" not in r
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "</s>x", "add_special_tokens": False,
+                                                   "return_token_strs": True}).json()
+    assert r["tokens"][0] == tok.eos_token_id and r["token_strs"][0] == "</s>"
+    msgs = [{"role": "user", "content": "The quick"}]
+    chat = server.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1, temperature=0)
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": msgs}).json()
+    assert r["count"] == chat.usage.prompt_tokens
+    assert r["tokens"] == tok.encode(tok.apply_chat_template(msgs))
+    d = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": tok.encode("Servers answer")})
+    assert d.json() == {"prompt": "Servers answer"}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and info["bos_token"] == "<s>"
+    assert info["model_max_length"] == server.engine.max_len
+
+
+def test_encode_texts_equals_the_tokenizers_encode(solo):
+    tok = solo.tokenizer
+    texts = ["The quick brown", "", "你好，世界。 def f():\n    return 1", "<s>x"]
+    for add_bos in (False, True):
+        saved = tok.add_bos_token
+        tok.add_bos_token = add_bos
+        try:
+            assert encode_texts(tok, texts) == [tok.encode(t) for t in texts]
+        finally:
+            tok.add_bos_token = saved
+
+
+def test_logprob_objects_have_openais_shapes(solo):
+    tok = solo.tokenizer
+    a, b = tok.encode("The")[0], tok.encode(" quick")[0]
+    sa, sb = tok.decode([a]), tok.decode([b])
+    entries = [None, TokenLogprob(a, -0.5, 1, [(a, -0.5), (b, -1.5)]), TokenLogprob(b, -2.0, 3, [(a, -0.1)])]
+    legacy = completion_logprobs(tok, [b, a, b], entries)  # echo: the first prompt token has no logprob
+    assert legacy["tokens"] == [sb, sa, sb] and legacy["token_logprobs"] == [None, -0.5, -2.0]
+    assert legacy["top_logprobs"] == [None, {sa: -0.5, sb: -1.5}, {sa: -0.1, sb: -2.0}]  # chosen included
+    assert legacy["text_offset"] == [0, len(sb), len(sb) + len(sa)]
+    chat = chat_logprobs(tok, entries[1:])["content"]
+    assert chat[1]["token"] == sb and chat[1]["logprob"] == -2.0
+    assert chat[1]["bytes"] == list(sb.encode()) and chat[1]["top_logprobs"][0]["token"] == sa
+
+
+def test_health_answers_within_100ms_while_a_maximal_request_is_tokenised(server):
+    # the largest request that gets tokenised at all: as many prompts as the queue takes, each just
+    # under the character bound (a longer one is refused before tokenisation, see below)
+    s = server.state
+    words = ("def add(a, b): return a + b. The quick brown fox. " * (s.max_prompt_chars // 40 + 1))
+    prompt = words[:s.max_prompt_chars]
+    num = min(s.max_waiting, (s.max_request_bytes - 1000) // (len(prompt) + 3))
+    body = json.dumps({"model": MODEL, "prompt": [prompt] * num, "max_tokens": 1})
+    assert len(body) <= s.max_request_bytes and num >= 100
+    result = {}
+
+    def big():
+        t0 = time.perf_counter()
+        result["r"] = httpx.post(server.url + "/v1/completions", content=body, timeout=120,
+                                 headers={"content-type": "application/json"})
+        result["s"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=big)
+    with httpx.Client(timeout=5) as c:
+        c.get(server.url + "/health")  # connection opened before the big request
+        thread.start()
+        time.sleep(0.05)
+        latencies = []
+        while thread.is_alive():
+            t0 = time.perf_counter()
+            assert c.get(server.url + "/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    thread.join()
+    assert result["r"].status_code == 400  # every prompt is longer than the context: the engine refuses
+    assert result["r"].json()["error"]["code"] == "context_length_exceeded"
+    assert len(latencies) >= 5, f"the big request took only {result['s']:.2f} s: nothing was measured"
+    assert max(latencies) < 0.1, f"/health took up to {max(latencies) * 1e3:.0f} ms ({len(latencies)} polls)"
+    # one prompt over the character bound is refused at once, without tokenising it
+    r = server.client.with_options(max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        r.completions.create(model=MODEL, prompt="x" * (s.max_prompt_chars + 1), max_tokens=1)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+@pytest.fixture(scope="module")
+def secured(ckpt, _one_thread):
+    engine = Engine.from_pretrained(ckpt, max_batch=2)
+    app = create_app(engine, MODEL, api_key="sekrit-key", max_request_bytes=4096)
+    with serving_in_thread(app) as url:
+        yield url
+
+
+def test_api_key_with_the_official_client(secured):
+    good = openai.OpenAI(base_url=secured + "/v1", api_key="sekrit-key", max_retries=0, timeout=30)
+    assert good.completions.create(model=MODEL, prompt="The quick", max_tokens=2).usage.completion_tokens == 2
+    assert [m.id for m in good.models.list().data] == [MODEL]
+    wrong = openai.OpenAI(base_url=secured + "/v1", api_key="sekrit-kez", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.completions.create(model=MODEL, prompt="The quick", max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):  # no Authorization header at all
+        good.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                     extra_headers={"Authorization": openai.omit})
+    for path in ("/v1/models", "/v1/nope", "/tokenizer_info"):
+        assert httpx.get(secured + path).status_code == 401
+    assert httpx.post(secured + "/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(secured + "/tokenize", json={"prompt": "x"},
+                      headers={"Authorization": "Bearer sekrit-key"}).status_code == 200
+    assert httpx.get(secured + "/health").status_code == 200  # operations stay open
+    assert httpx.get(secured + "/metrics").status_code == 200
+
+
+def test_bodies_over_the_limit_get_413_before_parsing(secured):
+    auth = {"Authorization": "Bearer sekrit-key", "content-type": "application/json"}
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000, "max_tokens": 1})
+    r = httpx.post(secured + "/v1/completions", content=big, headers=auth)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the gate counts what arrives
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000].encode()
+
+    r = httpx.post(secured + "/v1/completions", content=chunked(), headers=auth)
+    assert r.status_code == 413
+    small = json.dumps({"model": MODEL, "prompt": "The quick", "max_tokens": 1}).encode()
+    r = httpx.post(secured + "/v1/completions", content=iter([small[:10], small[10:]]), headers=auth)
+    assert r.status_code == 200, r.text  # a chunked body under the limit is replayed intact
+    r = httpx.post(secured + "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 401  # the key is checked first: an anonymous caller learns nothing more
+
+
+def test_non_loopback_without_key_warns():
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+    assert "without an API key" in exposure_warning("myhost.example", None)
+    for host, key in (("127.0.0.1", None), ("::1", None), ("localhost", None), ("0.0.0.0", "k")):
+        assert exposure_warning(host, key) is None
+
+
+def test_api_key_flag_defaults_to_the_environment(monkeypatch):
+    from mogelm.cli import build_parser
+
+    monkeypatch.setenv("MOGELM_API_KEY", "from-env")
+    argv = ["serve", "--model", "x"]
+    assert build_parser(argv)[0].parse_args(argv).api_key == "from-env"
+    argv += ["--api-key", "flag"]
+    assert build_parser(argv)[0].parse_args(argv).api_key == "flag"
+
+
+def _sse_events(lines) -> list:
+    return [json.loads(x[6:]) if x != "data: [DONE]" else "[DONE]" for x in lines if x.startswith("data: ")]
+
+
+def test_starting_ready_draining_and_the_shutdown_cut(ckpt, caplog):
+    """/health through the life cycle; SIGTERM drains; requests past --shutdown-timeout are cut with an
+    error event; no traceback. The engine is slowed (10 ms a step) so the timing is not a race."""
+    caplog.set_level(logging.INFO)
+    engine = Engine.from_pretrained(ckpt, max_batch=2)
+    step, gate = engine.step, threading.Event()
+
+    def slow_step():
+        gate.wait(30)  # held until the test has seen "starting"
+        time.sleep(0.01)
+        return step()
+
+    engine.step = slow_step
+    app = create_app(engine, MODEL, shutdown_timeout=1.0)
+    state = app.state.server
+    sock = listen_socket("127.0.0.1", 0)
+    srv = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10), state)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.get(url + "/health")
+        assert (r.status_code, r.json()) == (503, {"status": "starting"})
+        gate.set()
+        wait_ready(url)
+        assert httpx.get(url + "/health").json() == {"status": "ready"}
+        results = {}
+
+        def stream(name, max_tokens):
+            body = {"model": MODEL, "prompt": "The quick", "max_tokens": max_tokens, "ignore_eos": True,
+                    "stream": True, "temperature": 0}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                results[name] = _sse_events(r.iter_lines())
+
+        short = threading.Thread(target=stream, args=("short", 20))
+        long = threading.Thread(target=stream, args=("long", 240))  # ~2.5 s at 10 ms a step: cut at 1 s
+        long.start()
+        short.start()
+        time.sleep(0.2)
+        srv.handle_exit(signal.SIGTERM, None)  # what the signal handler does
+        r = httpx.get(url + "/health")
+        assert (r.status_code, r.json()) == (503, {"status": "draining"})
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "shutting_down"
+        short.join(30)
+        long.join(30)
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not stop after draining"
+    finally:
+        gate.set()
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert results["short"][-1] == "[DONE]"
+    assert results["short"][-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in results["short"][:-1]) != ""
+    long_events = results["long"]
+    assert long_events[-1] == "[DONE]" and long_events[-2]["error"]["code"] == "shutting_down"
+    assert 1 < len(long_events) - 2 < 240  # some text came before the cut
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

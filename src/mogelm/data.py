@@ -216,9 +216,15 @@ def train_tokenizer(docs: Iterable[Document], vocab_size: int):
 
 
 def tokenizer_config(tok) -> dict:
-    """The small tokenizer_config.json written beside tokenizer.json (EOS/BOS for generation)."""
+    """The small tokenizer_config.json written beside tokenizer.json (EOS/BOS for generation). It is
+    also what `transformers.AutoTokenizer.from_pretrained(dir)` reads (lm-eval's huggingface
+    tokenizer backend): the class, the special tokens, no BOS/EOS added on encode (mogelm adds none),
+    and no clean-up of spaces on decode (transformers 4.x cleans by default, which changes " ." to ".")."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
         "bos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,

@@ -2,21 +2,26 @@
 
     mogelm serve --model runs/demo/moge/final --port 8000
     mogelm serve --model DIR --host 127.0.0.1 --port 8000 --max-batch 16 --threads 1
+    MOGELM_API_KEY=... mogelm serve --model DIR --host 0.0.0.0      # /v1/* then needs the key
 
 Loads the checkpoint into an Engine, builds the app (create_app), binds the port first (a busy
-port is a one-line error) and runs uvicorn until SIGINT/SIGTERM, which drain running requests.
-Needs the `serve` extra (fastapi, uvicorn).
+port is a one-line error) and runs uvicorn until SIGINT/SIGTERM, which drain running requests
+(then the process exits with status 0). Binding a non-loopback address without an API key prints
+a warning. Needs the `serve` extra (fastapi, uvicorn, prometheus-client).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
+import sys
 from pathlib import Path
 
 from mogelm.commands import engine_flags
 from mogelm.errors import UserError
-from mogelm.inference.server import create_app, listen_socket, serve
+from mogelm.inference.server import DEFAULT_MAX_REQUEST_BYTES, create_app, listen_socket, serve
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +48,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before answering 503")
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
-                   help="seconds to drain requests on shutdown")
+                   help="seconds running requests may take to finish after SIGTERM/SIGINT; the rest are cut "
+                        "(their streams end with an error event)")
+    p.add_argument("--api-key", default=os.environ.get("MOGELM_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize (/health and "
+                        "/metrics stay open); default: $MOGELM_API_KEY, which keeps the key out of `ps`")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get 413 before they are parsed (default 2 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default: the context length)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     engine_flags.add_arguments(p)
 
@@ -53,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
     from mogelm.inference.engine import Engine
 
-    for name in ("max_batch", "chunk_size", "max_waiting", "max_len"):
+    for name in ("max_batch", "chunk_size", "max_waiting", "max_len", "max_request_bytes",
+                 "max_prompt_tokens"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise UserError("--shutdown-timeout must be >= 0")
     if args.threads is not None:
         if args.threads <= 0:
             raise UserError("--threads must be positive")
@@ -68,14 +84,32 @@ def run(args: argparse.Namespace) -> int:
                                     cuda_graphs=False if args.no_cuda_graphs else None,
                                     quantize=args.quantize, **engine_flags.engine_kwargs(args))
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(engine, name, args.max_waiting, args.shutdown_timeout)
+    app = create_app(engine, name, args.max_waiting, args.shutdown_timeout, api_key=args.api_key,
+                     max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(f"serving {name} ({engine.max_len}-token context, {engine.max_batch} sequences, "
           f"{engine.stats()['kv_cache_tokens']}-token KV cache, {engine.device}) "
           f"on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
     serve(app, sock, args.log_level, args.shutdown_timeout, host=args.host)
     return 0
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server would answer anyone on the network: a non-loopback address, no key."""
+    if api_key:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach this port can use the "
+            "model; set MOGELM_API_KEY (or --api-key) to require `Authorization: Bearer <key>`")
