@@ -349,8 +349,8 @@ def bench_prefix(model, num_requests, res, repeats):
         sync()
         warm.append((time.perf_counter() - t) * 1e3)
         st = on.stats()
-        hit_rate = (st["prefix_cache_hits"] - before["prefix_cache_hits"]) / (
-            st["prefix_cache_queries"] - before["prefix_cache_queries"])
+        hit_rate = (st["prefix_cache_hits_total"] - before["prefix_cache_hits_total"]) / (
+            st["prefix_cache_queries_total"] - before["prefix_cache_queries_total"])
         del on
         torch.cuda.empty_cache()
     t_cold, t_warm = statistics.median(cold), statistics.median(warm)

@@ -110,22 +110,22 @@ def test_prefix_cache_hits_skip_computation_and_change_nothing(base, prompts, re
     shared = [system + p for p in prompts]
     want = [argmax_reference(base.model, p, MAX_TOKENS, base.tokenizer.eos_token_id) for p in shared[:3]]
     (first,), _ = run(eng, shared[:1])
-    computed = eng.stats()["prompt_tokens_computed"]
+    computed = eng.stats()["prompt_tokens_computed_total"]
     assert first.output_ids == want[0] and computed == len(shared[0])
     reqs, _ = run(eng, shared[1:3])
     st = eng.stats()
     assert [r.output_ids for r in reqs] == want[1:]
-    hit = st["prefix_cache_hits"]
+    hit = st["prefix_cache_hits_total"]
     assert hit >= 2 * (len(system) // 4) * 4  # both found the system prompt's full blocks
-    assert st["prompt_tokens_computed"] - computed == len(shared[1]) + len(shared[2]) - hit
-    assert st["prefix_cache_queries"] == sum(map(len, shared[:3]))
+    assert st["prompt_tokens_computed_total"] - computed == len(shared[1]) + len(shared[2]) - hit
+    assert st["prefix_cache_queries_total"] == sum(map(len, shared[:3]))
     # a prompt identical to a finished one: everything but the block holding its last token is reused
     again, _ = run(eng, shared[:1])
     assert again[0].output_ids == want[0]
-    assert eng.stats()["prefix_cache_hits"] - hit == (len(shared[0]) - 1) // 4 * 4
+    assert eng.stats()["prefix_cache_hits_total"] - hit == (len(shared[0]) - 1) // 4 * 4
     nocache = engine(base, max_batch=2, chunk_size=64, block_size=4, prefix_caching=False)
     reqs, _ = run(nocache, shared[1:3])
-    assert [r.output_ids for r in reqs] == want[1:] and nocache.stats()["prefix_cache_hits"] == 0
+    assert [r.output_ids for r in reqs] == want[1:] and nocache.stats()["prefix_cache_hits_total"] == 0
 
 
 def test_preemption_under_memory_pressure_loses_and_repeats_nothing(base, prompts, reference):
@@ -134,7 +134,7 @@ def test_preemption_under_memory_pressure_loses_and_repeats_nothing(base, prompt
     eng = engine(base, max_batch=4, chunk_size=32, block_size=4, kv_cache_tokens=48)
     assert eng.max_len == 48
     reqs, steps = run(eng, prompts[:4])
-    assert sum(s["preempted"] for s in steps) > 0 and eng.stats()["preemptions"] > 0
+    assert sum(s["preempted"] for s in steps) > 0 and eng.stats()["num_preemptions_total"] > 0
     assert [r.output_ids for r in reqs] == reference[:4]
     assert any(r.num_preemptions for r in reqs)
     hot = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_k=0, top_p=1.0, seed=5, ignore_eos=True)

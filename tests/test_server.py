@@ -440,10 +440,12 @@ def test_metrics_count_what_the_requests_report(server):
         assert delta(f"mogelm:{h}_sum") > 0
         assert after[(f"mogelm:{h}_bucket", (("le", "+Inf"),))] == after[(f"mogelm:{h}_count", ())]
     assert delta("mogelm:e2e_request_latency_seconds_sum") >= delta("mogelm:time_to_first_token_seconds_sum")
-    # the engine's gauges (today's slotted engine, read through engine_stats)
+    # the engine's gauges and counters (Engine.stats through engine_stats): all done, every block free
     assert after[("mogelm:num_requests_running", ())] == 0 and after[("mogelm:num_requests_waiting", ())] == 0
-    slots = after[("mogelm:kv_slots_free", ())] + after[("mogelm:kv_slots_used", ())]
-    assert slots == server.engine.max_batch
+    st = server.engine.stats()
+    assert after[("mogelm:kv_blocks_free", ())] + after[("mogelm:kv_blocks_used", ())] == st["kv_blocks_total"]
+    assert after[("mogelm:kv_blocks_used", ())] == 0 and after[("mogelm:kv_cache_usage", ())] == 0
+    assert delta("mogelm:generated_tokens_total") == 12
 
 
 def test_engine_stats_hook_exports_numeric_fields():

@@ -87,8 +87,8 @@ class BlockManager:
     def stats(self) -> dict[str, int]:
         return dict(kv_blocks_total=self.num_usable, kv_blocks_used=self.num_used,
                     kv_blocks_free=self.num_free, kv_blocks_cached=self.num_cached,
-                    kv_block_size=self.block_size, prefix_cache_queries=self.prefix_queries,
-                    prefix_cache_hits=self.prefix_hits, prefix_cache_evictions=self.evictions)
+                    kv_block_size=self.block_size, prefix_cache_queries_total=self.prefix_queries,
+                    prefix_cache_hits_total=self.prefix_hits, prefix_cache_evictions_total=self.evictions)
 
     def num_tokens_capacity(self, seq: Hashable) -> int:
         return len(self.tables.get(seq, ())) * self.block_size

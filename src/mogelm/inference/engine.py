@@ -444,14 +444,22 @@ class Engine:
         return [r.completion() for r in reqs]
 
     def stats(self) -> dict[str, int | float]:
-        """Counters and gauges for metrics: KV blocks total/used/free/cached and block size,
-        prefix-cache queries/hits (tokens) and evictions, running/waiting requests, preemptions,
-        steps, prompt tokens computed (recomputes after preemption included, prefix-cache hits
-        not) and tokens generated. Plain ints, safe to read from another thread."""
-        return dict(**self.blocks.stats(), kv_cache_tokens=self.blocks.num_usable * self.block_size,
-                    running=len(self.running), waiting=self.num_waiting,
-                    preemptions=self.scheduler.num_preemptions, steps=self.num_steps,
-                    prompt_tokens_computed=self.num_prompt_tokens, generated_tokens=self.num_generated_tokens)
+        """Counters and gauges for /metrics (mogelm.inference.metrics exports every field as
+        `mogelm:<key>`; keys ending in `_total` are counters): requests running/waiting; KV blocks
+        total/used/free/cached, block size, cache tokens and usage; prefix-cache queries/hits (in
+        tokens), evictions and hit rate; preemptions, steps, prompt tokens computed (recomputes
+        after preemption included, prefix-cache hits not) and tokens generated. Plain numbers,
+        safe to read from another thread."""
+        blocks = self.blocks.stats()
+        queries = blocks["prefix_cache_queries_total"]
+        return dict(
+            num_requests_running=len(self.running), num_requests_waiting=self.num_waiting, **blocks,
+            kv_cache_tokens=self.blocks.num_usable * self.block_size,
+            kv_cache_usage=blocks["kv_blocks_used"] / max(blocks["kv_blocks_total"], 1),
+            prefix_cache_hit_rate=blocks["prefix_cache_hits_total"] / queries if queries else 0.0,
+            num_preemptions_total=self.scheduler.num_preemptions, engine_steps_total=self.num_steps,
+            prompt_tokens_computed_total=self.num_prompt_tokens,
+            generated_tokens_total=self.num_generated_tokens)
 
     # --- the step -------------------------------------------------------------------------------
     @torch.inference_mode()

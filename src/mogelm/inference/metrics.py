@@ -19,14 +19,14 @@ request, i.e. one choice: a completion with n=2 or two prompts counts twice):
   mogelm:e2e_request_latency_seconds        arrival -> finished
 
 The engine's own numbers come through one hook, `stats_fn() -> dict[str, number]`, read at every
-scrape. The server passes `engine_stats(engine)`: `engine.stats()` when the engine has that method,
-otherwise what today's slotted engine exposes publicly. Every numeric field `key` is exported as
-`mogelm:key`; keys ending in `_total` are counters, the others gauges. Keys the dashboards expect
+scrape. The server passes `engine_stats(engine)`, i.e. `Engine.stats()`. Every numeric field
+`key` is exported as `mogelm:key`; keys ending in `_total` are counters, the others gauges. Keys the dashboards expect
 (an engine returns those it has):
 
   num_requests_running, num_requests_waiting            requests in a cache slot / queued for one
   kv_blocks_used, kv_blocks_free, kv_cache_usage        paged cache (usage in [0, 1])
-  kv_slots_used, kv_slots_free                          today's slotted cache
+  kv_blocks_total, kv_blocks_cached, kv_cache_tokens     pool size, blocks kept for prefix reuse
+  num_preemptions_total, generated_tokens_total         scheduler and engine counters
   prefix_cache_queries_total, prefix_cache_hits_total   tokens looked up / found in the prefix cache
   prefix_cache_hit_rate                                 hits / queries since start, in [0, 1]
   spec_decode_draft_tokens_total, spec_decode_accepted_tokens_total, spec_decode_acceptance_rate
@@ -59,14 +59,8 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.
 
 
 def engine_stats(engine) -> dict[str, float]:
-    """The engine's numbers for /metrics: `engine.stats()` if it has one, else read from the public
-    attributes of the slotted engine (running list, waiting count, cache free slots)."""
-    stats = getattr(engine, "stats", None)
-    if callable(stats):
-        return dict(stats())
-    free = engine.cache.num_free
-    return {"num_requests_running": len(engine.running), "num_requests_waiting": engine.num_waiting,
-            "kv_slots_used": engine.max_batch - free, "kv_slots_free": free}
+    """The engine's numbers for /metrics (Engine.stats(): gauges, and counters named `*_total`)."""
+    return dict(engine.stats())
 
 
 class _EngineCollector:
