@@ -20,8 +20,8 @@ request, i.e. one choice: a completion with n=2 or two prompts counts twice):
 
 The engine's own numbers come through one hook, `stats_fn() -> dict[str, number]`, read at every
 scrape. The server passes `engine_stats(engine)`, i.e. `Engine.stats()`. Every numeric field
-`key` is exported as `mogelm:key`; keys ending in `_total` are counters, the others gauges. Keys the dashboards expect
-(an engine returns those it has):
+`key` is exported as `mogelm:key`; keys ending in `_total` are counters, the others gauges. Keys
+the dashboards expect (an engine returns those it has):
 
   num_requests_running, num_requests_waiting            requests in a cache slot / queued for one
   kv_blocks_used, kv_blocks_free, kv_cache_usage        paged cache (usage in [0, 1])
