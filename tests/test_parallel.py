@@ -534,12 +534,12 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch, capsys):
 
     seen = {}
 
-    def fake_call(cmd, env):
+    def fake_run(cmd, env):
         seen["cmd"], seen["env"] = cmd, env
         return 7
 
     argv = ["info", "debug", "--json"]
-    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.setattr(launch, "run_process_group", fake_run)
     assert launch.relaunch(2, argv) == 7  # torchrun's exit status comes back
     cmd, env = seen["cmd"], seen["env"]
     worker_at = cmd.index("-m", 3)  # torchrun's own options end where the worker's module begins
