@@ -203,6 +203,8 @@ def plot_path(text: str) -> Path:
     from mogelm.fsutil import check_output_file
 
     path = Path(text)
+    if path.is_dir():
+        raise UserError(f"--plot {text} is a folder; give a file name such as {path / 'search.png'}")
     if not path.suffix:
         path = path.with_name(path.name + ".png")
     return check_output_file(path, "--plot")

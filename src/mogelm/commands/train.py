@@ -136,6 +136,8 @@ def check_processes(nproc: int, ep: int, device: str) -> None:
     """--nproc and --ep against each other and the machine: refused for GPUs, warned for CPU cores."""
     if nproc < 1 or ep < 1:
         raise UserError(f"--nproc and --ep must be positive, got --nproc {nproc} --ep {ep}")
+    if ep > nproc:
+        raise UserError(f"--ep {ep} needs --nproc {ep} or more: each expert-parallel rank is a process")
     if nproc % ep:
         raise UserError(f"--ep {ep} must divide --nproc {nproc} (processes = data parallel x expert "
                         "parallel)")
