@@ -108,15 +108,17 @@ def _read_user_text(path: Path, warn) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
+    if b"\0" not in raw:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - raw.count("\ufffd".encode())
     if b"\0" in raw or bad > max(8, len(raw) // 100):
-        raise UserError(f"{path} is not UTF-8 text ({bad:,} of {len(raw):,} bytes are not UTF-8; binary "
-                        "data?); convert it to UTF-8 or leave it out of --data")
+        why = "it holds NUL bytes" if b"\0" in raw else f"{bad:,} of its {len(raw):,} bytes are not UTF-8"
+        raise UserError(f"{path} is not UTF-8 text ({why}: binary data?); convert it to UTF-8 or leave it "
+                        "out of --data")
     warn(f"warning: {path}: {bad} byte(s) that are not UTF-8 were replaced by U+FFFD")
     return text
 

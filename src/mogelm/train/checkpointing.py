@@ -217,7 +217,8 @@ def resumed_config(ckpt_dir: Path, new, world_size: int, explicit=None,
     else:  # the models both configs build (routing None = the preset's, and so on)
         from mogelm.train.config import build_model_config
 
-        old_m, new_m = build_model_config(saved).to_dict(), build_model_config(tc).to_dict()
+        old_m = build_model_config(saved, saved.vocab_size).to_dict()
+        new_m = build_model_config(tc, tc.vocab_size).to_dict()
         for k in old_m:
             if k not in ("max_seq_len", "name") and old_m[k] != new_m[k]:
                 refused.append(f"{flag_name(k)} {_show(old_m[k])} -> {_show(new_m[k])}")

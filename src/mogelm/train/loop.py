@@ -231,7 +231,8 @@ def train(tc: TrainConfig, ctx=None, log=None, *, explicit=None,
     say(f"model: {tc.preset if cfg.name == 'custom' else cfg.name} routing={cfg.routing} "
         f"{n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active); "
         f"{total} steps x {tc.tokens_per_step(world):,} tokens; device {device}")
-    progress = Progress(total, start, tc.log_every, f"[{cfg.routing}] ", enabled=is_main, mode=tc.progress)
+    progress = Progress(total, start, tc.log_every, f"[{cfg.routing}] ", enabled=is_main, mode=tc.progress,
+                        devices=cfg.num_groups if cfg.is_moe else None)
     moe_layers = model.moe_layers()
 
     def checkpoint(step_done: int, final: bool) -> None:
