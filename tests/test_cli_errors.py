@@ -78,6 +78,8 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("lr-negative", ["--preset", "debug", "--data", DATA, "--lr", "-1"], "--lr must be"),
         ("max-steps-0", ["--preset", "debug", "--max-steps", "0"], "--max-steps must be positive"),
         ("jobs-3", ["--preset", "debug", "--jobs", "3"], "--jobs must be 1 or 2"),
+        ("threads-negative", ["--preset", "debug", "--threads", "-1"], "--threads must be 0"),
+        ("device-tpu", ["--preset", "debug", "--device", "tpu"], "is not a device"),
         ("existing", ["--runs-dir", "{work}/runs", "--name", "old"], "already exists; pass --resume"),
     ],
     "eval": [
@@ -91,6 +93,7 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("seq-len-beyond-context", ["--model", "{ckpt}", "--seq-len", "100000"],
          "exceeds the model's context"),
         ("max-batches-negative", ["--model", "{ckpt}", "--max-batches", "-1"], "--max-batches must be"),
+        ("batch-size-0", ["--model", "{ckpt}", "--batch-size", "0"], "--batch-size must be positive"),
         ("data-binary", ["--model", "{ckpt}", "--data", "{binary}"], "is not UTF-8 text"),
         ("truncated", ["--model", "{trunc}", "--data", DATA], "the checkpoint is corrupt"),
     ],
@@ -102,6 +105,7 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("top-k-negative", ["--model", "{ckpt}", "--prompt", "x", "--top-k", "-3"], "--top-k must be"),
         ("threads-negative", ["--model", "{ckpt}", "--prompt", "x", "--threads", "-1"], "--threads must be"),
         ("max-batch-0", ["--model", "{ckpt}", "--prompt", "x", "--max-batch", "0"], "--max-batch must be"),
+        ("max-tokens-negative", ["--model", "{ckpt}", "--prompt", "x", "--max-tokens", "-1"], "max_tokens"),
         ("missing", ["--model", "{work}/nope", "--prompt", "x"], "does not exist"),
     ],
     "serve": [
@@ -112,6 +116,7 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("max-len-beyond-model", ["--model", "{ckpt}", "--max-len", "100000"], "exceeds the model's context"),
         ("port-out-of-range", ["--model", "{ckpt}", "--port", "70000"], "--port must be in"),
         ("threads-0", ["--model", "{ckpt}", "--threads", "0"], "--threads must be positive"),
+        ("max-len-0", ["--model", "{ckpt}", "--max-len", "0"], "--max-len must be positive"),
     ],
     "bench": [
         ("timeout-0", ["serve", "--timeout", "0"], "--timeout must be a positive number"),
