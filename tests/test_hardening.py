@@ -193,3 +193,10 @@ def test_explicit_options_are_the_flags_on_the_command_line():
     parser, _ = cli.build_parser(["sim"])
     args = parser.parse_args(["sim", "search", "--quick"])
     assert cli.explicit_options(args._parser, ["search", "--quick"]) == {"quick"}
+
+
+def test_sim_search_plot_without_suffix_reports_the_file_it_writes(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli.main(["sim", "search", "--quick", "--plot", str(tmp_path / "fig")]) == 0
+    assert f"plot written to {tmp_path / 'fig.png'}" in capsys.readouterr().out
+    assert (tmp_path / "fig.png").is_file() and not (tmp_path / "fig").exists()

@@ -167,7 +167,6 @@ def train(tc: TrainConfig, ctx=None, log=None, *, explicit=None,
     With tc.resume, the settings come from the checkpoint except `explicit` ones (TrainConfig
     field names; None: all of tc's), which must agree with it (plan_run, resumed_config)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    check_settings(tc)
     if ctx is None:
         ctx = LocalContext(resolve_device(tc.device))
     rank, world, is_main = ctx.rank, ctx.world_size, ctx.is_main
