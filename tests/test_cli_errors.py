@@ -322,6 +322,8 @@ def test_signal_to_nproc_parent_leaves_no_process(tmp_path, sig):
         left = [p for p in tree if _alive(p)]
         assert left == [], f"still running {time.time() - t1:.0f} s after the parent ended: {left}"
         assert status == (128 + sig if sig != signal.SIGKILL else -sig)
+        if sig == signal.SIGTERM:
+            assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -333,3 +335,21 @@ def test_signal_to_nproc_parent_leaves_no_process(tmp_path, sig):
                     os.kill(p, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.distributed
+def test_torchrun_wrapper_turns_a_failed_worker_into_its_exit_status():
+    """`python -m mogelm.parallel.launch` is torchrun without its traceback banner: a worker's exit
+    status comes back with one `error:` line naming the rank (none for status 2, whose worker has
+    printed its own)."""
+    base = [sys.executable, "-m", "mogelm.parallel.launch", "--standalone", "--nproc-per-node=1",
+            "--no-python"]
+    failed = subprocess.run([*base, "sh", "-c", "exit 3"], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 3 and "Traceback" not in failed.stderr, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: worker rank 0 of sh failed with exit status 3 (its output is above); every "
+                      "worker was stopped"], failed.stderr
+    quiet = subprocess.run([*base, "sh", "-c", "echo 'error: said by the worker' >&2; exit 2"],
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr
+    assert [line for line in quiet.stderr.splitlines() if "error:" in line] == ["error: said by the worker"]

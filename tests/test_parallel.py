@@ -543,7 +543,7 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch, capsys):
     assert launch.relaunch(2, argv) == 7  # torchrun's exit status comes back
     cmd, env = seen["cmd"], seen["env"]
     worker_at = cmd.index("-m", 3)  # torchrun's own options end where the worker's module begins
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "mogelm.parallel.launch"]  # torchrun, quiet on failure
     assert {"--standalone", "--nproc-per-node=2"} == set(cmd[3:worker_at])
     assert json.loads(env[launch.ARGV_ENV]) == argv
     torchrun_env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}

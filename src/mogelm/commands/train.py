@@ -169,10 +169,10 @@ def run(args: argparse.Namespace) -> int:
     if not under_torchrun:  # once, before any process starts: a bad flag gets one message
         check_processes(args.nproc, args.ep, args.device)
         tc_now, resume_dir, _ = plan_run(tc, args.nproc, explicit, args.allow_changed_optimizer)
-        if tc.data:
-            from mogelm.data import resolve_paths
+        if tc.data:  # read (not tokenized) once here: unreadable text is one message, not one per rank
+            from mogelm.data import load_documents
 
-            resolve_paths(tc.data)
+            load_documents(tc.data, tc.max_bytes, warn=lambda msg: None)
     if args.nproc > 1 and not under_torchrun:
         from mogelm.checkpoint import read_config
         from mogelm.train import build_model_config
@@ -191,14 +191,20 @@ def run(args: argparse.Namespace) -> int:
     if "LOCAL_RANK" in os.environ:  # a torchrun worker: join the process group
         try:
             from mogelm.parallel.context import init_parallel
+            from mogelm.parallel.dispatchers import CollectiveError
         except ImportError:
             raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.context)") from None
+        collective_errors = (CollectiveError,)
         ctx = init_parallel(ep_size=args.ep, device=str(resolve_device(args.device)))
     else:
         from mogelm.parallel.local import LocalContext
 
         ctx = LocalContext(resolve_device(args.device))
-    res = train(tc, ctx, explicit=explicit, allow_changed_optimizer=args.allow_changed_optimizer)
+        collective_errors = ()
+    try:
+        res = train(tc, ctx, explicit=explicit, allow_changed_optimizer=args.allow_changed_optimizer)
+    except collective_errors as e:  # a peer rank died or disagreed: the message says so, on one line
+        raise UserError(" ".join(str(e).split())) from None
     if res.get("final_val") and ctx.is_main:
         print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
     ctx.destroy()

@@ -3,9 +3,13 @@
 `mogelm train --nproc 2 --ep 2` (not yet under torchrun) calls `relaunch(2)`, which runs
 
     MOGELM_ARGV='["train", "--nproc", "2", "--ep", "2"]' \
-        python -m torch.distributed.run --standalone --nproc-per-node 2 -m mogelm
+        python -m mogelm.parallel.launch --standalone --nproc-per-node 2 -m mogelm
 
-and returns its exit status. Each worker is `python -m mogelm` without arguments, which takes
+and returns its exit status. `python -m mogelm.parallel.launch ARGS` is torchrun (torch.distributed.run)
+with its arguments, quiet where torchrun prints a traceback of its own: stopped by a signal, it
+exits with 128 + the signal number; when a worker fails, the worker has printed why (its
+`error: ...` line or its traceback), and this exits with the worker's status after one line
+naming the rank. Each worker is `python -m mogelm` without arguments, which takes
 them from $MOGELM_ARGV (mogelm/__main__.py). The arguments travel in the environment because
 torchrun's own parser would otherwise read them (argparse takes `--nproc` for an ambiguous
 `--nproc-per-node`). The workers see RANK/WORLD_SIZE/LOCAL_RANK in their environment and
@@ -37,8 +41,29 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def torchrun_command(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", "mogelm.parallel.launch", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "mogelm"]
+
+
+def torchrun_main(args: list[str]) -> int:
+    """torch.distributed.run's main on `args`, with its failures as exit statuses (see the module
+    docstring) instead of tracebacks."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        status = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+        if status != 2:  # 2: the worker's own `error: ...` line already says what went wrong
+            print(f"error: worker rank {rank} of {e.name} failed with exit status {status} (its output is "
+                  "above); every worker was stopped", file=sys.stderr)
+        return status
+    return 0
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:
@@ -129,3 +154,7 @@ def _wait_then_kill(proc: subprocess.Popen) -> int:
             pass
     _signal_group(proc, signal.SIGKILL)
     return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main(sys.argv[1:]))
