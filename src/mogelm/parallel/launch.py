@@ -5,16 +5,16 @@
     MOGELM_ARGV='["train", "--nproc", "2", "--ep", "2"]' \
         python -m mogelm.parallel.launch --standalone --nproc-per-node 2 -m mogelm
 
-and returns its exit status. `python -m mogelm.parallel.launch ARGS` is torchrun (torch.distributed.run)
-with its arguments, quiet where torchrun prints a traceback of its own: stopped by a signal, it
-exits with 128 + the signal number; when a worker fails, the worker has printed why (its
-`error: ...` line or its traceback), and this exits with the worker's status after one line
-naming the rank. Each worker is `python -m mogelm` without arguments, which takes
+and returns its exit status. Each worker is `python -m mogelm` without arguments, which takes
 them from $MOGELM_ARGV (mogelm/__main__.py). The arguments travel in the environment because
 torchrun's own parser would otherwise read them (argparse takes `--nproc` for an ambiguous
 `--nproc-per-node`). The workers see RANK/WORLD_SIZE/LOCAL_RANK in their environment and
-call `mogelm.parallel.context.init_parallel`. torchrun stops every worker when one
-fails and prints which rank failed first and why.
+call `mogelm.parallel.context.init_parallel`. torchrun stops every worker when one fails.
+
+`python -m mogelm.parallel.launch ARGS` is torchrun (torch.distributed.run's main) without its
+traceback banners: stopped by a signal it exits with 128 + the signal number; when a worker
+fails, the worker has printed why (its `error: ...` line or its traceback), and this exits with
+the worker's status after one line naming the rank (none for status 2, a UserError).
 
 Process lifetime. torchrun runs in its own process group (a new session), so one signal reaches
 it and all its workers. SIGINT, SIGTERM and SIGHUP sent to this process are forwarded to that
@@ -22,7 +22,7 @@ whole group, and this process waits for it to end (SIGKILL for what is left afte
 `STOP_GRACE_S`), then returns 128 + the signal number. On Linux, torchrun is also asked to get
 SIGTERM when this process dies (PR_SET_PDEATHSIG), which covers `kill -9` of the parent; the
 workers get the same from torchrun (mogelm/__main__.py). Nothing is left running either way
-(tests/test_cli_errors.py::test_sigterm_to_nproc_parent_leaves_no_process).
+(tests/test_cli_errors.py::test_signal_to_nproc_parent_leaves_no_process).
 """
 
 from __future__ import annotations
