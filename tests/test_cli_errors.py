@@ -158,7 +158,7 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("config-list", ["{bad_list}"], "holds a JSON list"),
         ("config-conflict", ["{conflict}"], "num_experts is 16"),
         ("truncated", ["{trunc}"], "is truncated: its header needs"),
-        ("no-weights", ["{dir}"], "config.json not found"),
+        ("not-a-checkpoint", ["{dir}"], "config.json not found"),
     ],
 }
 

@@ -200,3 +200,20 @@ def test_sim_search_plot_without_suffix_reports_the_file_it_writes(tmp_path, cap
     assert cli.main(["sim", "search", "--quick", "--plot", str(tmp_path / "fig")]) == 0
     assert f"plot written to {tmp_path / 'fig.png'}" in capsys.readouterr().out
     assert (tmp_path / "fig.png").is_file() and not (tmp_path / "fig").exists()
+
+
+def test_info_checks_weight_sizes_but_describes_a_config_alone(tmp_path, capsys):
+    from mogelm.checkpoint import check_weight_files
+
+    ckpt = tmp_path / "tiny-moge"
+    save_pretrained(Transformer(from_name("debug")), ckpt)
+    assert check_weight_files(ckpt) == len(__import__("safetensors").safe_open(
+        str(ckpt / "model.safetensors"), "pt").keys())
+    assert cli.main(["info", str(ckpt)]) == 0
+    from mogelm.config import count_parameters
+
+    total, active = count_parameters(from_name("debug"))  # 214,736 and 165,584
+    assert capsys.readouterr().out.startswith(
+        f"tiny-moge: {total / 1e3:.1f} K parameters, {active / 1e3:.1f} K active per token")
+    (ckpt / "model.safetensors").unlink()  # e.g. a published config.json without its 140 GB of weights
+    assert cli.main(["info", str(ckpt)]) == 0

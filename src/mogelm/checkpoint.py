@@ -130,10 +130,11 @@ def save_pretrained(model: Transformer, path: str | os.PathLike,
 
 
 # checking without loading ---------------------------------------------------------------------------
-def check_weight_files(path: str | os.PathLike) -> int:
+def check_weight_files(path: str | os.PathLike, missing_ok: bool = False) -> int:
     """Check that every safetensors file of checkpoint directory `path` holds all the bytes its
     header promises (a copy cut short shows up here, before anything loads it); reads only the
-    headers. Returns the number of tensors; UserError naming the file and the shortfall."""
+    headers. Returns the number of tensors (0 for a folder without weights when missing_ok);
+    UserError naming the file and the shortfall."""
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
@@ -143,6 +144,8 @@ def check_weight_files(path: str | os.PathLike) -> int:
             raise UserError(f"{index} is corrupt ({type(e).__name__}); re-save the checkpoint") from None
     elif (path / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
+    elif missing_ok:
+        return 0
     else:
         raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}: the checkpoint has no weights")
     count = 0

@@ -16,8 +16,8 @@ from mogelm.errors import UserError
 
 
 def load_config(model: str) -> ModelConfig:
-    """The config of a preset name or of a checkpoint directory (its config.json; the weight files
-    must be complete). A checkpoint's model is named after its directory."""
+    """The config of a preset name or of a checkpoint directory (its config.json; weight files,
+    where there are any, must be complete). A checkpoint's model is named after its directory."""
     if model in PRESETS:
         return from_name(model)
     if Path(model).is_dir():
@@ -25,7 +25,7 @@ def load_config(model: str) -> ModelConfig:
         from mogelm.hf_config import read_config
 
         cfg = read_config(model)
-        check_weight_files(model)
+        check_weight_files(model, missing_ok=True)  # a config.json alone still describes a model
         if cfg.name == "custom":
             cfg.name = Path(model).resolve().name
         return cfg
