@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET must be set before anything imports triton, so Triton kernels run on the CPU
 interpreter in CI (GPU tests are marked `gpu` and run on the device machine).
-Tolerances come from one table, keyed by dtype (STYLE.md principle 6).
+Tolerances come from one table, keyed by dtype (STYLE.md principle 6). The summary says how many
+GPU tests the default `-m 'not gpu and not slow'` left out, and how to run them.
 """
 
 import os
@@ -36,3 +37,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_DESELECTED = {"gpu": 0, "slow": 0}
+
+
+def pytest_deselected(items):
+    for item in items:
+        for mark in _DESELECTED:
+            if item.get_closest_marker(mark) is not None:
+                _DESELECTED[mark] += 1
+                break
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DESELECTED["gpu"]:
+        terminalreporter.write_line(f"{_DESELECTED['gpu']} gpu tests deselected: they run on a CUDA machine "
+                                    "with `pytest -m gpu`")
+    if _DESELECTED["slow"]:
+        terminalreporter.write_line(f"{_DESELECTED['slow']} slow tests deselected: run them with "
+                                    "`pytest -m slow`")

@@ -534,16 +534,16 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch, capsys):
 
     seen = {}
 
-    def fake_call(cmd, env):
+    def fake_run(cmd, env):
         seen["cmd"], seen["env"] = cmd, env
         return 7
 
     argv = ["info", "debug", "--json"]
-    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.setattr(launch, "run_process_group", fake_run)
     assert launch.relaunch(2, argv) == 7  # torchrun's exit status comes back
     cmd, env = seen["cmd"], seen["env"]
     worker_at = cmd.index("-m", 3)  # torchrun's own options end where the worker's module begins
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "mogelm.parallel.launch"]  # torchrun, quiet on failure
     assert {"--standalone", "--nproc-per-node=2"} == set(cmd[3:worker_at])
     assert json.loads(env[launch.ARGV_ENV]) == argv
     torchrun_env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}

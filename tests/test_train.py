@@ -203,9 +203,8 @@ def test_corrupt_checkpoint(trained, tmp_path, capsys):
     (run / "final" / "trainer_state.pt").write_bytes(b"\x80garbage")
     before = _snapshot(run)
     status, _, err = run_cli(["train", "--preset", "debug", "--data", str(FIXTURES), "--seq-len", "64",
-                              "--max-steps", "80", "--out", str(run), "--resume",
-                              "--cache-dir", tc.cache_dir], capsys)
-    _assert_clean_error(status, err, "corrupt")
+                              "--out", str(run), "--resume", "--cache-dir", tc.cache_dir], capsys)
+    _assert_clean_error(status, err, "trainer_state.pt is unreadable")
     assert _snapshot(run) == before
 
 

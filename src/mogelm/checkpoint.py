@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mogelm.errors import UserError
+from mogelm.fsutil import usual_permissions
 from mogelm.hf_config import (  # noqa: F401 (re-exported)
     CONFIG_NAME,
     config_from_hf,
@@ -140,6 +141,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike,
         for i, shard in enumerate(shards):
             fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(staging / fname), metadata={"format": "pt"})
+            usual_permissions(staging / fname)  # safetensors writes 0600
             files.append(fname)
             weight_map.update(dict.fromkeys(shard, fname))
         if len(shards) > 1:
@@ -163,6 +165,65 @@ def save_pretrained(model: Transformer, path: str | os.PathLike,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+# checking without loading ---------------------------------------------------------------------------
+def check_weight_files(path: str | os.PathLike, missing_ok: bool = False) -> int:
+    """Check that every safetensors file of checkpoint directory `path` holds all the bytes its
+    header promises (a copy cut short shows up here, before anything loads it); reads only the
+    headers. Returns the number of tensors (0 for a folder without weights when missing_ok);
+    UserError naming the file and the shortfall."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is corrupt ({type(e).__name__}); re-save the checkpoint") from None
+    elif (path / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    elif missing_ok:
+        return 0
+    else:
+        raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}: the checkpoint has no weights")
+    count = 0
+    for name in files:
+        count += _check_safetensors_size(path / name)
+    return count
+
+
+def _check_safetensors_size(file: Path) -> int:
+    """The safetensors layout: 8-byte little-endian header length N, N bytes of JSON header
+    ({name: {dtype, shape, data_offsets: [begin, end]}}), then the data, offsets counted from its start."""
+    corrupt = f"{file} is not a complete safetensors file"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise UserError(f"{corrupt}: {size} bytes, too short for its header; the checkpoint is "
+                                "corrupt (copy it again)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise UserError(f"cannot read {file}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{corrupt}: its header is not JSON; the checkpoint is corrupt") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{corrupt}: its header is not a JSON object; the checkpoint is corrupt")
+    need = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            need = max(need, 8 + n + int(meta["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise UserError(f"{corrupt}: tensor {name!r} has no data_offsets; the checkpoint is corrupt") \
+                from None
+    if size < need:
+        raise UserError(f"{file} is truncated: its header needs {need:,} bytes, the file has {size:,}; "
+                        "the checkpoint is corrupt (copy it again)")
+    return sum(1 for k in header if k != "__metadata__")
 
 
 # loading ----------------------------------------------------------------------------------------

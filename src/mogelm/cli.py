@@ -8,7 +8,12 @@ which exposes two functions:
 
 Modules are imported only when their subcommand runs, so `mogelm --help` and quick commands stay
 fast and optional dependencies (matplotlib, fastapi, triton) are needed only where used.
-A `UserError` becomes a one-line `error: ...` on stderr and exit status 2, with no traceback.
+A `UserError` becomes a one-line `error: ...` on stderr and exit status 2, with no traceback
+(tests/test_cli_errors.py holds every command to that, with a table of bad inputs).
+
+`args.explicit` is the set of options the user gave on the command line (their `dest` names), so
+a command can tell a default from a choice: `mogelm train --resume` compares only those with
+the checkpoint's settings.
 """
 
 from __future__ import annotations
@@ -59,8 +64,24 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
                     f"`pip install {e.name}` (or the matching mogelm extra)"
                 ) from None
             mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+            p.set_defaults(_run=mod.run, _parser=p)
     return parser, chosen
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The `dest` of every option (flag) in `argv` that `parser` (a subcommand's) sets: `argv`
+    parsed again with the flags' defaults suppressed, so only what was given lands in the
+    namespace (positional arguments keep their defaults: argparse checks those against choices)."""
+    saved = [(a, a.default) for a in parser._actions if a.option_strings]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for a, default in saved:
+            a.default = default
+    flags = {a.dest for a, _ in saved}
+    return {k for k in vars(given) if k in flags}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help()
             return 0 if not argv else 2
+        args.explicit = explicit_options(args._parser, argv[argv.index(args.command) + 1:])
         status = args._run(args)
         return int(status or 0)
     except UserError as e:

@@ -1,6 +1,6 @@
 """`mogelm compare`, the main job, as a library: train a MoGE model and its top-k twin, then write a report.
 
-    mogelm compare                       # small preset, embedded stdlib corpus, ~10 min on 2 CPU cores
+    mogelm compare                       # small preset, embedded stdlib corpus, 7-23 min on 2 CPU cores
     mogelm compare --name quick --preset debug --max-steps 100
     mogelm compare --resume              # finish an interrupted comparison
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -39,8 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from mogelm.errors import UserError
+from mogelm.fsutil import check_output_dir
 from mogelm.parallel.local import LocalContext
-from mogelm.train import TrainConfig, prepare_data, read_log, resolve_device, train
+from mogelm.train import TrainConfig, find_checkpoints, prepare_data, read_log, resolve_device, train
+from mogelm.train.loop import plan_run
 
 DEVICES = (8, 4)
 TRAIN_CONFIG_ENV = "MOGELM_TRAIN_CONFIG"  # the JSON TrainConfig of a training worker (_train_worker)
@@ -159,24 +162,38 @@ def run_comparison(cc: CompareConfig) -> dict:
     """Train both models and write report.md, the plots and summary.json under cc.run_dir;
     returns the summary."""
     run_dir = cc.run_dir
+    check_output_dir(cc.runs_dir, "--runs-dir")
+    check_output_dir(run_dir, "--name")
     if run_dir.exists() and any(run_dir.iterdir()) and not cc.resume:
         raise UserError(f"{run_dir} already exists; pass --resume to continue it, or choose another --name")
     if cc.max_steps < 1:
-        raise UserError("--max-steps must be positive")
+        raise UserError(f"--max-steps must be positive, got {cc.max_steps}")
     if cc.jobs not in (1, 2):
-        raise UserError("--jobs must be 1 or 2")
+        raise UserError(f"--jobs must be 1 or 2, got {cc.jobs}")
+    if cc.threads < 0:
+        raise UserError(f"--threads must be 0 (cores / jobs) or more, got {cc.threads}")
     t0 = time.time()
     routings = ("moge", cc.baseline)
     cpu = resolve_device(cc.device).type == "cpu"
     jobs = cc.jobs if cpu else 1
     threads = cc.threads or (max(1, _cpu_count() // jobs) if cpu else 0)
     configs = twin_configs(cc, threads)
+    for tc in configs:  # --eval-every 0, --lr -1, ...: refused now, not after the first step
+        plan_run(tc)
     # Tokenizer and shards once, here, so bad input fails once and cleanly before any training.
     preset_vocab = configs[0].vocab_size or _preset_vocab(cc.preset, cc.model_overrides)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)
     prepare_data(configs[0], preset_vocab, LocalContext(), log=say)
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    timings = train_twins(configs, jobs)
+    try:
+        timings = train_twins(configs, jobs)
+    except BaseException:
+        # A fresh run that failed before its first checkpoint leaves nothing worth resuming:
+        # remove its folder, so that the retry is not told "already exists; pass --resume".
+        if fresh and not any(find_checkpoints(Path(tc.out)) for tc in configs):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     summary = build_summary(run_dir, routings, cc, wall_s=time.time() - t0, timings=timings)
     summary["jobs"], summary["threads_per_job"] = jobs, threads
     write_report(run_dir, summary)

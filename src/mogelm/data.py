@@ -6,7 +6,8 @@
     ds = data.prepare(docs, vocab_size=8192)          # tokenizer + shards, cached by corpus hash
     x_BT, y_BT = ds.batch("train", sample_indices, seq_len=256)
 
-Pipeline: documents (one per file, or one per line of a .jsonl) -> a byte-level BPE trained with
+Pipeline: documents (one per file, or one per line of a .jsonl; user files must be UTF-8 text,
+binary data is refused) -> a byte-level BPE trained with
 HF `tokenizers` (special tokens EOS `<|endoftext|>` and PAD `<|pad|>`) -> `encode_batch` on
 line-aligned chunks -> one token stream per split, documents separated by EOS, written as
 uint16/uint32 shards and read back with numpy memmap.
@@ -34,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -99,6 +101,28 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def _read_user_text(path: Path, warn) -> str:
+    """A user's text file as UTF-8. Binary data (a NUL byte, or more than 1 % of the bytes not
+    UTF-8) is refused; a few stray bytes are replaced by U+FFFD, and `warn` says how many."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if b"\0" not in raw:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if b"\0" in raw or bad > max(8, len(raw) // 100):
+        why = "it holds NUL bytes" if b"\0" in raw else f"{bad:,} of its {len(raw):,} bytes are not UTF-8"
+        raise UserError(f"{path} is not UTF-8 text ({why}: binary data?); convert it to UTF-8 or leave it "
+                        "out of --data")
+    warn(f"warning: {path}: {bad} byte(s) that are not UTF-8 were replaced by U+FFFD")
+    return text
+
+
 def resolve_paths(specs: Sequence[str]) -> list[Path]:
     """Files named by `specs` (files, folders searched recursively, or globs), sorted, deduplicated."""
     found: list[Path] = []
@@ -136,16 +160,18 @@ def _common_root(paths: list[Path]) -> Path:
     return root
 
 
-def load_documents(specs: Sequence[str] | None, max_bytes: int | None = None) -> list[Document]:
-    """Documents from user paths, or the embedded stdlib corpus when `specs` is empty."""
+def load_documents(specs: Sequence[str] | None, max_bytes: int | None = None, warn=None) -> list[Document]:
+    """Documents from user paths, or the embedded stdlib corpus when `specs` is empty. User files
+    must be UTF-8 text (`warn`, default stderr, reports a few replaced bytes)."""
     if not specs:
         return default_documents(max_bytes)
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = resolve_paths(specs)
     root = _common_root(paths)
     docs: list[Document] = []
     for path in paths:
         name = path.relative_to(root).as_posix()
-        text = _read_text(path)
+        text = _read_user_text(path, warn)
         if path.suffix == ".jsonl":
             docs += _jsonl_documents(path, name, text)
         elif text.strip():

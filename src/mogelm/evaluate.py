@@ -69,16 +69,22 @@ def evaluate_checkpoint(
     from mogelm import data as D
     from mogelm.checkpoint import from_pretrained
 
-    if seq_len < 1 or batch_size < 1:
-        raise UserError("--seq-len and --batch-size must be positive")
+    if seq_len < 1 or batch_size < 1 or max_batches < 0:
+        raise UserError("--seq-len and --batch-size must be positive, --max-batches 0 or more")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir}: no such checkpoint directory")
+    from mogelm.hf_config import read_config
+
+    read_config(model_dir)  # a folder that is no checkpoint is named as such, before its tokenizer
     tok = D.load_tokenizer(tokenizer or model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = from_pretrained(model_dir, device=device)
     model.eval()
+    if seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens; "
+                        f"use --seq-len {model.cfg.max_seq_len} or less")
 
     if data:
         docs = D.load_documents(data)

@@ -5,11 +5,16 @@ PanguProMoE config.json has HF fields only and no group count (groups = num_expe
 openPangu-R (`PanguProMoEV2ForCausalLM`, same model_type) is refused by name. An fp8 checkpoint
 adds a compressed-tensors `quantization_config` block (fp8_quantization_config, read back and
 checked by read_quantization_config; docs/quantization.md).
+Reading checks what a hand-edited file can get wrong, each as a one-line UserError: not a JSON
+object, a field of the wrong type ("64" where a number belongs), and HF fields that contradict
+the "mogelm" section (which would otherwise win silently).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -59,10 +64,49 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return hf
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+# HF field -> ModelConfig field, for the fields both a checkpoint's HF part and its "mogelm"
+# section state (a conflict between them is refused).
+HF_TO_MOGELM = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+    "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+    "moe_intermediate_size": "moe_intermediate_size",
+    "shared_expert_intermediate_size": "shared_expert_intermediate_size",
+    "max_position_embeddings": "max_seq_len", "tie_word_embeddings": "tie_embeddings",
+}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(d: dict, where: str) -> None:
+    """UserError for a ModelConfig field of the wrong JSON type (e.g. "64" for an int)."""
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in d or f.type not in _TYPES:
+            continue
+        v = d[f.name]
+        ok = isinstance(v, _TYPES[f.type]) and (f.type == "bool" or not isinstance(v, bool))
+        if ok and f.type == "float" and not math.isfinite(v):
+            ok = False
+        if not ok:
+            want = {"int": "an integer", "float": "a number", "bool": "true or false",
+                    "str": "a string"}[f.type]
+            raise UserError(f"{where}: {f.name} must be {want}, got {json.dumps(v)}; fix the file")
+
+
+def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise UserError(f"{where} holds a JSON {type(hf).__name__}, not an object; the checkpoint is corrupt")
     refuse_other_architectures(hf)
     if "mogelm" in hf:
-        return ModelConfig.from_dict(hf["mogelm"])
+        section = hf["mogelm"]
+        if not isinstance(section, dict):
+            raise UserError(f"{where}: its \"mogelm\" section is not a JSON object; fix the file")
+        check_field_types(section, f"{where} (\"mogelm\" section)")
+        for hf_key, key in HF_TO_MOGELM.items():
+            if hf_key in hf and key in section and hf[hf_key] != section[key]:
+                raise UserError(
+                    f"{where}: {hf_key} is {json.dumps(hf[hf_key])} but the \"mogelm\" section says {key} "
+                    f"{json.dumps(section[key])}; mogelm reads the section, so make the two agree")
+        return ModelConfig.from_dict(section)
     if hf.get("model_type") != "PanguProMoE":
         raise UserError(
             f"config.json has model_type {hf.get('model_type')!r}; mogelm reads 'PanguProMoE' checkpoints "
@@ -72,14 +116,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
             "num_experts", "num_experts_per_tok", "moe_intermediate_size"]
     missing = [k for k in need if k not in hf]
     if missing:
-        raise UserError(f"config.json lacks fields {', '.join(missing)}")
-    return ModelConfig(
+        raise UserError(f"{where} lacks fields {', '.join(missing)}")
+    for k in ("rope_theta", "rms_norm_eps"):
+        if k in hf and (isinstance(hf[k], bool) or not isinstance(hf[k], (int, float))):
+            raise UserError(f"{where}: {k} must be a number, got {json.dumps(hf[k])}; fix the file")
+    fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         num_kv_heads=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0,  # 0: hidden_size // num_heads
         rope_theta=float(hf.get("rope_theta", 1.6e7)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         max_seq_len=hf.get("max_position_embeddings", 131072),
@@ -92,8 +139,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
         aux_loss_alpha=hf.get("router_aux_loss_coef", 1e-3),
         routing=PANGU_ROUTING,
-        name="PanguProMoE",
     )
+    check_field_types(fields, where)
+    return ModelConfig(**fields, name="PanguProMoE")
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -107,8 +155,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt") from None
     try:
-        return config_from_hf(hf)
-    except ValueError as e:
+        return config_from_hf(hf, str(cfg_path))
+    except (ValueError, TypeError) as e:
         raise UserError(f"{cfg_path}: invalid model config: {e}") from None
 
 

@@ -84,8 +84,11 @@ def simulate_imbalance(
     topk: every token draws K distinct experts uniformly at random (the paper's setup).
     moge: every token draws K/P distinct experts uniformly inside each device's group.
     """
+    if num_experts < 1 or num_devices < 1:
+        raise ValueError(f"experts ({num_experts}) and groups/devices ({num_devices}) must be positive")
     if num_experts % num_devices:
         raise ValueError(f"experts ({num_experts}) must be divisible by groups/devices ({num_devices})")
+    chunk = max(1, min(chunk, (1 << 28) // max(1, num_tokens * num_experts)))  # keys <= 1 GiB per chunk
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top-k ({top_k}) must be in [1, experts={num_experts}]")
     if routing == "moge" and top_k % num_devices:

@@ -5,10 +5,12 @@ Every function takes plain numbers (lists / nested lists, as stored in summary.j
 log.jsonl, or as the simulator computes them) and writes one PNG:
 
     val_loss(curves, path)                        validation (and smoothed training) loss
-    imbalance_over_training(runs, devices, path)  IS per layer over steps, P simulated devices
+    imbalance_over_training(runs, devices, path)  IS per layer over steps, P simulated devices (the title
+                                                  says whether and how much the curves are smoothed)
     expert_load_heatmaps(shares, path, ...)       layers x experts share of tokens (Fig. 7/10 analogue)
     intra_group_load(shares_LE, groups, path)     load inside each MoGE group (Fig. 9 analogue)
-    coactivation(mats, path, ...)                 P(expert i and j fire together) (Fig. 8 analogue)
+    coactivation(mats, path, ...)                 P(expert i and j fire together) (Fig. 8 analogue), with
+                                                  expert-id ticks (each group's first expert when E > 16)
     search_throughput(panels, pangu, path)        `mogelm sim search --plot`: candidates' throughput (Fig. 3)
 """
 
@@ -73,12 +75,14 @@ def imbalance_over_training(runs: dict, devices: list[int], path, num_tokens: in
     plt = _plt()
     fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 4), squeeze=False, sharey=True)
     styles = ["-", "--", ":", "-."]
+    windows = set()
     for ax, P in zip(axes[0], devices):
         for label, run in runs.items():
             is_SL = np.asarray(run["is"].get(P, run["is"].get(str(P), [])), dtype=float)
             if is_SL.size == 0:
                 continue
             w = max(1, len(run["steps"]) // 30)
+            windows.add(w)
             for layer in range(is_SL.shape[1]):
                 ax.plot(run["steps"], _smooth(is_SL[:, layer], w), styles[layer % 4], color=COLORS.get(label),
                         lw=1.5, alpha=0.85, label=f"{label} layer {layer}")
@@ -87,8 +91,11 @@ def imbalance_over_training(runs: dict, devices: list[int], path, num_tokens: in
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Imbalance Score (max - min) / |X|")
     axes[0][-1].legend(fontsize=7, ncol=2)
+    smoothed = max(windows, default=1)
+    note = (f"; curves are running means over {smoothed} steps" if smoothed > 1
+            else "; every step shown, unsmoothed")
     fig.suptitle("Imbalance Score per layer over training "
-                 "(paper Eq. 3; MoGE: 0 when each device holds whole groups)")
+                 f"(paper Eq. 3; MoGE: 0 when each device holds whole groups{note})")
     return _save(fig, path)
 
 
@@ -160,8 +167,12 @@ def coactivation(mats: dict, path, experts_per_group: int, layer_names: list[str
                 ax.axvline(b - 0.5, color="cyan", lw=0.5, alpha=0.6)
                 ax.axhline(b - 0.5, color="cyan", lw=0.5, alpha=0.6)
             ax.set_title(f"{k}, {layer_names[j]}", fontsize=10)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ticks = list(range(0, E, 1 if E <= 16 else experts_per_group))  # every id, or each group's first
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_ylabel("expert", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), label="% of tokens using both experts", shrink=0.8)
     fig.suptitle("Expert co-activation (diagonal hidden; cyan lines: MoGE groups)")
     return _save(fig, path)

@@ -14,5 +14,6 @@ flags, calls library functions and prints. Each module exposes
     imbalance   mogelm.commands.imbalance   Monte-Carlo Imbalance Score   (mogelm.analysis.metrics)
     info        mogelm.commands.info        shapes and parameter counts   (mogelm.info)
 
+_checks.py holds the flag checks several commands share (device names, ranges); it is no command.
 Library code never imports this package (nor mogelm.cli); only cli.py does, one module at a time.
 """

@@ -16,7 +16,7 @@ import json
 from urllib.parse import urlparse
 
 from mogelm.errors import UserError
-from mogelm.inference.loadgen import format_summary, load_test
+from mogelm.inference.loadgen import describe_error, format_summary, load_test
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -47,15 +47,18 @@ def run(args: argparse.Namespace) -> int:
                         "machine")
     for name in ("concurrency", "requests", "max_tokens", "prompt_words"):
         if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("timeout", "deadline"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be a positive number of seconds, got {getattr(args, name)}")
     try:
         res = asyncio.run(load_test(args.url, args.concurrency, args.requests, args.max_tokens,
                                     args.prompt_words, args.model, args.timeout, args.deadline, args.seed))
     except OSError as e:
-        raise UserError(f"cannot reach {args.url}: {e}") from None
+        raise UserError(f"cannot reach {args.url}: {describe_error(e)}") from None
     except Exception as e:
         if type(e).__module__.startswith("httpx"):
-            raise UserError(f"cannot reach {args.url}: {e}") from None
+            raise UserError(f"cannot reach {args.url}: {describe_error(e)}") from None
         raise
     print(json.dumps(res, indent=2) if args.json else format_summary(res))
     return 0 if res["errors"] == 0 else 1

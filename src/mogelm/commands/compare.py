@@ -1,6 +1,6 @@
 """`mogelm compare`: the main job. Train a MoGE model and its top-k twin, then write a report.
 
-    mogelm compare                       # small preset, embedded stdlib corpus, ~10 min on 2 CPU cores
+    mogelm compare                       # small preset, embedded stdlib corpus, 7-23 min on 2 CPU cores
     mogelm compare --name quick --preset debug --max-steps 100
     mogelm compare --resume              # finish an interrupted comparison
 

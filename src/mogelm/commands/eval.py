@@ -29,8 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mogelm.checkpoint import read_config
+    from mogelm.commands._checks import check_device, check_range
     from mogelm.evaluate import evaluate_checkpoint
 
+    check_range(args, "seq_len", "batch_size", low=1)
+    check_range(args, "max_batches", low=0, note=" (0: all the text)")
+    check_device(args.device)
     result = evaluate_checkpoint(args.model, args.data, args.tokenizer, args.seq_len, args.batch_size,
                                  args.max_batches, args.device)
     if args.json:
@@ -48,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
             cells = " ".join(f"{v['mean_per_layer'][layer]:8.3f} {v['max_over_mean_per_layer'][layer]:11.3f}"
                              for v in rs["imbalance"].values())
             print(f"{layer:5d} {max(shares):14.1%} {cells}")
-        print("(busiest expert: share of tokens routed to it; IS per batch of "
-              f"{args.batch_size}x{args.seq_len} tokens, paper Eq. 3)", file=sys.stderr)
+        print(f"(busiest expert: share of tokens routed to it; IS per batch of at most {args.batch_size}x"
+              f"{args.seq_len} tokens, {rs['batches']} batches, paper Eq. 3)", file=sys.stderr)
     return 0

@@ -53,13 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from mogelm.commands._checks import check_device, check_range
     from mogelm.inference.engine import Engine
 
-    if args.max_batch <= 0:
-        raise UserError("--max-batch must be positive")
+    check_range(args, "max_batch", "threads", low=1)
+    check_range(args, "top_k", low=0, note=" (0: off)")
+    check_device(args.device)
     if args.threads is not None:
-        if args.threads <= 0:
-            raise UserError("--threads must be positive")
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,

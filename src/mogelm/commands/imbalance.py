@@ -24,7 +24,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+MAX_KEYS_BYTES = 1 << 30  # one Monte-Carlo batch's random keys (float32 [tokens, experts]) at most
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """Each count positive and the Monte-Carlo arrays within memory, named by flag."""
+    for name in ("experts", "groups", "top_k", "tokens", "trials"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.experts % args.groups:
+        raise UserError(f"--experts {args.experts} must be divisible by --groups {args.groups} "
+                        "(equal groups)")
+    if args.top_k > args.experts:
+        raise UserError(f"--top-k {args.top_k} exceeds --experts {args.experts}")
+    per_batch = 4 * args.tokens * args.experts
+    if per_batch > MAX_KEYS_BYTES:
+        raise UserError(f"--tokens {args.tokens} x --experts {args.experts} needs {per_batch / 2**30:.1f} "
+                        f"GiB per simulated batch (at most {MAX_KEYS_BYTES / 2**30:.0f} GiB); use fewer "
+                        "--tokens")
+    if 8 * args.trials > MAX_KEYS_BYTES:
+        raise UserError(f"--trials {args.trials} is too many to hold the results in memory "
+                        f"(at most {MAX_KEYS_BYTES // 8:,})")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_sizes(args)
     results = []
     for routing in ("topk", "moge"):
         try:

@@ -64,19 +64,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from mogelm.commands._checks import check_device, check_range
+    from mogelm.hf_config import read_config
     from mogelm.inference.engine import Engine
 
-    for name in ("max_batch", "chunk_size", "max_waiting", "max_len", "max_request_bytes",
-                 "max_prompt_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    check_range(args, "max_batch", "chunk_size", "max_waiting", "max_len", "threads", "max_request_bytes",
+                "max_prompt_tokens", low=1)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    check_device(args.device)
+    if args.max_len is not None:  # refused, not clamped: the user asked for a context the model lacks
+        context = read_config(args.model).max_seq_len
+        if args.max_len > context:
+            raise UserError(f"--max-len {args.max_len} exceeds the model's context of {context} tokens; "
+                            f"use --max-len {context} or less (or leave it out)")
     if args.shutdown_timeout < 0:
         raise UserError("--shutdown-timeout must be >= 0")
     if args.threads is not None:
-        if args.threads <= 0:
-            raise UserError("--threads must be positive")
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,

@@ -5,7 +5,7 @@ layer over mogelm.sim: deploy, search, validate, calibrate, which also format wh
                --context 2048 --quant w8a8 [--json]
     mogelm sim search [--targets ascend-300i-duo:4:100,ascend-800i-a2:4:50] [--plot fig3.png] [--json]
     mogelm sim validate [--json]
-    mogelm sim calibrate benchmarks/results/h200.json --out h200-measured.json
+    mogelm sim calibrate tests/data/sim_bench_h200.json --out h200-measured.json
     mogelm sim --hardware h200-measured.json ...           # a calibrated profile is a --hardware
 
 The first form searches every parallel layout for the largest decode batch within the TPOT limit
@@ -197,9 +197,26 @@ def parse_targets(text: str):
     return targets
 
 
+def plot_path(text: str) -> Path:
+    """Where `--plot TEXT` writes: TEXT, with .png added when it has no suffix (as matplotlib would,
+    so the path printed is the one written); its folder must exist."""
+    from mogelm.fsutil import check_output_file
+
+    path = Path(text)
+    if path.is_dir():
+        raise UserError(f"--plot {text} is a folder; give a file name such as {path / 'search.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    return check_output_file(path, "--plot")
+
+
 def _search(args) -> int:
     from mogelm.sim.search import SearchSpace, format_ranking, plot_search, run_search
 
+    plot = plot_path(args.plot) if args.plot else None  # before the search, which takes a while
+    if args.top < 1:
+        raise UserError(f"--top must be positive, got {args.top}")
+    _check_common(args)
     targets = parse_targets(args.targets)
     space = SearchSpace()
     if args.quick:
@@ -207,8 +224,8 @@ def _search(args) -> int:
                             expert_widths=(1344, 2048))
     results = run_search(space, targets, quant=args.quant, context=args.context,
                          compare_topk=not args.no_topk, topk_skew=args.topk_skew)
-    if args.plot:
-        plot_search(results, targets, args.plot)
+    if plot:
+        plot_search(results, targets, str(plot))
     if args.json:
         print(json.dumps({"targets": [t.label for t in targets], "quant": args.quant, "context": args.context,
                           "candidates": [c.to_dict() for c in results]}, indent=2))
@@ -217,8 +234,8 @@ def _search(args) -> int:
           f"TPOT limit, normalised to a random candidate; top-k/MoGE = same shape routed top-k "
           f"(expert skew {args.topk_skew:g})")
     print(format_ranking(results, targets, args.top))
-    if args.plot:
-        print(f"plot written to {args.plot}")
+    if plot:
+        print(f"plot written to {plot}")
     return 0
 
 
@@ -246,6 +263,9 @@ def _calibrate(args) -> int:
                         "PROFILE_JSON")
     if not args.out:
         raise UserError("calibrate needs --out PROFILE_JSON")
+    from mogelm.fsutil import check_output_file
+
+    check_output_file(args.out, "--out")
     hw = calibrate_file(args.bench_json, base=args.base, backend=args.backend)
     hw.save(args.out)
     print(f"wrote {args.out}: {hw.description}")

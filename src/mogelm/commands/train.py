@@ -3,18 +3,25 @@
     mogelm train --preset debug --max-steps 200 --out runs/debug            # stdlib corpus, CPU
     mogelm train --preset small --routing topk --data notes/ --out runs/topk
     mogelm train --out runs/debug --resume                                   # continue after a crash
+    mogelm train --out runs/debug --resume --lr 1e-3 --allow-changed-optimizer   # ... with a new lr
     mogelm train --preset small --nproc 2 --ep 2 --out runs/ep               # torchrun under the hood
 
 A thin layer over mogelm.train (the loop, checkpoints and logs are described there): flags ->
 TrainConfig -> train(tc, ctx). With --nproc N > 1 the command re-runs itself under torchrun
 (mogelm.parallel.launch); each torchrun worker joins the process group (ParallelContext), one
 process runs on a LocalContext, and both go through the same loop.
+
+--resume continues with the checkpoint's settings; flags given again must agree with them (a
+changed model or text is refused, a changed optimisation setting needs --allow-changed-optimizer):
+only the flags on the command line are compared, so defaults never count as changes. Bad input
+is refused here, before torchrun starts, with one message.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mogelm.config import ROUTINGS
 from mogelm.errors import UserError
@@ -66,7 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or whole blocks (full); default none")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/train", help="output folder (checkpoints, log.jsonl)")
-    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out, with its settings")
+    r.add_argument("--allow-changed-optimizer", action="store_true",
+                   help="with --resume: accept optimisation flags (--lr, --batch-size, --max-steps, ...) "
+                        "that differ from the checkpoint's; the changes are logged")
     r.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -109,30 +120,94 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+# flags that are not TrainConfig fields of the same name
+_MODEL_FLAGS = ("aux_alpha", "aux_loss_type", "z_loss", "aux_free_bias", "bias_rate", "topk_groups",
+                "renormalize")
+_NOT_CONFIG = ("nproc", "ep", "allow_changed_optimizer")
+
+
+def explicit_fields(args: argparse.Namespace) -> set[str] | None:
+    """TrainConfig fields the user set on the command line (None: unknown, e.g. args built by
+    hand; then every field counts as set)."""
+    given = getattr(args, "explicit", None)
+    if given is None:
+        return None
+    return {("model_overrides" if d in _MODEL_FLAGS else d) for d in given if d not in _NOT_CONFIG}
+
+
+def check_processes(nproc: int, ep: int, device: str) -> None:
+    """--nproc and --ep against each other and the machine: refused for GPUs, warned for CPU cores."""
+    if nproc < 1 or ep < 1:
+        raise UserError(f"--nproc and --ep must be positive, got --nproc {nproc} --ep {ep}")
+    if ep > nproc:
+        raise UserError(f"--ep {ep} needs --nproc {ep} or more: each expert-parallel rank is a process")
+    if nproc % ep:
+        raise UserError(f"--ep {ep} must divide --nproc {nproc} (processes = data parallel x expert "
+                        "parallel)")
+    if nproc == 1:
+        return
+    import torch
+
+    from mogelm.train import resolve_device
+
+    if resolve_device(device).type == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise UserError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {gpus}; use --nproc "
+                            f"{gpus} or --device cpu")
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if nproc > cores:
+            print(f"warning: --nproc {nproc} starts {nproc} processes on {cores} CPU cores; they will share "
+                  "them and run slowly", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from mogelm.train import resolve_device, train
+    from mogelm.train.loop import plan_run
 
     tc = config_from_args(args)
-    tc.total_steps(max(args.nproc, 1))  # fail early without --max-steps/--max-tokens
-    if args.nproc < 1 or args.ep < 1:
-        raise UserError("--nproc and --ep must be positive")
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    explicit = explicit_fields(args)
+    under_torchrun = "LOCAL_RANK" in os.environ
+    if not under_torchrun:  # once, before any process starts: a bad flag gets one message
+        check_processes(args.nproc, args.ep, args.device)
+        tc_now, resume_dir, _ = plan_run(tc, args.nproc, explicit, args.allow_changed_optimizer)
+        if tc.data:  # read (not tokenized) once here: unreadable text is one message, not one per rank
+            from mogelm.data import load_documents
+
+            load_documents(tc.data, tc.max_bytes, warn=lambda msg: None)
+    if args.nproc > 1 and not under_torchrun:
+        from mogelm.checkpoint import read_config
+        from mogelm.train import build_model_config
+
         try:
+            from mogelm.parallel.expert_parallel import validate_ep
             from mogelm.parallel.launch import relaunch
         except ImportError:
             raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.launch)") from None
+        cfg = read_config(resume_dir) if resume_dir is not None else build_model_config(tc_now)
+        try:
+            validate_ep(cfg, args.ep)
+        except ValueError as e:
+            raise UserError(f"--ep {args.ep}: {e}") from None
         return int(relaunch(args.nproc) or 0)
     if "LOCAL_RANK" in os.environ:  # a torchrun worker: join the process group
         try:
             from mogelm.parallel.context import init_parallel
+            from mogelm.parallel.dispatchers import CollectiveError
         except ImportError:
             raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.context)") from None
+        collective_errors = (CollectiveError,)
         ctx = init_parallel(ep_size=args.ep, device=str(resolve_device(args.device)))
     else:
         from mogelm.parallel.local import LocalContext
 
         ctx = LocalContext(resolve_device(args.device))
-    res = train(tc, ctx)
+        collective_errors = ()
+    try:
+        res = train(tc, ctx, explicit=explicit, allow_changed_optimizer=args.allow_changed_optimizer)
+    except collective_errors as e:  # a peer rank died or disagreed: the message says so, on one line
+        raise UserError(" ".join(str(e).split())) from None
     if res.get("final_val") and ctx.is_main:
         print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
     ctx.destroy()

@@ -25,6 +25,19 @@ WORDS = ("the model reads tokens and every group of experts gets the same share 
          "server streams text back to many clients at once").split()
 
 
+def describe_error(e: BaseException) -> str:
+    """An exception as a reason a person can read: its message, or its type when the message is
+    empty (httpx's timeouts have none), e.g. 'ConnectTimeout (no connection within the timeout)'."""
+    text = str(e).strip()
+    if text:
+        return text
+    name = type(e).__name__
+    hint = {"ConnectTimeout": "no connection within the timeout",
+            "ReadTimeout": "no answer within the timeout",
+            "WriteTimeout": "could not send within the timeout", "PoolTimeout": "no free connection in time"}
+    return f"{name} ({hint[name]})" if name in hint else name
+
+
 def _summary(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
@@ -69,7 +82,7 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
     except asyncio.TimeoutError:
         state["error"] = f"timed out after {timeout} s"
     except Exception as e:  # connection refused or reset, bad JSON, ...: counted, never fatal
-        state["error"] = f"{type(e).__name__}: {e}"
+        state["error"] = f"{type(e).__name__}: {describe_error(e)}"
     ttft, tokens, error = state["ttft"], state["tokens"], state["error"]
     latency = time.perf_counter() - t0
     if error is None and (ttft is None or tokens == 0):

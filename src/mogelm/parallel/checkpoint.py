@@ -15,8 +15,10 @@ rank plus metadata; replicated entries are written once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,7 +100,8 @@ def save_distributed(path: str, model: nn.Module, optimizer=None, extra: dict | 
     """Write a DCP checkpoint to directory `path` (every rank calls this)."""
     state = logical_state_dict(model, optimizer)
     state["extra"] = json.dumps(extra or {})
-    dcp.save(state, checkpoint_id=path)
+    with _one_process_is_intended():
+        dcp.save(state, checkpoint_id=path)
 
 
 def load_distributed(path: str, model: nn.Module, optimizer=None) -> dict:
@@ -108,7 +111,8 @@ def load_distributed(path: str, model: nn.Module, optimizer=None) -> dict:
         _ensure_optimizer_state(optimizer)
     state = logical_state_dict(model, optimizer)
     state["extra"] = ""
-    dcp.load(state, checkpoint_id=path)
+    with _one_process_is_intended():
+        dcp.load(state, checkpoint_id=path)
     if optimizer is not None:
         params = dict(model.named_parameters())
         for group, saved in zip(optimizer.param_groups, json.loads(state["optim.param_groups"])):
@@ -118,6 +122,19 @@ def load_distributed(path: str, model: nn.Module, optimizer=None) -> dict:
                 if not torch.is_tensor(v):
                     optimizer.state[p][k] = state[f"optim.{name}.{k}"]
     return json.loads(state["extra"])
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """DCP warns "torch.distributed is disabled ... assuming single process" whenever no process
+    group exists, even with no_dist=True. Here one process is a supported use (load_distributed's
+    docstring), so that one warning is dropped; every other warning passes."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 # Training checkpoints (the `mogelm train` directory layout) ----------------------------------------

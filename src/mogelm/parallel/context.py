@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mogelm.moe.routing import batch_aux_loss_from_counts
-from mogelm.parallel.dispatchers import CollectiveError, _run
+from mogelm.parallel.dispatchers import CollectiveError, _run, all_gather_tensor
 from mogelm.parallel.expert_parallel import apply_expert_parallel, is_expert_sharded, validate_ep
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -79,7 +79,7 @@ class ParallelContext:
         digest = int(hashlib.sha1(fingerprint.encode()).hexdigest()[:12], 16) if fingerprint else 0
         mine = torch.tensor([self.world_size, self.ep_size, digest], dtype=torch.int64, device=self.device)
         every = torch.empty(self.world_size * 3, dtype=torch.int64, device=self.device)
-        _run(lambda: dist.all_gather_into_tensor(every, mine), "agreement check", None)
+        _run(lambda: all_gather_tensor(every, mine), "agreement check", None)
         rows = every.view(self.world_size, 3).tolist()
         if any(r != rows[0] for r in rows):
             raise CollectiveError(

@@ -45,6 +45,12 @@ from torch import Tensor
 
 from mogelm.moe.routing import ROUTERS, Router
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single and made the old
+# names warn (a FutureWarning per call, on every rank); older torch (2.11 on the GPU machine) has
+# only the old names. Same arguments, same semantics.
+all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class CollectiveError(RuntimeError):
     """A collective failed: a peer rank died, timed out, or disagrees on shapes."""
@@ -106,7 +112,7 @@ class _AllGather(torch.autograd.Function):
         ctx.process_group, ctx.timer = process_group, timer
         P = dist.get_world_size(process_group)
         out = x.new_empty((P * x.shape[0], *x.shape[1:]))
-        _run(lambda: dist.all_gather_into_tensor(out, x.contiguous(), group=process_group), "all_gather",
+        _run(lambda: all_gather_tensor(out, x.contiguous(), group=process_group), "all_gather",
              process_group, timer)
         return out
 
@@ -123,7 +129,7 @@ class _ReduceScatter(torch.autograd.Function):
         ctx.process_group, ctx.timer = process_group, timer
         P = dist.get_world_size(process_group)
         out = x.new_empty((x.shape[0] // P, *x.shape[1:]))
-        _run(lambda: dist.reduce_scatter_tensor(out, x.contiguous(), group=process_group), "reduce_scatter",
+        _run(lambda: reduce_scatter_tensor(out, x.contiguous(), group=process_group), "reduce_scatter",
              process_group, timer)
         return out
 

@@ -1,6 +1,6 @@
 """Build a hardware profile from our benchmark JSON (`mogelm sim calibrate`).
 
-    mogelm sim calibrate benchmarks/results/h200.json --out h200-measured.json [--base nvidia-h200]
+    mogelm sim calibrate tests/data/sim_bench_h200.json --out h200-measured.json [--base nvidia-h200]
     mogelm sim --hardware h200-measured.json ...
 
 Benchmark JSON (written by the kernel benchmarks to benchmarks/results/*.json; extra keys ignored):

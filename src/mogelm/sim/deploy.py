@@ -22,6 +22,8 @@ from mogelm.sim.layout import MAX_BATCH, Layout, decode_plan_at, plan_decode, pl
 def plan_deployment(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, *, cards: int, layouts: list[Layout],
                     tpot_ms: float, context: int, topk_skew: float = 1.0, batch: int | None = None,
                     prefill_batch: int = 2) -> dict:
+    if prefill_batch < 0:
+        raise ValueError(f"--prefill-batch must be 0 (skip) or more, got {prefill_batch}")
     """Plan decode (and prefill) of `cfg` on `cards` cards; ValueError when nothing fits."""
     if batch is not None:
         plans = [decode_plan_at(cfg, hw, quant, lo, cards=cards, batch=batch, context=context,
@@ -56,7 +58,8 @@ def format_deployment(out: dict, prefill_batch: int) -> str:
         limit = f"TPOT <= {out['tpot_limit_ms']:g} ms"
     else:
         limit = f"fixed batch {d['batch']}"
-    lines = [f"{out['model']} on {out['cards']} x {out['hardware']} ({out['devices']} devices), "
+    devices = f"{out['devices']} device{'s' if out['devices'] != 1 else ''}"
+    lines = [f"{out['model']} on {out['cards']} x {out['hardware']} ({devices}), "
              f"{out['quant']}, context {out['context']}, {limit}, routing {out['routing']}",
              f"  layout          {d['layout_text']}"]
     why = {"memory": " (memory-bound: a larger batch does not fit)", "tpot": " (TPOT-bound)",

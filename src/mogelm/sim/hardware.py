@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,7 +177,11 @@ class HardwareProfile:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the profile JSON atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def profile_names() -> list[str]:
@@ -184,11 +189,18 @@ def profile_names() -> list[str]:
 
 
 def profile_from_dict(d: dict) -> HardwareProfile:
+    if not isinstance(d, dict):
+        raise ValueError(f"a hardware profile is a JSON object, not a {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(HardwareProfile)}
     # Keys starting with "_" are comments; other unknown keys are errors so typos do not pass silently.
     unknown = sorted(k for k in d if k not in known and not k.startswith("_"))
     if unknown:
         raise ValueError(f"unknown hardware profile fields: {', '.join(unknown)}")
+    missing = [f.name for f in dataclasses.fields(HardwareProfile)
+               if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing hardware profile fields: {', '.join(missing)}")
     return HardwareProfile(**{k: v for k, v in d.items() if k in known})
 
 
@@ -205,9 +217,11 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         raise ValueError(f"hardware profile file not found: {name_or_path}")
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise ValueError(f"cannot read hardware profile {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"hardware profile {path} is not valid JSON: {e}") from None
     try:
         return profile_from_dict(d)
-    except TypeError as e:  # a missing required field
+    except (TypeError, ValueError, AttributeError) as e:  # a missing field, a wrong type
         raise ValueError(f"hardware profile {path}: {e}") from None

@@ -19,11 +19,16 @@ from pathlib import Path
 
 
 class Progress:
-    """One status line on stderr: '\\r'-updated on a terminal, a plain line every N steps otherwise."""
+    """One status line on stderr: '\\r'-updated on a terminal, a plain line every N steps otherwise.
+
+    The line shows the Imbalance Score at `devices` simulated devices (the model's own group
+    count: one group per device, where MoGE's IS is 0 by construction) when the record has it,
+    labelled `IS@P`; log.jsonl keeps every device count. The rate and ETA count only the steps of
+    this process (from `start`, the resumed step), not those done before a resume."""
 
     def __init__(self, total: int, start: int, every: int, label: str = "", enabled: bool = True,
-                 mode: str = "auto"):
-        self.total, self.start, self.label = total, start, label
+                 mode: str = "auto", devices: int | None = None):
+        self.total, self.start, self.label, self.devices = total, start, label, devices
         self.enabled = enabled and mode != "none"
         self.tty = sys.stderr.isatty() and mode == "auto"
         self.every = every or max(1, total // 20)
@@ -38,15 +43,21 @@ class Progress:
         elapsed = time.time() - self.t0
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else 0.0
-        is8 = rec.get("is8") or rec.get("is4") or [0.0]
-        line = (
-            f"{self.label}step {done}/{self.total} loss {rec['loss']:.3f} IS {sum(is8) / len(is8):.3f} "
-            f"{rec['tok_s']:,.0f} tok/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-        )
+        line = (f"{self.label}step {done}/{self.total} loss {rec['loss']:.3f} {self._imbalance(rec)}"
+                f"{rec['tok_s']:,.0f} tok/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         if self.tty:
             print("\r" + line.ljust(90), end="" if done != self.total else "\n", file=sys.stderr, flush=True)
         else:
             print(line, file=sys.stderr, flush=True)
+
+    def _imbalance(self, rec: dict) -> str:
+        """'IS@P x.xxx ' (mean over layers) at the model's group count, else the largest P logged."""
+        logged = sorted((int(k[2:]) for k in rec if k.startswith("is") and k[2:].isdigit()), reverse=True)
+        if not logged:
+            return ""
+        P = self.devices if self.devices in logged else logged[0]
+        v = rec[f"is{P}"]
+        return f"IS@{P} {sum(v) / max(len(v), 1):.3f} "
 
     def message(self, text: str) -> None:
         if self.enabled:

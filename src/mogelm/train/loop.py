@@ -24,9 +24,18 @@ import torch
 from mogelm.analysis.metrics import RoutingStats
 from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
+from mogelm.fsutil import check_output_dir
 from mogelm.kernels import ops
 from mogelm.parallel.local import LocalContext
-from mogelm.train.checkpointing import find_checkpoints, prune_checkpoints, resume_point, set_rng_state
+from mogelm.train.checkpointing import (
+    find_checkpoints,
+    flag_name,
+    prune_checkpoints,
+    read_trainer_state_json,
+    resume_point,
+    resumed_config,
+    set_rng_state,
+)
 from mogelm.train.config import (
     TrainConfig,
     build_model,
@@ -90,37 +99,90 @@ def prepare_data(tc: TrainConfig, vocab_size: int, ctx, log=print):
     return build()
 
 
-# The loop ----------------------------------------------------------------------------------------
-def train(tc: TrainConfig, ctx=None, log=None) -> dict:
-    """Train per `tc` under parallel context `ctx` (default: one process on tc.device);
-    returns {"out", "steps", "final_val", "final_dir"} ({"out", "steps", "stopped"} after stop_after)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
-    for name in ("seq_len", "batch_size", "grad_accum", "eval_batches"):
+# Checks before any work -----------------------------------------------------------------------------
+def check_settings(tc: TrainConfig) -> None:
+    """UserError naming the flag for a setting no run can use (before data preparation starts)."""
+    def bad(name: str, rule: str) -> UserError:
+        return UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(tc, name)}")
+
+    for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "eval_every", "save_every",
+                 "keep_checkpoints"):
         if getattr(tc, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+            raise bad(name, "positive")
+    for name in ("max_steps", "max_tokens"):
+        if getattr(tc, name) < 0:
+            raise bad(name, "positive (or 0 to use the other of --max-steps / --max-tokens)")
+    for name in ("threads", "log_every", "stop_after"):
+        if getattr(tc, name) < 0:
+            raise bad(name, "0 or more")
+    if not (math.isfinite(tc.lr) and tc.lr > 0):
+        raise bad("lr", "a positive number")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(tc, name)) and getattr(tc, name) >= 0):
+            raise bad(name, "0 or more")
+    if tc.warmup_steps < -1:
+        raise bad("warmup_steps", "0 or more (or -1: 5% of the run)")
+    if tc.max_bytes is not None and tc.max_bytes < 1:
+        raise bad("max_bytes", "positive")
+    if tc.vocab_size is not None and tc.vocab_size < 1:
+        raise bad("vocab_size", "positive")
+    if not 0 < tc.val_fraction < 1:
+        raise UserError(f"val_fraction must be in (0, 1), got {tc.val_fraction}")
+    if not (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1 and 0 <= tc.min_lr_ratio <= 1):
+        raise UserError("beta1 and beta2 must be in [0, 1) and min_lr_ratio in [0, 1]")
     from mogelm.model import CHECKPOINTING
 
     if tc.activation_checkpointing not in CHECKPOINTING:
         raise UserError(f"--activation-checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                         f"not {tc.activation_checkpointing!r}")
-    if ctx is None:
-        ctx = LocalContext(resolve_device(tc.device))
-    rank, world, is_main = ctx.rank, ctx.world_size, ctx.is_main
-    say = log if is_main else (lambda msg: None)
-    device = ctx.device
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    total = tc.total_steps(world)
-    out = Path(tc.out)
 
-    # Where do we start? A fresh run must not overwrite an earlier one.
+
+def plan_run(tc: TrainConfig, world_size: int = 1, explicit=None, allow_changed_optimizer: bool = False):
+    """Everything decided before the data is prepared: checks the settings and the output folder,
+    finds the checkpoint to resume and the settings to resume with (resumed_config). Returns
+    (tc, resume_dir or None, changed optimisation settings). The command runs it before torchrun
+    starts, so that bad input gets one message, not one per rank."""
+    check_settings(tc)
+    out = check_output_dir(tc.out, "--out")
     existing = find_checkpoints(out)
     if existing and not tc.resume:
         raise UserError(
             f"{out} already holds checkpoints; pass --resume to continue, or choose another --out"
         )
     resume_dir = existing[-1][1] if (tc.resume and existing) else None
+    changes = {}
+    if resume_dir is not None:
+        tc, changes = resumed_config(resume_dir, tc, world_size, explicit, allow_changed_optimizer)
+        from mogelm.checkpoint import read_config
+
+        max_len = read_config(resume_dir).max_seq_len
+        if tc.seq_len > max_len:
+            raise UserError(f"--seq-len {tc.seq_len} exceeds the checkpoint's model context ({max_len} "
+                            "tokens)")
+    tc.total_steps(world_size)  # UserError without --max-steps / --max-tokens
+    return tc, resume_dir, changes
+
+
+# The loop ----------------------------------------------------------------------------------------
+def train(tc: TrainConfig, ctx=None, log=None, *, explicit=None,
+          allow_changed_optimizer: bool = False) -> dict:
+    """Train per `tc` under parallel context `ctx` (default: one process on tc.device);
+    returns {"out", "steps", "final_val", "final_dir"} ({"out", "steps", "stopped"} after stop_after).
+
+    With tc.resume, the settings come from the checkpoint except `explicit` ones (TrainConfig
+    field names; None: all of tc's), which must agree with it (plan_run, resumed_config)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if ctx is None:
+        ctx = LocalContext(resolve_device(tc.device))
+    rank, world, is_main = ctx.rank, ctx.world_size, ctx.is_main
+    say = log if is_main else (lambda msg: None)
+    tc, resume_dir, changes = plan_run(tc, world, explicit, allow_changed_optimizer)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    device = ctx.device
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    total = tc.total_steps(world)
+    out = Path(tc.out)
     if tc.resume and resume_dir is None:
         say(f"--resume: no checkpoint in {out}, starting from scratch")
 
@@ -134,7 +196,16 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
 
         start, rng = resume_point(resume_dir)  # refuses a corrupt checkpoint before anything changes
         cfg = read_config(resume_dir)
+        saved_data = read_trainer_state_json(resume_dir).get("data")
+        if saved_data and Path(saved_data).name != td.folder.name:
+            raise UserError(f"--resume: the training text differs from the checkpoint's (corpus "
+                            f"{Path(saved_data).name} then, {td.folder.name} now; the embedded corpus "
+                            "depends on the Python installation), so its tokenizer would not match; "
+                            "resume where it was trained, or start a new run with another --out")
         say(f"resuming from {resume_dir} at step {start}")
+        for f, (old, new) in changes.items():
+            say(f"--allow-changed-optimizer: {flag_name(f) if f != 'global_batch' else 'sequences per step'} "
+                f"{old} -> {new} from step {start}")
     else:
         start, rng = 0, None
         cfg = build_model_config(tc, vocab)
@@ -154,6 +225,8 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
         torch.manual_seed(tc.seed + 1 + rank)
 
     jlog = JsonlLog(out / "log.jsonl", keep_until_step=start if resume_dir else None, enabled=is_main)
+    if changes:
+        jlog.write({"kind": "resume", "step": start, "changed": changes})
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(tc.to_dict(), indent=2))
@@ -163,13 +236,14 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
     say(f"model: {tc.preset if cfg.name == 'custom' else cfg.name} routing={cfg.routing} "
         f"{n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active); "
         f"{total} steps x {tc.tokens_per_step(world):,} tokens; device {device}")
-    progress = Progress(total, start, tc.log_every, f"[{cfg.routing}] ", enabled=is_main, mode=tc.progress)
+    progress = Progress(total, start, tc.log_every, f"[{cfg.routing}] ", enabled=is_main, mode=tc.progress,
+                        devices=cfg.num_groups if cfg.is_moe else None)
     moe_layers = model.moe_layers()
 
     def checkpoint(step_done: int, final: bool) -> None:
         st = {"step": step_done, "total_steps": total,
               "samples_seen": step_done * tc.grad_accum * world * tc.batch_size,
-              "seed": tc.seed, "data": str(td.folder), "train_config": tc.to_dict()}
+              "seed": tc.seed, "data": str(td.folder), "train_config": tc.to_dict(), "world_size": world}
         path = out / ("final" if final else f"checkpoint-{step_done:06d}")
         ctx.save_checkpoint(path, model, optimizer, st, td.folder)
         if is_main:
