@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from mogelm.errors import UserError
-from mogelm.parallel.local import LocalContext
 from mogelm.train import TrainConfig, prepare_data, read_log, resolve_device, train
+from mogelm.train.context import LocalContext
 
 DEVICES = (8, 4)
 TRAIN_CONFIG_ENV = "MOGELM_TRAIN_CONFIG"  # the JSON TrainConfig of a training worker (_train_worker)

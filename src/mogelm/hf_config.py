@@ -106,3 +106,26 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return config_from_hf(hf)
     except ValueError as e:
         raise UserError(f"{cfg_path}: invalid model config: {e}") from None
+
+
+def read_model_file(path: str | Path) -> ModelConfig:
+    """The model in a file (`mogelm train --config PATH`, `mogelm info PATH`): a ModelConfig JSON
+    (the fields of ModelConfig.to_dict(), any subset holding the required ones), a checkpoint's
+    config.json (ours or a PanguProMoE one, told apart by its HF keys), or a checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        return read_config(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object of model config fields")
+    if "model_type" in d or "mogelm" in d or "architectures" in d:  # an HF-layout config.json
+        return read_config(path)
+    try:
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: invalid model configuration: {e}") from None

@@ -1,7 +1,7 @@
 """The training loop, `train(tc, ctx)`, and which rows of the data each step reads.
 
-One loop for one process and for many: `ctx` is a parallel context, mogelm.parallel's
-LocalContext (world size 1, the default) or ParallelContext (torch.distributed). It holds rank,
+One loop for one process and for many: `ctx` is a context of mogelm.train.context, LocalContext
+(world size 1, the default) or DistributedContext (torch.distributed, any layout). It holds rank,
 world_size, is_main, device, parallelize(model), sync_gradients(model), clip_grad_norm(model,
 max), all_reduce_mean(float), barrier(), save_checkpoint(...) and load_checkpoint(...); the loop
 calls all of them on every rank and never asks which kind it has.
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from mogelm.analysis.metrics import RoutingStats, step_balance
 from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
-from mogelm.parallel.local import LocalContext
 from mogelm.train.checkpointing import find_checkpoints, prune_checkpoints, resume_point, set_rng_state
 from mogelm.train.config import (
     TrainConfig,
@@ -36,6 +35,7 @@ from mogelm.train.config import (
     lr_at,
     resolve_device,
 )
+from mogelm.train.context import LocalContext
 from mogelm.train.logs import JsonlLog, Progress
 
 VAL_SEED = 1234  # validation windows are the same for every run on the same corpus
