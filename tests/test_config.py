@@ -104,7 +104,8 @@ def test_model_from_a_config_file_with_overrides(tmp_path):
                      seq_len=64)
     cfg = build_model_config(tc)
     assert (cfg.hidden_size, cfg.num_layers, cfg.head_dim, cfg.routing) == (512, 2, 128, "topk")
-    pinned = TrainConfig(model_config=base.replace(head_dim=32).to_dict(), model_overrides=dict(hidden_size=512))
+    pinned = TrainConfig(model_config=base.replace(head_dim=32).to_dict(),
+                         model_overrides=dict(hidden_size=512))
     assert build_model_config(pinned).head_dim == 32
     with pytest.raises(UserError, match="num_groups"):
         build_model_config(TrainConfig(model_config=base.to_dict(), model_overrides=dict(num_groups=3)))

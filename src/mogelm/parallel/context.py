@@ -132,17 +132,28 @@ class ParallelContext:
             )
 
     # --- model -----------------------------------------------------------------------------------
+    @property
+    def builds_on_meta(self) -> bool:
+        """Should the model be built on the meta device (FSDP layout: it may not fit whole)?"""
+        return self.fsdp_size > 1
+
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Move to the device, make every rank hold rank 0's weights, shard the experts over EP,
-        then (FSDP layout) wrap the model in FSDP2 units."""
+        then (FSDP layout) wrap the model in FSDP2 units. A model on the meta device (FSDP layout
+        only) is sharded first and then materialised with one process's initial weights
+        (mogelm.parallel.fsdp.materialize_sharded): build it with the seed set and call this next."""
         cfg = getattr(model, "cfg", None)
         if cfg is not None:
             validate_ep(cfg, self.ep_size)
             self._check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-        model.to(self.device)
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                _run(lambda t=t: dist.broadcast(t.data, src=0), "weight broadcast", None)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and self.fsdp_size == 1:
+            raise ValueError("a model on the meta device needs the FSDP layout (fsdp_size > 1)")
+        if not on_meta:
+            model.to(self.device)
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    _run(lambda t=t: dist.broadcast(t.data, src=0), "weight broadcast", None)
         if self.world_size > 1:
             for layer in getattr(model, "moe_layers", list)():
                 layer.register_forward_hook(_global_batch_stats)
@@ -155,6 +166,10 @@ class ParallelContext:
             experts = (self.expert_mesh["dp", "efsdp"] if self.expert_mesh.size(0) > 1
                        else self.expert_mesh["efsdp"])
             model = apply_fsdp(model, dense, experts, self.ep_size, mp)
+            if on_meta:
+                from mogelm.parallel.fsdp import materialize_sharded
+
+                model = materialize_sharded(model, self.device)
         return model
 
     def _grads(self, model: nn.Module, expert: bool) -> list[torch.Tensor]:

@@ -20,6 +20,15 @@ otherwise delay FSDP's implicit prefetch.
 Parameters become DTensors; this module re-attaches the expert-shard tag of
 mogelm.parallel.expert_parallel to the new expert parameters, so gradient clipping and the
 distributed checkpoints still find them.
+
+A model too large for one device is built on the meta device (mogelm.train.build_model(cfg,
+seed, "meta")), sharded, and only then given memory: materialize_sharded replays the construction and
+reset_parameters of a meta twin and, for each initialiser call, draws the whole tensor on the CPU
+from the same random stream as a one-process build and keeps this rank's slice (so it draws as
+much as a one-process build: minutes of CPU time for a 72B model). So every layout
+starts from the very weights one process would (tests/test_fsdp.py), and no rank ever holds more
+than one whole parameter tensor at a time (the largest: one layer's expert stack, or the
+embedding).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.overrides import TorchFunctionMode
 
 from mogelm.moe.layer import MoGELayer
 from mogelm.parallel.expert_parallel import EXPERT_ATTR, shard_info
@@ -104,4 +114,86 @@ def apply_fsdp(model: nn.Module, dense_mesh, expert_mesh, ep_size: int,
             block.set_modules_to_forward_prefetch(unit(i + 1))
         if i > 0:
             block.set_modules_to_backward_prefetch(unit(i - 1))
+    return model
+
+
+# Materialising a model built on the meta device ----------------------------------------------------
+def _local_slice(t: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where this rank keeps `t`'s values, the matching part of the whole tensor `full`): the
+    expert rows of this EP rank, then the rows of this FSDP shard."""
+    info = shard_info(t)
+    if info is not None:
+        ep_rank, _, _ = info
+        rows = t.shape[0]
+        full = full[ep_rank * rows : (ep_rank + 1) * rows]
+    if hasattr(t, "to_local"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = t.to_local()
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+        return local, full[index]
+    return t, full
+
+
+class _ReplayInit(TorchFunctionMode):
+    """Runs every in-place initialiser (normal_, uniform_, fill_, zero_) of a meta tensor on a
+    whole CPU tensor instead, drawing from the CPU random stream as a one-process build does, and
+    copies this rank's part into the tensor's target when it has one."""
+
+    OPS = ("normal_", "uniform_", "fill_", "zero_")
+
+    def __init__(self):
+        super().__init__()
+        self.targets: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # nn.init functions reach a mode as themselves (they dispatch torch functions before
+        # calling the tensor method); tensor methods come as the method.
+        init_fn = getattr(func, "__module__", "") == "torch.nn.init"
+        tensor = args[0] if args else kwargs.get("tensor")
+        if (init_fn or name in self.OPS) and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            full = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            if init_fn:
+                if args:
+                    func(full, *args[1:], **kwargs)
+                else:
+                    func(**{**kwargs, "tensor": full})
+            else:
+                getattr(full, name)(*args[1:], **kwargs)
+            if id(tensor) in self.targets:
+                local, part = _local_slice(self.targets[id(tensor)], full)
+                local.copy_(part)
+            return tensor
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def materialize_sharded(model: nn.Module, device: torch.device) -> nn.Module:
+    """Give a meta-built, already sharded Transformer memory on `device` and the weights
+    `Transformer(cfg)` would get in one process from the current CPU random state (module
+    docstring). Call on every rank right after sharding, with the same random state everywhere."""
+    from mogelm.model import RotaryEmbedding, Transformer, rope_inv_freq
+
+    tags = {name: shard_info(p) for name, p in model.named_parameters() if shard_info(p) is not None}
+    model.to_empty(device=device)  # new parameter objects: the expert-shard tags go on them again
+    params = dict(model.named_parameters())
+    for name, tag in tags.items():
+        setattr(params[name], EXPERT_ATTR, tag)
+    replay = _ReplayInit()
+    # The twin is unsharded and has no memory; building it replays the draws of the layers'
+    # constructors (nn.Linear's own init, which reset_parameters then overwrites), keeping the
+    # random stream where a one-process build has it.
+    with torch.device("meta"), replay:
+        twin = Transformer(model.cfg)
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    replay.targets = {id(t): live[name] for name, t in [*twin.named_parameters(), *twin.named_buffers()]
+                      if name in live}
+    with replay:
+        twin.reset_parameters()
+    for m in model.modules():  # computed, not drawn: rebuild on the device
+        if isinstance(m, RotaryEmbedding):
+            m.inv_freq = rope_inv_freq(model.cfg.head_dim, model.cfg.rope_theta, device)
     return model

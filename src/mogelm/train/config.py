@@ -115,9 +115,15 @@ def build_model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelC
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu"):
+    """Transformer(cfg) initialised from `seed` (on the CPU's random stream, then moved). On
+    device "meta" nothing is drawn yet: mogelm.parallel's FSDP layout shards it and then draws the
+    same weights, slice by slice (mogelm.parallel.fsdp.materialize_sharded)."""
     from mogelm.model import Transformer
 
     torch.manual_seed(seed)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return Transformer(cfg)
     return Transformer(cfg).to(device)
 
 

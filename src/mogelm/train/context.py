@@ -37,6 +37,7 @@ class LocalContext:
     world_size = 1
     is_main = True
     layout = "one process"
+    builds_on_meta = False
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -82,6 +83,7 @@ class DistributedContext:
         self.rank, self.world_size, self.is_main = pctx.rank, pctx.world_size, pctx.is_main
         self.device = pctx.device
         self.layout = pctx.layout
+        self.builds_on_meta = pctx.builds_on_meta  # build the model on "meta"; parallelize shards it
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         return self.parallel.parallelize(model)

@@ -133,7 +133,9 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
     else:
         start, rng = 0, None
         cfg = build_model_config(tc, vocab)
-    model = build_model(cfg, tc.seed, device)
+    # A context that shards the model (FSDP) takes it from the meta device, so no rank ever holds
+    # all of it; parallelize then draws one process's initial weights, slice by slice.
+    model = build_model(cfg, tc.seed, "meta" if getattr(ctx, "builds_on_meta", False) else device)
     if td.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {td.vocab_size} tokens but the model only {cfg.vocab_size}; "
                         "token ids would be out of range (use the same --vocab-size for both)")
