@@ -72,7 +72,7 @@ class ParallelContext:
     """Device meshes, process groups and the gradient/metric collectives the training loop needs."""
 
     def __init__(self, ep_size: int, device: torch.device, dispatcher: str = "auto", fsdp_size: int = 1,
-                 mp_policy="default"):
+                 mp_policy="default", comm_timer=None):
         world = dist.get_world_size()
         validate_layout(world, ep_size, fsdp_size)
         self.rank = dist.get_rank()
@@ -83,6 +83,7 @@ class ParallelContext:
         self.ep_rank = self.rank % ep_size
         self.device = torch.device(device)
         self.dispatcher = dispatcher
+        self.comm_timer = comm_timer  # begin(what)/end(what) around the dispatchers' collectives
         self._mp_policy = mp_policy
         self._check_agreement()  # before creating subgroups: disagreeing ranks would create different ones
         # Every rank creates every mesh (and so every group), in the same order.
@@ -157,7 +158,7 @@ class ParallelContext:
         if self.world_size > 1:
             for layer in getattr(model, "moe_layers", list)():
                 layer.register_forward_hook(_global_batch_stats)
-        model = apply_expert_parallel(model, self.ep_group, self.dispatcher)
+        model = apply_expert_parallel(model, self.ep_group, self.dispatcher, self.comm_timer)
         if self.fsdp_size > 1:
             from mogelm.parallel.fsdp import apply_fsdp, default_mp_policy
 
