@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from mogelm.config import ModelConfig, from_name
 from mogelm.info import flops_per_token, training_memory
+from mogelm.model import Transformer
 from mogelm.parallel.context import ParallelContext, validate_layout
 from mogelm.train import TrainConfig, build_model, build_optimizer
 from mogelm.train.context import DistributedContext
@@ -168,9 +169,17 @@ def run_one(args, cfg: ModelConfig, routing: str, ep: int, fsdp: int, device, ra
     world, cuda = dist.get_world_size(), device.type == "cuda"
     cfg = cfg.replace(routing=routing, max_seq_len=max(cfg.max_seq_len, args.seq_len))
     timer = CommTimer(cuda)
-    pctx = ParallelContext(ep_size=ep, fsdp_size=fsdp, device=device, comm_timer=timer)
+    # Initial weights drawn on the GPU (the CPU draws that reproduce a one-process build exactly
+    # take minutes per rank at these sizes; throughput does not depend on them).
+    pctx = ParallelContext(ep_size=ep, fsdp_size=fsdp, device=device, comm_timer=timer,
+                           init_draws_on="device")
     ctx = DistributedContext(pctx)
-    model = ctx.parallelize(build_model(cfg, 0, "meta" if ctx.builds_on_meta else device))
+    if ctx.builds_on_meta:
+        model = ctx.parallelize(build_model(cfg, 0, "meta"))
+    else:  # one GPU, or DP x EP: built on the GPU directly (same reason)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = ctx.parallelize(Transformer(cfg))
     model.train()
     shares = TRAINED_TOPK_SHARES if routing == "topk" else [1.0]  # MoGE: the same noise, uniform p
     rows = trained_router_bias(model, shares, 1000 + dist.get_rank(), device)

@@ -72,7 +72,7 @@ class ParallelContext:
     """Device meshes, process groups and the gradient/metric collectives the training loop needs."""
 
     def __init__(self, ep_size: int, device: torch.device, dispatcher: str = "auto", fsdp_size: int = 1,
-                 mp_policy="default", comm_timer=None):
+                 mp_policy="default", comm_timer=None, init_draws_on: str = "cpu"):
         world = dist.get_world_size()
         validate_layout(world, ep_size, fsdp_size)
         self.rank = dist.get_rank()
@@ -84,6 +84,9 @@ class ParallelContext:
         self.device = torch.device(device)
         self.dispatcher = dispatcher
         self.comm_timer = comm_timer  # begin(what)/end(what) around the dispatchers' collectives
+        # Where a meta-built model's initial weights are drawn: "cpu" (a one-process build's
+        # weights, exactly) or "device" (fast; benchmarks).
+        self.init_draws_on = init_draws_on
         self._mp_policy = mp_policy
         self._check_agreement()  # before creating subgroups: disagreeing ranks would create different ones
         # Every rank creates every mesh (and so every group), in the same order.
@@ -170,7 +173,8 @@ class ParallelContext:
             if on_meta:
                 from mogelm.parallel.fsdp import materialize_sharded
 
-                model = materialize_sharded(model, self.device)
+                draw = self.device if self.init_draws_on == "device" else "cpu"
+                model = materialize_sharded(model, self.device, draw)
         return model
 
     def _grads(self, model: nn.Module, expert: bool) -> list[torch.Tensor]:

@@ -143,9 +143,10 @@ class _ReplayInit(TorchFunctionMode):
 
     OPS = ("normal_", "uniform_", "fill_", "zero_")
 
-    def __init__(self):
+    def __init__(self, draw_device: str | torch.device = "cpu"):
         super().__init__()
         self.targets: dict[int, torch.Tensor] = {}
+        self.draw_device = draw_device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -155,7 +156,7 @@ class _ReplayInit(TorchFunctionMode):
         init_fn = getattr(func, "__module__", "") == "torch.nn.init"
         tensor = args[0] if args else kwargs.get("tensor")
         if (init_fn or name in self.OPS) and isinstance(tensor, torch.Tensor) and tensor.is_meta:
-            full = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            full = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.draw_device)
             if init_fn:
                 if args:
                     func(full, *args[1:], **kwargs)
@@ -171,10 +172,13 @@ class _ReplayInit(TorchFunctionMode):
 
 
 @torch.no_grad()
-def materialize_sharded(model: nn.Module, device: torch.device) -> nn.Module:
+def materialize_sharded(model: nn.Module, device: torch.device,
+                        draw_device: str | torch.device = "cpu") -> nn.Module:
     """Give a meta-built, already sharded Transformer memory on `device` and the weights
     `Transformer(cfg)` would get in one process from the current CPU random state (module
-    docstring). Call on every rank right after sharding, with the same random state everywhere."""
+    docstring). Call on every rank right after sharding, with the same random state everywhere.
+    draw_device=device draws on the accelerator instead: much faster for large models, same on
+    every rank, but not the one-process CPU weights (benchmarks use it)."""
     from mogelm.model import RotaryEmbedding, Transformer, rope_inv_freq
 
     tags = {name: shard_info(p) for name, p in model.named_parameters() if shard_info(p) is not None}
@@ -182,7 +186,7 @@ def materialize_sharded(model: nn.Module, device: torch.device) -> nn.Module:
     params = dict(model.named_parameters())
     for name, tag in tags.items():
         setattr(params[name], EXPERT_ATTR, tag)
-    replay = _ReplayInit()
+    replay = _ReplayInit(draw_device)
     # The twin is unsharded and has no memory; building it replays the draws of the layers'
     # constructors (nn.Linear's own init, which reset_parameters then overwrites), keeping the
     # random stream where a one-process build has it.
