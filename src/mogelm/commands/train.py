@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mogelm.config import ROUTINGS
 from mogelm.errors import UserError
@@ -163,6 +164,14 @@ def _world_size(args: argparse.Namespace) -> int:
     return nproc
 
 
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    from mogelm.parallel.dispatchers import CollectiveError
+
+    return isinstance(e, (CollectiveError, dist.DistError))
+
+
 def run(args: argparse.Namespace) -> int:
     from mogelm.train import train
     from mogelm.train.context import make_context
@@ -185,7 +194,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.launch)") from None
         return int(relaunch(nproc) or 0)
     ctx = make_context(args.device, ep=args.ep, fsdp=args.fsdp)  # a torchrun worker joins the job here
-    res = train(tc, ctx)
+    try:
+        res = train(tc, ctx)
+    except Exception as e:
+        if ctx.world_size == 1 or not _is_collective_failure(e):
+            raise
+        # A peer died or hung: one line per rank instead of a traceback; torchrun then stops the
+        # others (if they are not already stopping on the same error) and names the first failure.
+        from mogelm.parallel.dispatchers import describe_failure
+
+        print(f"error: {describe_failure(e)}", file=sys.stderr, flush=True)
+        return 1
     if res.get("final_val") and ctx.is_main:
         print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
     ctx.destroy()
