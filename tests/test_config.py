@@ -69,3 +69,78 @@ def test_unknown_preset_and_round_trip_dict():
     assert ModelConfig.from_dict(d) == cfg
     with pytest.raises(ValueError, match="unknown config fields: bogus"):
         ModelConfig.from_dict({**d, "bogus": 1})
+
+
+# Any model size from the command line: --config FILE and --set FIELD=VALUE ---------------------------------
+def test_set_overrides_are_typed_by_the_dataclass_and_errors_name_the_field():
+    from mogelm.config import parse_overrides
+
+    assert parse_overrides(["hidden_size=128", "routing=topk", "qkv_bias=false", "rope_theta=1e4",
+                            "num_layers=3", "num_layers=4"]) == dict(
+        hidden_size=128, routing="topk", qkv_bias=False, rope_theta=1e4, num_layers=4)  # the last wins
+    for text, message in (("hiden_size=3", "did you mean hidden_size"), ("hidden_size=x", "takes an integer"),
+                          ("qkv_bias=maybe", "takes true or false"), ("norm_eps=small", "takes a number"),
+                          ("num_layers", "expected FIELD=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides([text])
+
+
+def test_model_from_a_config_file_with_overrides(tmp_path):
+    """--config reads a ModelConfig JSON or a checkpoint's config.json; --set changes fields and
+    derived fields (head_dim) follow their inputs unless they were set explicitly."""
+    from mogelm import save_pretrained
+    from mogelm.errors import UserError
+    from mogelm.hf_config import read_model_file
+    from mogelm.model import Transformer
+    from mogelm.train import TrainConfig, build_model_config
+
+    base = from_name("small", routing="topk")
+    (tmp_path / "model.json").write_text(__import__("json").dumps(base.to_dict()))
+    assert read_model_file(tmp_path / "model.json") == base
+    save_pretrained(Transformer(from_name("debug")), tmp_path / "ckpt")
+    assert read_model_file(tmp_path / "ckpt" / "config.json") == from_name("debug")
+    assert read_model_file(tmp_path / "ckpt") == from_name("debug")
+    tc = TrainConfig(model_config=base.to_dict(), model_overrides=dict(hidden_size=512, num_layers=2),
+                     seq_len=64)
+    cfg = build_model_config(tc)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.head_dim, cfg.routing) == (512, 2, 128, "topk")
+    pinned = TrainConfig(model_config=base.replace(head_dim=32).to_dict(),
+                         model_overrides=dict(hidden_size=512))
+    assert build_model_config(pinned).head_dim == 32
+    with pytest.raises(UserError, match="num_groups"):
+        build_model_config(TrainConfig(model_config=base.to_dict(), model_overrides=dict(num_groups=3)))
+    (tmp_path / "bad.json").write_text('{"hidden_size": 64}')
+    with pytest.raises(UserError, match="vocab_size"):
+        read_model_file(tmp_path / "bad.json")
+
+
+def test_train_cli_model_flags(tmp_path, capsys):
+    """`mogelm train --config` trains the file's model with --set on top; --config with --preset,
+    an unknown field or a bad value end with one line and exit status 2 before anything runs."""
+    import json
+    from pathlib import Path
+
+    from mogelm.checkpoint import read_config
+    from mogelm.cli import main
+
+    (tmp_path / "model.json").write_text(json.dumps(from_name("debug").to_dict()))
+    data = str(Path(__file__).parent / "data")
+    common = ["train", "--data", data, "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32",
+              "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--eval-batches", "1",
+              "--threads", "1", "--progress", "none"]
+    assert main([*common, "--config", str(tmp_path / "model.json"), "--set", "num_layers=1",
+                 "--set", "moe_intermediate_size=16", "--out", str(tmp_path / "run")]) == 0
+    cfg = read_config(tmp_path / "run" / "final")
+    assert (cfg.num_layers, cfg.moe_intermediate_size, cfg.hidden_size) == (1, 16, 64)
+    capsys.readouterr()
+    for extra, message in (
+        (["--config", str(tmp_path / "model.json"), "--preset", "small"], "--config and --preset"),
+        (["--set", "num_layerz=2"], "did you mean num_layers"),
+        (["--set", "num_layers=two"], "num_layers takes an integer"),
+        (["--set", "num_groups=3"], "num_experts (8) must be divisible by num_groups (3)"),
+        (["--config", str(tmp_path / "missing.json")], "--config"),
+    ):
+        assert main([*common, *extra, "--out", str(tmp_path / "bad")]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()

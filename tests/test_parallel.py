@@ -288,7 +288,9 @@ def _checkpoint_cases(rank, world, tmp, errors, single_ckpt):
             _check(errors, f"reload DP=2/EP=1 optim {name}.{k}", opt_dp.state[p][k], want_opt[name][k], 0)
 
     # The `mogelm train` directory: DCP shards + full Pangu-layout model + one-process trainer state.
-    ctx2 = _checkpoint_state[4]
+    from mogelm.train.context import DistributedContext
+
+    ctx2 = DistributedContext(_checkpoint_state[4])
     train_dir = os.path.join(tmp, "train_ckpt")
     ctx2.save_checkpoint(train_dir, ep, opt_ep, {"step": 20, "seed": 0}, None)
     again = ctx2.parallelize(_model(cfg, seed=13))
@@ -428,7 +430,7 @@ def test_ep2_x_dp2_on_four_ranks(tmp_path):
 def test_local_context_is_the_plain_one_process_path():
     """No collectives, and clipping is torch's clip_grad_norm_ bit for bit (the loop's numerics in
     one process; tests/test_train.py checks a whole run)."""
-    from mogelm.parallel.local import LocalContext
+    from mogelm.train.context import LocalContext
 
     ctx = LocalContext("cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
@@ -557,7 +559,8 @@ def test_relaunch_runs_the_command_under_torchrun(monkeypatch, capsys):
 def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):
     """`mogelm train --nproc 2 --ep 2` end to end (torchrun, gloo, the real training loop and
     checkpoint directory) lands on the same weights and validation loss as one process on the
-    same global batches."""
+    same global batches; so does FSDP2 x EP started by torchrun itself, the way a multi-node job
+    is (docs/training.md: no --nproc, the world size is torchrun's)."""
     import json
     import subprocess
     import sys
@@ -570,16 +573,40 @@ def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):
               "--seq-len", "32", "--max-steps", "4", "--eval-every", "4", "--eval-batches", "2",
               "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {"ep": ["--nproc", "2", "--ep", "2", "--batch-size", "2"], "one": ["--batch-size", "4"]}
-    for name, extra in runs.items():
-        proc = subprocess.run([sys.executable, "-m", "mogelm", *common, *extra,
-                               "--out", str(tmp_path / name)],
+    mogelm = [sys.executable, "-m", "mogelm"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "mogelm"]
+    runs = {"one": (mogelm, ["--batch-size", "4"]),
+            "ep": (mogelm, ["--nproc", "2", "--ep", "2", "--batch-size", "2"]),
+            "fsdp": (torchrun, ["--ep", "2", "--fsdp", "2", "--batch-size", "2"])}
+    for name, (launcher, extra) in runs.items():
+        proc = subprocess.run([*launcher, *common, *extra, "--out", str(tmp_path / name)],
                               env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
     val = {n: [json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()][-1]
            for n in runs}
-    assert val["ep"]["kind"] == "val" and abs(val["ep"]["val_loss"] - val["one"]["val_loss"]) < 1e-5, val
-    ep, one = from_pretrained(tmp_path / "ep" / "final"), from_pretrained(tmp_path / "one" / "final")
-    for (name, p), q in zip(ep.named_parameters(), one.parameters()):
-        assert (p - q).abs().max() < 1e-5, name
-    assert (tmp_path / "ep" / "final" / "distributed").is_dir()
+    one = from_pretrained(tmp_path / "one" / "final")
+    for name in ("ep", "fsdp"):
+        assert val[name]["kind"] == "val" and abs(val[name]["val_loss"] - val["one"]["val_loss"]) < 1e-5, val
+        other = from_pretrained(tmp_path / name / "final")
+        for (pname, p), q in zip(other.named_parameters(), one.parameters()):
+            assert (p - q).abs().max() < 1e-5, (name, pname)
+        assert (tmp_path / name / "final" / "distributed").is_dir()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ep", "2"], "need several processes"),
+    (["--nproc", "4", "--ep", "3"], "EP size 3 must divide the world size 4"),
+    (["--nproc", "4", "--fsdp", "3"], "FSDP size 3 must divide the world size 4"),
+    (["--nproc", "4", "--ep", "4", "--fsdp", "2"], "EP size 4 must divide the FSDP size 2"),
+    (["--nproc", "8", "--ep", "8", "--set", "num_groups=2", "--set", "num_experts_per_tok=2"],
+     "does not divide num_groups"),
+    (["--nproc", "0"], "--nproc must be positive"),
+])
+def test_train_refuses_a_bad_layout_before_starting_processes(flags, message, tmp_path, capsys):
+    from mogelm.cli import main
+
+    assert main(["train", "--max-steps", "1", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

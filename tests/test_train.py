@@ -239,15 +239,15 @@ def test_validation_batches_have_the_same_shapes_on_every_rank(windows):
     assert shapes[0] == shapes[1] and shapes[0]
 
 
-# The loop on one process (train/loop.py through parallel/local.py) ---------------------------------
+# The loop on one process (train/loop.py through train/context.py) ---------------------------------
 def test_one_process_loop_equals_a_plain_loop(tmp_path, cache):
     """train() on its world-size-1 context computes exactly what a plain one-process loop does
     (schedule, accumulation, aux loss, torch's clipping, AdamW): the same losses and gradient
     norms, bit for bit, and the same final weights."""
     import torch.nn.functional as F
 
-    from mogelm.parallel.local import LocalContext
     from mogelm.train import build_model, build_model_config, build_optimizer, prepare_data, train_batch
+    from mogelm.train.context import LocalContext
 
     tc = cfg(tmp_path, cache, max_steps=3, grad_accum=2, eval_every=100)
     train(tc, log=lambda msg: None)

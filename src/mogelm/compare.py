@@ -41,8 +41,8 @@ import numpy as np
 
 from mogelm.errors import UserError
 from mogelm.fsutil import check_output_dir
-from mogelm.parallel.local import LocalContext
 from mogelm.train import TrainConfig, find_checkpoints, prepare_data, read_log, resolve_device, train
+from mogelm.train.context import LocalContext
 from mogelm.train.loop import plan_run
 
 DEVICES = (8, 4)

@@ -3,6 +3,7 @@
     from mogelm.config import ModelConfig, from_name, count_parameters
     cfg = from_name("pangu-pro-moe-72b")
     total, active = count_parameters(cfg)      # 71.99 B, 16.50 B (PAPER.md §3.1)
+    cfg = from_name("debug", **parse_overrides(["hidden_size=128", "routing=topk"]))  # `--set` strings
 
 Vocabulary of the MoE fields (MoGE overloads "group"; here it always means an *expert group*):
     num_experts (N)          routed experts per layer
@@ -15,6 +16,8 @@ Invalid combinations raise ValueError naming the fields involved.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 
 ROUTINGS = ("moge", "topk", "softmax_topk", "group_limited")
@@ -187,6 +190,60 @@ def from_name(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     return ModelConfig(**{**PRESETS[name], **overrides, "name": name})
+
+
+# Overrides from strings (`mogelm train --set field=value`) --------------------------------------
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def field_types() -> dict[str, type]:
+    """ModelConfig field name -> its Python type (int, float, bool or str)."""
+    return typing.get_type_hints(ModelConfig)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'hidden_size=2048' -> ("hidden_size", 2048), typed by the ModelConfig field. Raises ValueError
+    naming the field (or the closest known one) and the expected type."""
+    name, sep, raw = text.partition("=")
+    name, raw = name.strip(), raw.strip()
+    if not sep or not name:
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set hidden_size=2048")
+    types = field_types()
+    if name not in types:
+        close = difflib.get_close_matches(name, list(types), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f"; fields: {', '.join(types)}"
+        raise ValueError(f"--set {text!r}: {name!r} is not a model config field{hint}")
+    kind = types[name]
+    try:
+        if kind is bool:
+            if raw.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return name, raw.lower() in _TRUE
+        if kind is int:
+            return name, int(raw)
+        if kind is float:
+            return name, float(raw)
+        return name, raw
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ValueError(f"--set {text!r}: {name} takes {expected}, got {raw!r}") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """Several `field=value` strings -> {field: typed value}; a later one wins."""
+    return dict(parse_override(t) for t in items or [])
+
+
+def base_fields(cfg: ModelConfig) -> dict:
+    """cfg's fields as a base for overrides: the derived fields (head_dim, topk_groups) go back to
+    0 ("derive") when they hold their derived value, so overriding hidden_size or num_groups
+    re-derives them instead of keeping a stale value."""
+    d = cfg.to_dict()
+    if d["head_dim"] * d["num_heads"] == d["hidden_size"]:
+        d["head_dim"] = 0
+    if d["topk_groups"] == max(1, d["num_groups"] // 2):
+        d["topk_groups"] = 0
+    return d
 
 
 # Parameter counting ----------------------------------------------------------------------------

@@ -225,3 +225,26 @@ def read_quantization_config(path: str | os.PathLike) -> dict | None:
         if not isinstance(w, dict) or any(w.get(k) != v for k, v in FP8_WEIGHTS.items() if k != "dynamic"):
             raise UserError(f"{cfg_path}: quantization_config group {name!r} has weights {w}: {supported}")
     return q
+
+
+def read_model_file(path: str | Path) -> ModelConfig:
+    """The model in a file (`mogelm train --config PATH`, `mogelm info PATH`): a ModelConfig JSON
+    (the fields of ModelConfig.to_dict(), any subset holding the required ones), a checkpoint's
+    config.json (ours or a PanguProMoE one, told apart by its HF keys), or a checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        return read_config(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object of model config fields")
+    if "model_type" in d or "mogelm" in d or "architectures" in d:  # an HF-layout config.json
+        return read_config(path)
+    try:
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: invalid model configuration: {e}") from None

@@ -5,11 +5,16 @@
     mogelm train --out runs/debug --resume                                   # continue after a crash
     mogelm train --out runs/debug --resume --lr 1e-3 --allow-changed-optimizer   # ... with a new lr
     mogelm train --preset small --nproc 2 --ep 2 --out runs/ep               # torchrun under the hood
+    mogelm train --config model.json --set num_layers=8 --nproc 4 --ep 2 --fsdp 4 --out runs/big
 
 A thin layer over mogelm.train (the loop, checkpoints and logs are described there): flags ->
-TrainConfig -> train(tc, ctx). With --nproc N > 1 the command re-runs itself under torchrun
-(mogelm.parallel.launch); each torchrun worker joins the process group (ParallelContext), one
-process runs on a LocalContext, and both go through the same loop.
+TrainConfig -> train(tc, ctx). The model is a preset (--preset, default debug) or a config file
+(--config: a ModelConfig JSON, a checkpoint's config.json or a checkpoint directory), never both;
+then the routing flags, then every --set FIELD=VALUE in order (the last one wins). With --nproc
+N > 1 the command re-runs itself under torchrun (mogelm.parallel.launch); each torchrun worker
+joins the process group with the --ep/--fsdp layout (mogelm.train.context.make_context), one
+process runs on a LocalContext, and both go through the same loop. Started by torchrun directly
+(several nodes: docs/training.md), leave --nproc out: the world size is torchrun's.
 
 --resume continues with the checkpoint's settings; flags given again must agree with them (a
 changed model or text is refused, a changed optimisation setting needs --allow-changed-optimizer):
@@ -31,7 +36,13 @@ NO_DISTRIBUTED = "distributed training is not available in this build"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="debug", help="model preset (debug, small, ...; default debug)")
+    g.add_argument("--preset", default=None, help="model preset (debug, small, ...; default debug)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="model from a file instead of a preset: a ModelConfig JSON, a checkpoint's "
+                        "config.json, or a checkpoint directory")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
+                   help="override one model config field, e.g. --set hidden_size=2048 (repeatable; "
+                        "applied after --preset/--config and the routing flags)")
     g.add_argument("--routing", choices=ROUTINGS, default=None, help="routing (default: the preset's, moge)")
     g.add_argument("--aux-alpha", type=float, default=None,
                    help="balancing loss weight alpha (paper Eq. 8; default 1e-3)")
@@ -71,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--activation-checkpointing", choices=("none", "moe", "full"), default="none",
                    help="recompute activations in the backward to save memory: each block's FFN (moe) "
                    "or whole blocks (full); default none")
+    o.add_argument("--optim-state-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of AdamW's two moments (bf16 halves optimizer memory; default fp32)")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/train", help="output folder (checkpoints, log.jsonl)")
     r.add_argument("--resume", action="store_true",
@@ -88,15 +101,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="progress line every N steps when not on a terminal")
     r.add_argument("--progress", choices=("auto", "lines", "none"), default="auto",
                    help="progress display: a live line on a terminal (auto), plain lines, or none")
-    r.add_argument("--nproc", type=int, default=1,
-                   help="processes (torchrun) for data/expert parallel training")
-    r.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --nproc)")
+    r.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine (torchrun under the hood) for data/FSDP/expert "
+                        "parallel training (default 1; under torchrun: its world size)")
+    r.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size: ranks sharing one copy of the experts (default 1)")
+    r.add_argument("--fsdp", type=int, default=1,
+                   help="FSDP2 size: ranks sharding the weights, gradients and optimizer states "
+                        "(--ep must divide it; default 1: weights replicated, DP x EP)")
     r.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace):
+    from mogelm.config import parse_overrides
+    from mogelm.hf_config import read_model_file
     from mogelm.train import TrainConfig
 
+    if args.config is not None and args.preset is not None:
+        raise UserError("--config and --preset both name a model; give one (use --set to change "
+                        "fields of either)")
+    model_config = None
+    if args.config is not None:
+        try:
+            model_config = read_model_file(args.config).to_dict()
+        except UserError as e:
+            raise UserError(f"--config {e}") from None
     overrides = {}
     for flag, fld in (("aux_alpha", "aux_loss_alpha"), ("aux_loss_type", "aux_loss_type"),
                       ("z_loss", "z_loss_coef"), ("bias_rate", "aux_free_update_rate"),
@@ -107,8 +136,13 @@ def config_from_args(args: argparse.Namespace):
         overrides["aux_free_bias"] = True
     if args.renormalize:
         overrides["renormalize"] = True
+    try:
+        overrides.update(parse_overrides(args.set_fields))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return TrainConfig(
-        out=args.out, preset=args.preset, routing=args.routing, model_overrides=overrides,
+        out=args.out, preset=args.preset or "debug", model_config=model_config, routing=args.routing,
+        model_overrides=overrides, optim_state_dtype=args.optim_state_dtype,
         data=list(args.data or []), max_bytes=args.max_bytes, vocab_size=args.vocab_size,
         cache_dir=args.cache_dir, seq_len=args.seq_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_steps=args.max_steps, max_tokens=args.max_tokens, lr=args.lr,
@@ -122,8 +156,9 @@ def config_from_args(args: argparse.Namespace):
 
 # flags that are not TrainConfig fields of the same name
 _MODEL_FLAGS = ("aux_alpha", "aux_loss_type", "z_loss", "aux_free_bias", "bias_rate", "topk_groups",
-                "renormalize")
-_NOT_CONFIG = ("nproc", "ep", "allow_changed_optimizer")
+                "renormalize", "set_fields")
+_RENAMED = {"config": "model_config"}
+_NOT_CONFIG = ("nproc", "ep", "fsdp", "allow_changed_optimizer")
 
 
 def explicit_fields(args: argparse.Namespace) -> set[str] | None:
@@ -132,18 +167,36 @@ def explicit_fields(args: argparse.Namespace) -> set[str] | None:
     given = getattr(args, "explicit", None)
     if given is None:
         return None
-    return {("model_overrides" if d in _MODEL_FLAGS else d) for d in given if d not in _NOT_CONFIG}
+    return {("model_overrides" if d in _MODEL_FLAGS else _RENAMED.get(d, d))
+            for d in given if d not in _NOT_CONFIG}
 
 
-def check_processes(nproc: int, ep: int, device: str) -> None:
-    """--nproc and --ep against each other and the machine: refused for GPUs, warned for CPU cores."""
-    if nproc < 1 or ep < 1:
-        raise UserError(f"--nproc and --ep must be positive, got --nproc {nproc} --ep {ep}")
-    if ep > nproc:
-        raise UserError(f"--ep {ep} needs --nproc {ep} or more: each expert-parallel rank is a process")
-    if nproc % ep:
-        raise UserError(f"--ep {ep} must divide --nproc {nproc} (processes = data parallel x expert "
-                        "parallel)")
+def _world_size(args: argparse.Namespace) -> int:
+    """--nproc, checked against torchrun's WORLD_SIZE in a worker, and the layout against it."""
+    under_torchrun = "LOCAL_RANK" in os.environ
+    env_world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else None
+    nproc = args.nproc if args.nproc is not None else (env_world or 1)
+    if nproc < 1 or args.ep < 1 or args.fsdp < 1:
+        raise UserError(f"--nproc, --ep and --fsdp must be positive, got --nproc {nproc} --ep {args.ep} "
+                        f"--fsdp {args.fsdp}")
+    if env_world is not None and nproc != env_world:
+        raise UserError(f"--nproc {nproc} but torchrun started {env_world} processes; "
+                        "leave --nproc out under torchrun")
+    if nproc == 1 and (args.ep > 1 or args.fsdp > 1):
+        raise UserError(f"--ep {args.ep} --fsdp {args.fsdp} need several processes; add --nproc N")
+    try:
+        from mogelm.parallel.context import validate_layout
+    except ImportError:
+        raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.context)") from None
+    try:
+        validate_layout(nproc, args.ep, args.fsdp)
+    except ValueError as e:
+        raise UserError(f"{e} (--nproc {nproc})") from None
+    return nproc
+
+
+def check_processes(nproc: int, device: str) -> None:
+    """--nproc against the machine: refused beyond its GPUs, warned beyond its CPU cores."""
     if nproc == 1:
         return
     import torch
@@ -162,52 +215,56 @@ def check_processes(nproc: int, ep: int, device: str) -> None:
                   "them and run slowly", file=sys.stderr)
 
 
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    from mogelm.parallel.dispatchers import CollectiveError
+
+    return isinstance(e, (CollectiveError, dist.DistError))
+
+
 def run(args: argparse.Namespace) -> int:
-    from mogelm.train import resolve_device, train
+    from mogelm.train import train
+    from mogelm.train.context import make_context
     from mogelm.train.loop import plan_run
 
     tc = config_from_args(args)
     explicit = explicit_fields(args)
-    under_torchrun = "LOCAL_RANK" in os.environ
-    if not under_torchrun:  # once, before any process starts: a bad flag gets one message
-        check_processes(args.nproc, args.ep, args.device)
-        tc_now, resume_dir, _ = plan_run(tc, args.nproc, explicit, args.allow_changed_optimizer)
+    nproc = _world_size(args)
+    if "LOCAL_RANK" not in os.environ:  # once, before any process starts: a bad flag gets one message
+        check_processes(nproc, args.device)
+        tc_now, resume_dir, _ = plan_run(tc, nproc, explicit, args.allow_changed_optimizer)
         if tc.data:  # read (not tokenized) once here: unreadable text is one message, not one per rank
             from mogelm.data import load_documents
 
             load_documents(tc.data, tc.max_bytes, warn=lambda msg: None)
-    if args.nproc > 1 and not under_torchrun:
-        from mogelm.checkpoint import read_config
-        from mogelm.train import build_model_config
-
-        try:
+        if args.ep > 1:  # the model-dependent layout check (EP vs expert groups)
+            from mogelm.checkpoint import read_config
             from mogelm.parallel.expert_parallel import validate_ep
-            from mogelm.parallel.launch import relaunch
-        except ImportError:
-            raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.launch)") from None
-        cfg = read_config(resume_dir) if resume_dir is not None else build_model_config(tc_now)
-        try:
-            validate_ep(cfg, args.ep)
-        except ValueError as e:
-            raise UserError(f"--ep {args.ep}: {e}") from None
-        return int(relaunch(args.nproc) or 0)
-    if "LOCAL_RANK" in os.environ:  # a torchrun worker: join the process group
-        try:
-            from mogelm.parallel.context import init_parallel
-            from mogelm.parallel.dispatchers import CollectiveError
-        except ImportError:
-            raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.context)") from None
-        collective_errors = (CollectiveError,)
-        ctx = init_parallel(ep_size=args.ep, device=str(resolve_device(args.device)))
-    else:
-        from mogelm.parallel.local import LocalContext
+            from mogelm.train.config import build_model_config
 
-        ctx = LocalContext(resolve_device(args.device))
-        collective_errors = ()
+            cfg = read_config(resume_dir) if resume_dir is not None else build_model_config(tc_now)
+            try:
+                validate_ep(cfg, args.ep)
+            except ValueError as e:
+                raise UserError(f"--ep {args.ep}: {e}") from None
+        if nproc > 1:
+            try:
+                from mogelm.parallel.launch import relaunch
+            except ImportError:
+                raise UserError(f"{NO_DISTRIBUTED} (mogelm.parallel.launch)") from None
+            return int(relaunch(nproc) or 0)
+    ctx = make_context(args.device, ep=args.ep, fsdp=args.fsdp)  # a torchrun worker joins the job here
     try:
         res = train(tc, ctx, explicit=explicit, allow_changed_optimizer=args.allow_changed_optimizer)
-    except collective_errors as e:  # a peer rank died or disagreed: the message says so, on one line
-        raise UserError(" ".join(str(e).split())) from None
+    except Exception as e:
+        if ctx.world_size == 1 or not _is_collective_failure(e):
+            raise
+        # A peer died or hung: one line per rank instead of a traceback (exit 2, so the launcher adds
+        # nothing); torchrun then stops the others and names the first failure.
+        from mogelm.parallel.dispatchers import describe_failure
+
+        raise UserError(describe_failure(e)) from None
     if res.get("final_val") and ctx.is_main:
         print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
     ctx.destroy()

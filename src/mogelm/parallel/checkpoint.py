@@ -1,38 +1,62 @@
 """Distributed checkpoints through torch.distributed.checkpoint (DCP), independent of the layout.
 
-    save_distributed(path, model, optimizer, extra={"step": 100})   # every rank, any DP x EP;
+    save_distributed(path, model, optimizer, extra={"step": 100})   # every rank, any layout
+                                                                     # (DP x EP, FSDP2 x EP);
                                                                      # extra must be JSON-able
-    extra = load_distributed(path, model, optimizer)                 # any other world size / EP,
-                                                                     # or one process (no dist)
+    extra = load_distributed(path, model, optimizer)                 # any other layout, or one
+                                                                     # process (no dist)
+    full = gather_full_state(model, optimizer, ep_group)             # every rank; whole tensors
+                                                                     # in the one-process layout
 
-The stacked routed-expert tensors ([E_local, ...] shards under expert parallel) are stored one
-entry per *global* expert (`model.layers.0.mlp.experts.gate_up_EFD.e17`), and so is their
-optimizer state; everything else is stored once under its state_dict name. A reader at another
-layout asks DCP for exactly the experts it holds, so nothing is gathered onto one rank and a
-checkpoint written by 2 EP ranks loads into 1 process or 4 (and back). DCP writes one file per
-rank plus metadata; replicated entries are written once.
+The stacked routed-expert tensors ([E_local, ...] shards under expert parallel, and under FSDP2
+a further slice of those rows on each rank) are stored one entry per *global* expert
+(`model.layers.0.mlp.experts.gate_up_EFD.e17`), and so is their optimizer state; everything else
+is stored once under its state_dict name, as a DTensor when FSDP2 shards it (DCP reshards
+DTensors by itself). A reader at another layout asks DCP for exactly the experts and slices it
+holds, so nothing is gathered onto one rank: a checkpoint written by FSDP 4 x EP 2 loads into
+one process, into DP 2 x EP 2 or into FSDP 2 x EP 1 (and back). DCP writes one file per rank plus
+metadata; replicated entries are written once.
+
+The `mogelm train` checkpoint directory built on these lives in mogelm.train.context (parallel/
+does not import train).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from mogelm.fsutil import replace_dir
 from mogelm.moe.experts import RoutedExperts
 from mogelm.parallel.expert_parallel import shard_info
 
 
-def _expert_offsets(model: nn.Module) -> dict[int, int]:
-    """id(param) -> global index of its first expert, for every stacked expert parameter."""
+def is_dtensor(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the rows of `t` this rank holds, index of the first of them in `t`'s global rows): the
+    tensor itself for a plain tensor; the local shard and its offset for a DTensor (FSDP2)."""
+    if not is_dtensor(t):
+        return t, 0
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(isinstance(pl, Shard) and pl.dim != 0 for pl in t.placements):
+        raise ValueError("expert tensors must be sharded on dim 0 (the expert dimension)")
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), offset[0]
+
+
+def _expert_params(model: nn.Module) -> dict[int, int]:
+    """id(param) -> global index of its first expert row (before any FSDP slicing), for every
+    stacked expert parameter."""
     out = {}
     for mod in model.modules():
         if isinstance(mod, RoutedExperts):
@@ -43,8 +67,10 @@ def _expert_offsets(model: nn.Module) -> dict[int, int]:
 
 
 def _split(prefix: str, t: torch.Tensor, first: int, into: dict) -> None:
-    for i in range(t.shape[0]):
-        into[f"{prefix}.e{first + i}"] = t[i]
+    """One entry per expert row this rank holds: views of the live tensor, so a load fills it."""
+    local, offset = _local_rows(t)
+    for i in range(local.shape[0]):
+        into[f"{prefix}.e{first + offset + i}"] = local[i]
 
 
 def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -70,9 +96,21 @@ def _ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit back in its sharded state. After a forward without backward (e.g.
+    validation) the units that keep their parameters gathered (reshard_after_forward=False) hold
+    plain tensors instead of the sharded DTensor parameters the optimizer knows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def logical_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Flat dict of tensors (views of the live ones) with layout-independent keys."""
-    offsets = _expert_offsets(model)
+    reshard(model)
+    offsets = _expert_params(model)
     state: dict = {}
     params = dict(model.named_parameters())
     for name, t in model.state_dict().items():
@@ -137,85 +175,42 @@ def _one_process_is_intended():
         yield
 
 
-# Training checkpoints (the `mogelm train` directory layout) ----------------------------------------
-DCP_SUBDIR = "distributed"
+# Whole tensors (the one-process files of a training checkpoint) ------------------------------------
+def _full(t: torch.Tensor, expert: bool, ep_group) -> torch.Tensor:
+    """The whole tensor: a DTensor all-gathered over its mesh, then expert rows over EP."""
+    whole = t.full_tensor() if is_dtensor(t) else t.detach()
+    if expert and ep_group is not None and dist.get_world_size(ep_group) > 1:
+        parts = [torch.empty_like(whole) for _ in range(dist.get_world_size(ep_group))]
+        dist.all_gather(parts, whole.contiguous(), group=ep_group)
+        whole = torch.cat(parts)
+    return whole
 
 
-def _gather_experts(t: torch.Tensor, ep_group) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))]
-    dist.all_gather(parts, t.detach().contiguous(), group=ep_group)
-    return torch.cat(parts)
-
-
-def save_training_checkpoint(ctx, path, model: nn.Module, optimizer, state: dict, data_folder=None) -> Path:
-    """The `mogelm train` checkpoint, written by every rank of `ctx`, atomically (temp + rename):
-
-        path/distributed/         DCP: model + optimizer shards + `state` (reloads at any layout)
-        path/config.json, model.safetensors, tokenizer*.json   (full model, Pangu layout)
-        path/trainer_state.pt     state + optimizer state in the one-process layout + RNG
-
-    so `mogelm eval/generate` and a one-process `--resume` read it as an ordinary checkpoint."""
-    from mogelm.checkpoint import save_pretrained
-    from mogelm.train.checkpointing import rng_state
-
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    ctx.barrier()
-    save_distributed(str(tmp / DCP_SUBDIR), model, optimizer,
-                     extra=json.loads(json.dumps(state, default=str)))
-    # Full expert tensors (and their optimizer moments) for the one-process files.
-    full: dict[int, torch.Tensor] = {}
-    full_opt: dict[tuple[int, str], torch.Tensor] = {}
-    for p in model.parameters():
-        if shard_info(p) is not None:
-            full[id(p)] = _gather_experts(p.data, ctx.ep_group)
-            for k, v in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    full_opt[(id(p), k)] = _gather_experts(v, ctx.ep_group)
-    if ctx.is_main:
-        swapped = []
-        for mod in model.modules():
-            if isinstance(mod, RoutedExperts):
-                for name in ("gate_up_EFD", "down_EDF"):
-                    p = getattr(mod, name)
-                    if id(p) in full:
-                        swapped.append((mod, name, p, mod.num_experts))
-                        setattr(mod, name, nn.Parameter(full[id(p)], requires_grad=False))
-                        mod.num_experts = full[id(p)].shape[0]
-        try:
-            save_pretrained(model, tmp)
-        finally:
-            for mod, name, p, n in swapped:
-                setattr(mod, name, p)
-                mod.num_experts = n
-        opt_sd = None
-        if optimizer is not None:
-            opt_sd = optimizer.state_dict()
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            for i, p in enumerate(params):
-                if i in opt_sd["state"]:  # a copy: state_dict() shares the live per-param dicts
-                    opt_sd["state"][i] = {k: full_opt.get((id(p), k), v)
-                                          for k, v in opt_sd["state"][i].items()}
-        torch.save({**state, "optimizer": opt_sd, "rng": rng_state(), "distributed": DCP_SUBDIR},
-                   tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(
-            json.dumps({k: v for k, v in state.items() if k != "history"}, indent=2, default=str)
-        )
-        if data_folder is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                if (Path(data_folder) / name).is_file():
-                    shutil.copyfile(Path(data_folder) / name, tmp / name)
-        replace_dir(tmp, path)
-    ctx.barrier()
-    return path
-
-
-def load_training_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
-    """Model and optimizer state from a training checkpoint at the current layout; returns the
-    saved trainer state (step, ...). Reads path/distributed when present, else path as DCP."""
-    path = Path(path)
-    dcp_dir = path / DCP_SUBDIR if (path / DCP_SUBDIR).is_dir() else path
-    return load_distributed(str(dcp_dir), model, optimizer)
+def gather_full_state(model: nn.Module, optimizer=None, ep_group=None, keep: bool = True) -> dict:
+    """Every rank calls this (collectives, in parameter order): {"model": state_dict with whole
+    tensors, "optim": {param name: {state key: whole tensor or value}}} as one process would hold
+    them; with keep=False (the non-main ranks) the tensors are gathered and dropped and the
+    result is empty. Costs one whole copy of model and optimizer on the main rank."""
+    reshard(model)
+    experts = _expert_params(model)
+    out: dict = {"model": {}, "optim": {}}
+    params = dict(model.named_parameters())
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        whole = _full(t, p is not None and id(p) in experts, ep_group)
+        if keep:
+            out["model"][name] = whole.cpu()
+    if optimizer is not None:
+        names = {id(p): n for n, p in params.items()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                entry = {}
+                for k, v in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v = _full(v, id(p) in experts, ep_group)
+                    elif is_dtensor(v):
+                        v = v.full_tensor()
+                    entry[k] = v.cpu() if torch.is_tensor(v) else v
+                if keep:
+                    out["optim"][names[id(p)]] = entry
+    return out

@@ -1,25 +1,36 @@
-"""ParallelContext: expert parallel x data parallel over torch.distributed, for the training loop.
+"""ParallelContext: data parallel, FSDP2 and expert parallel on a DeviceMesh, for the training loop.
 
-Launch with torchrun (`mogelm train --nproc N --ep E` does it for you):
+Launch with torchrun (`mogelm train --nproc N --ep E [--fsdp F]` does it for you):
 
-    torchrun --standalone --nproc-per-node 2 -m mogelm train --preset debug --ep 2
+    torchrun --standalone --nproc-per-node 4 -m mogelm train --preset debug --ep 2 --fsdp 4
 
 and inside each process:
 
-    ctx = init_parallel(ep_size=2, device="cpu")         # gloo on CPU, NCCL on CUDA
+    ctx = init_parallel(ep_size=2, fsdp_size=4, device="cpu")   # gloo on CPU, NCCL on CUDA
     model = ctx.parallelize(model)                       # before building the optimizer
     loss(model(batch[ctx.rank::...])).backward()         # each rank: its slice of the global batch
     ctx.sync_gradients(model); ctx.clip_grad_norm(model, 1.0); opt.step()
 
-Layout: world W = DP x EP. Ranks [d*EP, (d+1)*EP) form EP group d; EP rank r holds expert groups
-[r*M/EP, (r+1)*M/EP). Replicated (non-expert) parameters are averaged over all W ranks; expert
-shards over the W/EP ranks holding the same shard. Both divide by W, because each rank's loss
-is the mean over its own 1/W of the global batch, so the result equals the gradient of the
-global-batch mean loss in one process (tests/test_parallel.py checks this).
+Two layouts of a world of W ranks, both with EP groups of E consecutive ranks (EP rank r holds
+expert groups [r*M/E, (r+1)*M/E)) and every rank reading its own slice of the global batch:
+
+  --fsdp 1 (DP x EP)  mesh ("dp", "ep") = (W/E, E). Dense parameters replicated on every rank and
+                      averaged over all W ranks after backward (sync_gradients); expert shards
+                      replicated over the W/E ranks holding the same shard.
+  --fsdp F > 1        torchtitan's layout (mogelm.parallel.fsdp): dense parameters sharded by FSDP2
+                      over F ranks (HSDP: replicated over W/F such groups); experts sharded over
+                      EP and by FSDP2 over the F/E ranks left in the FSDP group. E must divide F
+                      (EP borrows its ranks from the FSDP dimension). FSDP2 reduces gradients
+                      during backward; sync_gradients has nothing left to do.
+
+In both, gradients are divided by W, because each rank's loss is the mean over its own 1/W of the
+global batch, so the result equals the gradient of the global-batch mean loss in one process
+(tests/test_parallel.py and tests/test_fsdp.py check this).
 
 Failures: every collective has the timeout given here (default 300 s, env MOGELM_DIST_TIMEOUT);
-a dead peer or disagreeing ranks end each rank with a CollectiveError naming the cause; an EP
-size that does not divide the world or the expert groups is refused before any collective.
+a dead peer or disagreeing ranks end each rank with a CollectiveError naming the cause; a layout
+that does not divide the world or the expert groups is refused before any collective
+(validate_layout, validate_ep).
 """
 
 from __future__ import annotations
@@ -41,67 +52,130 @@ from mogelm.parallel.expert_parallel import apply_expert_parallel, is_expert_sha
 DEFAULT_TIMEOUT_S = 300.0
 
 
+def validate_layout(world_size: int, ep_size: int, fsdp_size: int = 1) -> None:
+    """Refuse a parallel layout that cannot be built, before any collective (pure, so every rank
+    raises alike). The model-dependent checks (EP vs expert groups) are validate_ep's."""
+    if ep_size < 1 or fsdp_size < 1:
+        raise ValueError(f"--ep ({ep_size}) and --fsdp ({fsdp_size}) must be >= 1")
+    if world_size % ep_size:
+        raise ValueError(f"EP size {ep_size} must divide the world size {world_size} (DP = world / EP)")
+    if world_size % fsdp_size:
+        raise ValueError(f"FSDP size {fsdp_size} must divide the world size {world_size} "
+                         f"(the rest, world / FSDP, replicates: HSDP)")
+    if fsdp_size > 1 and fsdp_size % ep_size:
+        raise ValueError(f"EP size {ep_size} must divide the FSDP size {fsdp_size}: expert parallel borrows "
+                         f"its ranks from the FSDP dimension (e.g. --fsdp {world_size}, or --fsdp 1 for "
+                         "replicated dense weights)")
+
+
 class ParallelContext:
-    """Process groups and the gradient/metric collectives the training loop needs."""
+    """Device meshes, process groups and the gradient/metric collectives the training loop needs."""
 
-    def __init__(self, ep_size: int, device: torch.device, dispatcher: str = "auto"):
-        if ep_size < 1 or dist.get_world_size() % ep_size:
-            raise ValueError(f"EP size {ep_size} must divide the world size {dist.get_world_size()}")
+    def __init__(self, ep_size: int, device: torch.device, dispatcher: str = "auto", fsdp_size: int = 1,
+                 mp_policy="default", comm_timer=None, init_draws_on: str = "cpu"):
+        world = dist.get_world_size()
+        validate_layout(world, ep_size, fsdp_size)
         self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        self.world_size = world
         self.is_main = self.rank == 0
-        self.ep_size = ep_size
-        self.dp_size = self.world_size // ep_size
+        self.ep_size, self.fsdp_size = ep_size, fsdp_size
+        self.dp_size = world // ep_size  # ranks holding the same expert shard
         self.ep_rank = self.rank % ep_size
-        self.device = device
+        self.device = torch.device(device)
         self.dispatcher = dispatcher
+        self.comm_timer = comm_timer  # begin(what)/end(what) around the dispatchers' collectives
+        # Where a meta-built model's initial weights are drawn: "cpu" (a one-process build's
+        # weights, exactly) or "device" (fast; benchmarks).
+        self.init_draws_on = init_draws_on
+        self._mp_policy = mp_policy
         self._check_agreement()  # before creating subgroups: disagreeing ranks would create different ones
-        # Every rank must create every group, in the same order.
-        self.ep_group = self._subgroups(
-            [list(range(d * ep_size, (d + 1) * ep_size)) for d in range(self.dp_size)]
-        )
-        self.expert_dp_group = self._subgroups(
-            [list(range(e, self.world_size, ep_size)) for e in range(ep_size)]
-        )
+        # Every rank creates every mesh (and so every group), in the same order.
+        from torch.distributed.device_mesh import init_device_mesh
 
-    def _subgroups(self, rank_lists: list[list[int]]):
-        if len(rank_lists) == 1 and len(rank_lists[0]) == self.world_size:
-            return dist.group.WORLD
-        mine = None
-        for ranks in rank_lists:
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                mine = group
-        return mine
+        if fsdp_size == 1:
+            self.mesh = init_device_mesh(self.device.type, (world // ep_size, ep_size),
+                                         mesh_dim_names=("dp", "ep"))
+            self.ep_group = self.mesh.get_group("ep")
+            self.expert_dp_group = self.mesh.get_group("dp")
+            self.dense_mesh = self.expert_mesh = None
+        else:
+            from mogelm.parallel.fsdp import mesh_layout
+
+            layout = mesh_layout(world, ep_size, fsdp_size)
+            names, shape = layout["dense"]
+            self.dense_mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+            names, shape = layout["experts"]
+            self.expert_mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+            self.mesh = self.expert_mesh
+            self.ep_group = self.expert_mesh.get_group("ep")
+            self.expert_dp_group = None  # FSDP2 reduces expert gradients itself
+            self.fsdp_group = self.dense_mesh.get_group("fsdp")
+
+    @property
+    def layout(self) -> str:
+        """E.g. 'FSDP 4 x EP 2 (DP 1)' or 'DP 2 x EP 2'."""
+        if self.fsdp_size == 1:
+            return f"DP {self.dp_size} x EP {self.ep_size}"
+        replicas = self.world_size // self.fsdp_size
+        hsdp = f" x {replicas} HSDP replicas" if replicas > 1 else ""
+        return f"FSDP {self.fsdp_size} x EP {self.ep_size}{hsdp}"
 
     def _check_agreement(self, fingerprint: str = "") -> None:
-        """All ranks must agree on world size, EP size and (optionally) a config fingerprint."""
+        """All ranks must agree on world size, EP and FSDP sizes and (optionally) a config fingerprint."""
         digest = int(hashlib.sha1(fingerprint.encode()).hexdigest()[:12], 16) if fingerprint else 0
-        mine = torch.tensor([self.world_size, self.ep_size, digest], dtype=torch.int64, device=self.device)
-        every = torch.empty(self.world_size * 3, dtype=torch.int64, device=self.device)
+        mine = torch.tensor([self.world_size, self.ep_size, self.fsdp_size, digest], dtype=torch.int64,
+                            device=self.device)
+        every = torch.empty(self.world_size * 4, dtype=torch.int64, device=self.device)
         _run(lambda: all_gather_tensor(every, mine), "agreement check", None)
-        rows = every.view(self.world_size, 3).tolist()
+        rows = every.view(self.world_size, 4).tolist()
         if any(r != rows[0] for r in rows):
             raise CollectiveError(
-                "ranks disagree on the parallel setup (world size, EP size, model config fingerprint) "
-                f"per rank: {rows}; launch every rank with the same --nproc, --ep and model config"
+                "ranks disagree on the parallel setup (world size, EP size, FSDP size, model config "
+                f"fingerprint) per rank: {rows}; launch every rank with the same --nproc, --ep, --fsdp and "
+                "model config"
             )
 
     # --- model -----------------------------------------------------------------------------------
+    @property
+    def builds_on_meta(self) -> bool:
+        """Should the model be built on the meta device (FSDP layout: it may not fit whole)?"""
+        return self.fsdp_size > 1
+
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Move to the device, make every rank hold rank 0's weights, then shard the experts."""
+        """Move to the device, make every rank hold rank 0's weights, shard the experts over EP,
+        then (FSDP layout) wrap the model in FSDP2 units. A model on the meta device (FSDP layout
+        only) is sharded first and then materialised with one process's initial weights
+        (mogelm.parallel.fsdp.materialize_sharded): build it with the seed set and call this next."""
         cfg = getattr(model, "cfg", None)
         if cfg is not None:
             validate_ep(cfg, self.ep_size)
             self._check_agreement(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-        model.to(self.device)
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                _run(lambda t=t: dist.broadcast(t.data, src=0), "weight broadcast", None)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and self.fsdp_size == 1:
+            raise ValueError("a model on the meta device needs the FSDP layout (fsdp_size > 1)")
+        if not on_meta:
+            model.to(self.device)
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    _run(lambda t=t: dist.broadcast(t.data, src=0), "weight broadcast", None)
         if self.world_size > 1:
             for layer in getattr(model, "moe_layers", list)():
                 layer.register_forward_hook(_global_batch_stats)
-        return apply_expert_parallel(model, self.ep_group, self.dispatcher)
+        model = apply_expert_parallel(model, self.ep_group, self.dispatcher, self.comm_timer)
+        if self.fsdp_size > 1:
+            from mogelm.parallel.fsdp import apply_fsdp, default_mp_policy
+
+            mp = default_mp_policy(self.device) if self._mp_policy == "default" else self._mp_policy
+            dense = self.dense_mesh if self.dense_mesh.size(0) > 1 else self.dense_mesh["fsdp"]
+            experts = (self.expert_mesh["dp", "efsdp"] if self.expert_mesh.size(0) > 1
+                       else self.expert_mesh["efsdp"])
+            model = apply_fsdp(model, dense, experts, self.ep_size, mp)
+            if on_meta:
+                from mogelm.parallel.fsdp import materialize_sharded
+
+                draw = self.device if self.init_draws_on == "device" else "cpu"
+                model = materialize_sharded(model, self.device, draw)
+        return model
 
     def _grads(self, model: nn.Module, expert: bool) -> list[torch.Tensor]:
         out = []
@@ -114,7 +188,10 @@ class ParallelContext:
 
     @torch.no_grad()
     def sync_gradients(self, model: nn.Module) -> None:
-        """Average gradients (see the module docstring): call after backward, before clipping."""
+        """Average gradients (see the module docstring): call after backward, before clipping.
+        Under FSDP2 the gradients were reduce-scattered during backward: nothing to do."""
+        if self.fsdp_size > 1:
+            return
         for grads, group, size in (
             (self._grads(model, expert=False), None, self.world_size),
             (self._grads(model, expert=True), self.expert_dp_group, self.dp_size),
@@ -132,6 +209,8 @@ class ParallelContext:
     @torch.no_grad()
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Clip to a global L2 norm over the whole (sharded) model; returns the norm before clipping."""
+        if self.fsdp_size > 1:
+            return self._clip_sharded(model, max_norm)
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         expert_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         params = [p for p in model.parameters() if p.grad is not None]
@@ -151,6 +230,22 @@ class ParallelContext:
                 p.grad.mul_(coef)
         return total
 
+    def _clip_sharded(self, model: nn.Module, max_norm: float) -> float:
+        """FSDP layout: the F ranks of one FSDP group hold one whole copy of every gradient (dense
+        in F slices, experts in E x F/E), so the squared norm is one sum over that group."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in local:
+            sq += g.float().pow(2).sum()
+        _run(lambda: dist.all_reduce(sq, group=self.fsdp_group), "grad-norm all_reduce", self.fsdp_group)
+        total = math.sqrt(sq.item())
+        if max_norm > 0 and total > max_norm:
+            coef = max_norm / (total + 1e-6)
+            for g in local:
+                g.mul_(coef)
+        return total
+
     # --- metrics and control ---------------------------------------------------------------------
     def all_reduce_mean(self, value: float) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
@@ -159,20 +254,6 @@ class ParallelContext:
 
     def barrier(self) -> None:
         _run(lambda: dist.barrier(), "barrier", None)
-
-    def save_checkpoint(self, path, model: nn.Module, optimizer=None, state: dict | None = None,
-                        data_folder=None):
-        """Every rank: the `mogelm train` checkpoint directory (see parallel.checkpoint)."""
-        from mogelm.parallel.checkpoint import save_training_checkpoint
-
-        return save_training_checkpoint(self, path, model, optimizer, dict(state or {}), data_folder)
-
-    def load_checkpoint(self, path, model: nn.Module, optimizer=None) -> dict:
-        """Every rank, after parallelize and building the optimizer: load this rank's shards of
-        model and optimizer from a checkpoint written at any layout; returns the trainer state."""
-        from mogelm.parallel.checkpoint import load_training_checkpoint
-
-        return load_training_checkpoint(path, model, optimizer)
 
     def destroy(self) -> None:
         """Leave the process group (at the end of a run, on every rank)."""
@@ -264,14 +345,14 @@ def init_parallel(
     dispatcher: str = "auto",
     timeout_s: float | None = None,
     backend: str | None = None,
+    fsdp_size: int = 1,
 ) -> ParallelContext:
     """Join the torchrun job (env RANK/WORLD_SIZE/MASTER_ADDR) and build the ParallelContext."""
     world = _env_int("WORLD_SIZE")
     if world is None or _env_int("RANK") is None:
         raise RuntimeError("init_parallel needs the torchrun environment (RANK, WORLD_SIZE); "
                            "launch with torchrun")
-    if ep_size < 1 or world % ep_size:
-        raise ValueError(f"EP size {ep_size} must divide the world size {world} (DP = world / EP)")
+    validate_layout(world, ep_size, fsdp_size)
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -293,4 +374,4 @@ def init_parallel(
                 f"could not join the process group as rank {os.environ.get('RANK')} of {world} within "
                 f"{timeout_s:.0f} s: a rank is missing or ranks disagree on WORLD_SIZE ({e})"
             ) from e
-    return ParallelContext(ep_size, dev, dispatcher)
+    return ParallelContext(ep_size, dev, dispatcher, fsdp_size)

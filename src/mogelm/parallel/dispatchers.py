@@ -62,6 +62,20 @@ class CommTimer(Protocol):
     def end(self, what: str) -> None: ...
 
 
+def describe_failure(e: BaseException) -> str:
+    """One line for an exception that ended a distributed step: a CollectiveError's own message,
+    or, for an error raised inside torch (FSDP2's all-gathers and reduce-scatters run in module
+    hooks, outside our collectives), the same kind of message around the backend's first line."""
+    if isinstance(e, CollectiveError):
+        return str(e).splitlines()[0]
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f"rank {dist.get_rank()}/{dist.get_world_size()}" if dist.is_initialized() else "this rank"
+    if isinstance(e, (RuntimeError, dist.DistError)):
+        return (f"a collective failed on {where}: a peer rank probably died, timed out or ran a different "
+                f"step. Backend said: {first}")
+    return f"{type(e).__name__} on {where}: {first}"
+
+
 def _run(fn, what: str, process_group, timer: CommTimer | None = None) -> None:
     """Run one collective (inside timer.begin/end when a timer is given), turning backend errors
     into a message that names the cause."""

@@ -1,9 +1,9 @@
 """What a training run is: TrainConfig, and the model, optimizer and learning-rate schedule it builds.
 
     tc = TrainConfig(preset="debug", max_steps=200, out="runs/debug")
-    cfg = build_model_config(tc)                   # the preset with tc's overrides
+    cfg = build_model_config(tc)                   # the preset (or tc.model_config) with tc's overrides
     model = build_model(cfg, tc.seed, "cpu")       # seeded: the same weights for the same seed
-    optimizer = build_optimizer(model, tc)         # AdamW, decay on matrices only
+    optimizer = build_optimizer(model, tc)         # AdamW, decay on matrices only; states fp32 or bf16
     lr = lr_at(step, tc, tc.total_steps())         # warm-up, then cosine to lr * min_lr_ratio
 """
 
@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mogelm.config import ModelConfig, from_name
+from mogelm.config import ModelConfig, base_fields, from_name
 from mogelm.errors import UserError
+
+OPTIM_STATE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     out: str = "runs/train"
     preset: str = "debug"
+    model_config: dict | None = None  # a whole ModelConfig (from --config); replaces the preset
     routing: str | None = None  # None: the preset's (moge)
     model_overrides: dict = field(default_factory=dict)  # any ModelConfig field
     data: list[str] = field(default_factory=list)  # empty: the embedded stdlib corpus
@@ -42,6 +45,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (half the optimizer memory)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
@@ -89,6 +93,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The model: tc.model_config (from --config) or the preset, then tc.routing, vocab_size and
+    tc.model_overrides (--set and the routing flags) on top; derived fields (head_dim,
+    topk_groups) follow their inputs unless set explicitly."""
     overrides = dict(tc.model_overrides)
     if tc.routing is not None:
         overrides["routing"] = tc.routing
@@ -96,7 +103,11 @@ def build_model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelC
         overrides["vocab_size"] = vocab_size
     overrides.setdefault("max_seq_len", max(tc.seq_len, 1))
     try:
-        cfg = from_name(tc.preset, **overrides)
+        if tc.model_config is not None:
+            base = base_fields(ModelConfig.from_dict(tc.model_config))
+            cfg = ModelConfig(**{**base, **overrides})
+        else:
+            cfg = from_name(tc.preset, **overrides)
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid model configuration: {e}") from None
     if cfg.max_seq_len < tc.seq_len:
@@ -105,20 +116,33 @@ def build_model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelC
 
 
 def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu"):
+    """Transformer(cfg) initialised from `seed` (on the CPU's random stream, then moved). On
+    device "meta" nothing is drawn yet: mogelm.parallel's FSDP layout shards it and then draws the
+    same weights, slice by slice (mogelm.parallel.fsdp.materialize_sharded)."""
     from mogelm.model import Transformer
 
     torch.manual_seed(seed)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return Transformer(cfg)
     return Transformer(cfg).to(device)
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2 dims) only; biases, norms, router_scale undecayed."""
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices (>= 2 dims) only; biases, norms, router_scale undecayed.
+    tc.optim_state_dtype "bf16" keeps the two moments in bfloat16 (AdamWBF16State, same update)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "router_scale" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tc.optim_state_dtype == "bf16":
+        from mogelm.train.optim import AdamWBF16State
+
+        return AdamWBF16State(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+    if tc.optim_state_dtype != "fp32":
+        raise UserError(f"--optim-state-dtype {tc.optim_state_dtype!r}: choose one of {OPTIM_STATE_DTYPES}")
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
 
 

@@ -1,7 +1,7 @@
 """The training loop, `train(tc, ctx)`, and which rows of the data each step reads.
 
-One loop for one process and for many: `ctx` is a parallel context, mogelm.parallel's
-LocalContext (world size 1, the default) or ParallelContext (torch.distributed). It holds rank,
+One loop for one process and for many: `ctx` is a context of mogelm.train.context, LocalContext
+(world size 1, the default) or DistributedContext (torch.distributed, any layout). It holds rank,
 world_size, is_main, device, parallelize(model), sync_gradients(model), clip_grad_norm(model,
 max), all_reduce_mean(float), barrier(), save_checkpoint(...) and load_checkpoint(...); the loop
 calls all of them on every rank and never asks which kind it has.
@@ -26,7 +26,6 @@ from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
 from mogelm.fsutil import check_output_dir
 from mogelm.kernels import ops
-from mogelm.parallel.local import LocalContext
 from mogelm.train.checkpointing import (
     find_checkpoints,
     flag_name,
@@ -44,6 +43,7 @@ from mogelm.train.config import (
     lr_at,
     resolve_device,
 )
+from mogelm.train.context import LocalContext
 from mogelm.train.logs import JsonlLog, Progress
 from mogelm.train.stats import StepStats
 
@@ -209,7 +209,9 @@ def train(tc: TrainConfig, ctx=None, log=None, *, explicit=None,
     else:
         start, rng = 0, None
         cfg = build_model_config(tc, vocab)
-    model = build_model(cfg, tc.seed, device)
+    # A context that shards the model (FSDP) takes it from the meta device, so no rank ever holds
+    # all of it; parallelize then draws one process's initial weights, slice by slice.
+    model = build_model(cfg, tc.seed, "meta" if getattr(ctx, "builds_on_meta", False) else device)
     if td.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer has {td.vocab_size} tokens but the model only {cfg.vocab_size}; "
                         "token ids would be out of range (use the same --vocab-size for both)")
