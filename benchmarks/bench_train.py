@@ -330,7 +330,7 @@ def build(cfg: ModelConfig, lv: Levers, dev: str):
 def make_step(model, opt, cfg: ModelConfig, lv: Levers, batches, dev: str):
     """One training step as mogelm.train's loop runs it (grad_accum 1), with the chosen levers."""
     from mogelm.analysis.metrics import step_balance
-    from mogelm.parallel.local import LocalContext
+    from mogelm.train.context import LocalContext
     from mogelm.train.stats import StepStats
 
     tokens = batches[0][0].numel()

@@ -152,6 +152,17 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("uneven-groups", ["--experts", "10", "--groups", "4"], "must be divisible by --groups"),
         ("moge-top-k", ["--experts", "64", "--groups", "8", "--top-k", "4"], "MoGE needs top-k"),
     ],
+    "quantize": [
+        ("weights-unknown", ["{ckpt}", "{work}/q", "--weights", "int4"], "--weights 'int4' is not supported"),
+        ("input-not-a-checkpoint", ["{dir}", "{work}/q", "--weights", "fp8"], "config.json not found"),
+        ("input-missing", ["{work}/missing", "{work}/q", "--weights", "fp8"],
+         "is not a checkpoint directory"),
+        ("output-exists", ["{ckpt}", "{dir}", "--weights", "fp8"], "already exists"),
+        ("output-under-file", ["{ckpt}", "{file}/q", "--weights", "fp8"], "does not exist"),
+        ("config-string", ["{bad_str}", "{work}/q", "--weights", "fp8"], "hidden_size must be an integer"),
+        ("truncated", ["{trunc}", "{work}/q", "--weights", "fp8"], "the checkpoint is corrupt"),
+        ("device-cuda", ["{ckpt}", "{work}/q", "--weights", "fp8", "--device", "cuda"], "no CUDA device"),
+    ],
     "info": [
         ("unknown", ["no-such-preset"], "is neither a preset"),
         ("config-string", ["{bad_str}"], "hidden_size must be an integer"),

@@ -14,13 +14,25 @@ IMPORT = re.compile(r"^\s*(?:from\s+(mogelm(?:\.\w+)*)\s+import\s+([\w, ()]+)"
 ALLOWED = {
     "config": set(),
     "errors": set(),
-    "fsutil": set(),
+    "fsutil": {"errors"},
     "kernels": {"config"},
     "moe": {"kernels", "config"},
     "model": {"moe", "kernels", "config"},
+    "quant": {"model", "moe", "kernels", "config"},
+    "hf_config": {"config", "errors"},
+    "checkpoint": {"hf_config", "model", "quant", "moe", "kernels", "config", "errors", "fsutil"},
+    "data": {"config", "errors", "fsutil"},
     "analysis": {"kernels", "config", "errors"},
     "sim": {"analysis", "kernels", "config", "errors", "hf_config"},
-    "data": {"config", "errors", "fsutil"},
+    "evaluate": {"analysis", "checkpoint", "hf_config", "data", "model", "config", "errors"},
+    # parallel/ is applied to a model from outside; the training loop uses it, never the reverse
+    "parallel": {"model", "moe", "kernels", "config", "errors", "fsutil"},
+    "train": {"parallel", "evaluate", "analysis", "checkpoint", "hf_config", "data", "model", "moe",
+              "kernels", "config", "errors", "fsutil"},
+    "inference": {"checkpoint", "hf_config", "quant", "model", "moe", "kernels", "config", "errors",
+                  "fsutil"},
+    "compare": {"train", "analysis", "config", "errors", "fsutil"},
+    "info": {"checkpoint", "hf_config", "config", "errors"},
 }
 
 
@@ -36,7 +48,8 @@ def _imports(path: Path) -> set[str]:
         if m.group(1):
             base = m.group(1)
             if base == "mogelm":  # `from mogelm import data` names submodules
-                found |= {f"mogelm.{n.strip()}" for n in m.group(2).strip("()").split(",") if n.strip()}
+                names = (n.split(" as ")[0].strip() for n in m.group(2).strip("()").split(","))
+                found |= {f"mogelm.{n}" for n in names if n}
             else:
                 found.add(base)
         else:

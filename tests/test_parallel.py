@@ -595,13 +595,14 @@ def test_mogelm_train_nproc2_ep2_matches_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--ep", "2"], "need several processes"),
-    (["--nproc", "4", "--ep", "3"], "EP size 3 must divide the world size 4"),
+    (["--ep", "2"], "--ep 2 needs --nproc 2 or more"),
+    (["--fsdp", "2"], "need several processes"),
+    (["--nproc", "4", "--ep", "3"], "--ep 3 must divide --nproc 4"),
     (["--nproc", "4", "--fsdp", "3"], "FSDP size 3 must divide the world size 4"),
     (["--nproc", "4", "--ep", "4", "--fsdp", "2"], "EP size 4 must divide the FSDP size 2"),
     (["--nproc", "8", "--ep", "8", "--set", "num_groups=2", "--set", "num_experts_per_tok=2"],
      "does not divide num_groups"),
-    (["--nproc", "0"], "--nproc must be positive"),
+    (["--nproc", "0"], "--nproc and --ep must be positive"),
 ])
 def test_train_refuses_a_bad_layout_before_starting_processes(flags, message, tmp_path, capsys):
     from mogelm.cli import main

@@ -15,8 +15,8 @@ from mogelm.analysis.metrics import step_balance
 from mogelm.config import from_name
 from mogelm.errors import UserError
 from mogelm.model import Transformer
-from mogelm.parallel.local import LocalContext
 from mogelm.train import TrainConfig, read_log, train
+from mogelm.train.context import LocalContext
 from mogelm.train.stats import StepStats
 
 FIXTURES = Path(__file__).parent / "data"

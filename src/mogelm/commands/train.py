@@ -177,8 +177,14 @@ def _world_size(args: argparse.Namespace) -> int:
     env_world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else None
     nproc = args.nproc if args.nproc is not None else (env_world or 1)
     if nproc < 1 or args.ep < 1 or args.fsdp < 1:
-        raise UserError(f"--nproc, --ep and --fsdp must be positive, got --nproc {nproc} --ep {args.ep} "
+        raise UserError(f"--nproc and --ep must be positive (and --fsdp), got --nproc {nproc} --ep {args.ep} "
                         f"--fsdp {args.fsdp}")
+    if args.ep > nproc:
+        raise UserError(f"--ep {args.ep} needs --nproc {args.ep} or more: each expert-parallel rank is a "
+                        "process")
+    if nproc % args.ep:
+        raise UserError(f"--ep {args.ep} must divide --nproc {nproc} (processes = data parallel x expert "
+                        "parallel)")
     if env_world is not None and nproc != env_world:
         raise UserError(f"--nproc {nproc} but torchrun started {env_world} processes; "
                         "leave --nproc out under torchrun")
@@ -232,7 +238,6 @@ def run(args: argparse.Namespace) -> int:
     explicit = explicit_fields(args)
     nproc = _world_size(args)
     if "LOCAL_RANK" not in os.environ:  # once, before any process starts: a bad flag gets one message
-        check_processes(nproc, args.device)
         tc_now, resume_dir, _ = plan_run(tc, nproc, explicit, args.allow_changed_optimizer)
         if tc.data:  # read (not tokenized) once here: unreadable text is one message, not one per rank
             from mogelm.data import load_documents
@@ -248,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
                 validate_ep(cfg, args.ep)
             except ValueError as e:
                 raise UserError(f"--ep {args.ep}: {e}") from None
+        check_processes(nproc, args.device)  # last: a warning only when the run will start
         if nproc > 1:
             try:
                 from mogelm.parallel.launch import relaunch

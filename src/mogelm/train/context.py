@@ -170,6 +170,9 @@ class _WholeModel:
     def state_dict(self) -> dict:
         return self._state
 
+    def named_modules(self):
+        return iter(())  # plain whole tensors: no fp8 modules (distributed training is bf16/fp32)
+
 
 def _load_one_process_files(path: Path, model: nn.Module, optimizer) -> dict:
     """A one-process checkpoint (no DCP shards) into a sharded model: each rank copies its part
