@@ -294,7 +294,7 @@ class Levers:
     stats: str = "device"  # device (train/stats.py) | sync (float() per micro-batch + step_balance)
     variant: str = "default"  # grouped GEMM variant
     ckpt: str = "none"  # activation checkpointing: none | moe | full
-    adamw: str = "foreach"  # foreach (build_optimizer, as `mogelm train`) | fused
+    adamw: str = "foreach"  # foreach | fused (build_optimizer's choice on CUDA since 2026-12-02)
 
     def describe(self) -> str:
         return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
@@ -320,10 +320,11 @@ def build(cfg: ModelConfig, lv: Levers, dev: str):
     model.train()
     model.set_activation_checkpointing(lv.ckpt)
     tc = TrainConfig()
-    opt = build_optimizer(model, tc)  # what `mogelm train` builds (foreach AdamW on CUDA)
-    if lv.adamw == "fused":
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
-        opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=True)
+    opt = build_optimizer(model, tc)  # what `mogelm train` builds (its param groups, decay rules)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    # the lever decides the implementation, so "previous" keeps the foreach AdamW it was measured with
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
+                            **({"fused": True} if lv.adamw == "fused" else {"foreach": True}))
     return model, opt
 
 
