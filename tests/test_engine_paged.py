@@ -200,19 +200,21 @@ def test_fp8_kv_cache_keeps_greedy_output(base, prompts, reference):
 # --- logprobs, penalties, n ------------------------------------------------------------------------
 @torch.no_grad()
 def uncached_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V] float64 log_softmax of one uncached forward: row p predicts token p + 1."""
-    return torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+    """[len(ids), V] float64 log_softmax of one uncached forward (on the CPU): row p predicts token p + 1."""
+    device = next(model.parameters()).device
+    return torch.log_softmax(model(torch.tensor([ids], device=device))[0].double(), dim=-1).cpu()
 
 
-def assert_logprobs_match(entries, ids: list[int], logp_TV: torch.Tensor, num_top: int, first: int):
+def assert_logprobs_match(entries, ids: list[int], logp_TV: torch.Tensor, num_top: int, first: int,
+                          tol: float = 1e-4):
     """entries[k] is the logprob of ids[first + k] given the tokens before it (row first + k - 1)."""
     for k, e in enumerate(entries):
         row, tok = logp_TV[first + k - 1], ids[first + k]
         assert e.token_id == tok
-        assert e.logprob == pytest.approx(float(row[tok]), abs=1e-4)
-        assert float(row.sort(descending=True).values[e.rank - 1]) == pytest.approx(float(row[tok]), abs=1e-4)
+        assert e.logprob == pytest.approx(float(row[tok]), abs=tol)
+        assert float(row.sort(descending=True).values[e.rank - 1]) == pytest.approx(float(row[tok]), abs=tol)
         want = row.topk(num_top)
-        assert [lp for _, lp in e.top] == pytest.approx(want.values.tolist(), abs=1e-4)
+        assert [lp for _, lp in e.top] == pytest.approx(want.values.tolist(), abs=tol)
         assert len(e.top) == num_top
 
 
@@ -282,10 +284,11 @@ def penalized_reference(model, prompt: list[int], params: SamplingParams) -> lis
     rep, freq, pres = params.repetition_penalty, params.frequency_penalty, params.presence_penalty
     plain = replace(params, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
     gen = torch.Generator().manual_seed(params.seed or 0)
+    device = next(model.parameters()).device
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(params.max_tokens):
-            x = model(torch.tensor([ids]))[0, -1].double().tolist()
+            x = model(torch.tensor([ids], device=device))[0, -1].double().tolist()
             for t in range(len(x)):
                 if t in prompt or t in out:
                     x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
@@ -406,3 +409,38 @@ def test_gpu_engine_graphs_eager_fp8_and_memory_sizing(base, prompts):
     c, _ = run(fp8, prompts, check_each_step=False)
     same = sum(x == y for r, want in zip(c, ref) for x, y in zip(r.output_ids, want))
     assert same >= 0.9 * sum(map(len, ref))
+
+
+@pytest.mark.gpu
+def test_gpu_logprobs_penalties_and_n_with_cuda_graphs(base, prompts):
+    """The request life cycle on the GPU (bf16, CUDA graphs for decode-only steps, logits gathered
+    from the graph's rows): prompt and output logprobs within bf16 rounding of the uncached bf16
+    forward's, greedy penalties as defined over that forward's logits, and n greedy choices from one
+    prefill equal to the uncached greedy tokens, every block back after the drain."""
+    model = type(base.model)(base.model.cfg)
+    model.load_state_dict(base.model.state_dict())
+    model = model.to("cuda", torch.bfloat16)
+    eos = base.tokenizer.eos_token_id
+    eng = Engine(model, base.tokenizer, max_batch=4, block_size=16, chunk_size=16, gpu_memory_fraction=0.05)
+    assert eng.graphs is not None
+    long = base.tokenizer.encode(TEXTS[2] + " " + TEXTS[4])  # > 16 tokens: several chunks
+    echo = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=5)
+    [a] = eng.generate([long], echo)
+    ids = long + a.token_ids
+    logp = uncached_logprobs(model, ids)
+    assert_logprobs_match(a.prompt_logprobs[1:], ids, logp, 5, first=1, tol=0.1)
+    assert_logprobs_match(a.logprobs, ids, logp, 5, first=len(long), tol=0.1)
+    # a penalty whose choices keep a margin of ~0.5 over the runner-up in bf16 (measured on the CPU),
+    # far above the rounding differences between the paged and the uncached forward
+    rep = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0, repetition_penalty=3.0)
+    want = penalized_reference(model, prompts[5], rep)
+    assert want != greedy_uncached(model, prompts[5], 16, None)
+    assert eng.generate([prompts[5]], rep)[0].token_ids == want
+    before = eng.stats()["prompt_tokens_computed_total"]
+    choices = eng.add_choices(prompts[4], SamplingParams(max_tokens=MAX_TOKENS, temperature=0), n=3)
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats()["prompt_tokens_computed_total"] - before == len(prompts[4])
+    assert [r.output_ids for r in choices] == [greedy_uncached(model, prompts[4], MAX_TOKENS, eos)] * 3
+    eng.blocks.check()
+    assert not eng.blocks.tables and eng.blocks.num_used == 0
