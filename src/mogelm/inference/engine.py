@@ -131,8 +131,8 @@ class RequestOutput:
     completion_tokens: int  # tokens generated so far, a final stop token included
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token id (params.logprobs set), else None
-    # the prompt's (params.prompt_logprobs set; on the first output with a token only): one per prompt
-    # token, None for the first
+    # the prompt's (params.prompt_logprobs set; on the first output after sampling only): one per
+    # prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
