@@ -2,6 +2,8 @@
 
 Our checkpoints carry the HF fields plus the full mogelm config under "mogelm"; a published
 PanguProMoE config.json has HF fields only and no group count (groups = num_experts_per_tok).
+MTP depth: `mtp_depth` in the mogelm section and `num_nextn_predict_layers` in the HF fields
+(DeepSeek-V3's name), both written only when it is > 0, so a config without MTP is unchanged.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
             shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
             router_aux_loss_coef=cfg.aux_loss_alpha,
         )
-    hf["mogelm"] = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    if cfg.mtp_depth > 0:
+        hf["num_nextn_predict_layers"] = cfg.mtp_depth
+    hf["mogelm"] = {k: v for k, v in cfg.to_dict().items()
+                    if k != "name" and not (k == "mtp_depth" and v == 0)}
     return hf
 
 
@@ -87,6 +92,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         moe_intermediate_size=hf["moe_intermediate_size"],
         shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
         aux_loss_alpha=hf.get("router_aux_loss_coef", 1e-3),
+        mtp_depth=hf.get("num_nextn_predict_layers", 0),
         routing=PANGU_ROUTING,
         name="PanguProMoE",
     )

@@ -8,6 +8,9 @@
     logits = model(input_ids)                    # [B, T, vocab]
     out = model(input_ids, return_stats=True)    # ModelOutput(logits, aux_loss, layer_stats)
 
+With cfg.mtp_depth > 0 the model also owns multi-token prediction modules (`model.mtp`,
+mogelm.mtp): `model.mtp_forward(model(ids, return_hidden=True).hidden, ids)`.
+
 Incremental decoding: pass a KVCache and explicit positions; logits equal the full forward.
 
 A Block is handed its FFN (`build_ffn(cfg)` picks it per layer); every FFN returns
@@ -36,6 +39,7 @@ class ModelOutput(NamedTuple):
     logits: Tensor  # [B, T, V]
     aux_loss: Tensor  # scalar: sum over layers of balancing + z losses (already weighted)
     layer_stats: list[MoEStats]  # one per MoE layer (empty for a dense model)
+    hidden: Tensor | None = None  # [B, T, D] last hidden state before the final norm (return_hidden)
 
 
 class KVCache:
@@ -174,6 +178,11 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.mtp = None  # multi-token prediction modules (mogelm.mtp), when cfg.mtp_depth > 0
+        if cfg.mtp_depth > 0:
+            from mogelm.mtp import build_mtp
+
+            self.mtp = build_mtp(cfg, self.embed_tokens.weight.device)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -184,7 +193,8 @@ class Transformer(nn.Module):
         nn.init.normal_(self.embed_tokens.weight, std=std)
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
-        for block in self.layers:
+        mtp_blocks = [m.block for m in self.mtp] if self.mtp is not None else []
+        for block in [*self.layers, *mtp_blocks]:  # MTP blocks last: trunk init as without MTP
             attn = block.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 nn.init.normal_(proj.weight, std=out_std if proj is attn.o_proj else std)
@@ -195,6 +205,10 @@ class Transformer(nn.Module):
             block.mlp.reset_parameters(std, out_std)
         nn.init.ones_(self.norm.weight)
         self.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.rotary.inv_freq.device)
+        if self.mtp is not None:
+            from mogelm.mtp import reset_mtp_parameters
+
+            reset_mtp_parameters(self.mtp, std)
 
     def forward(
         self,
@@ -204,6 +218,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         return_stats: bool = False,
         last_token_only: bool = False,
+        return_hidden: bool = False,
     ) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (or ModelOutput with return_stats=True).
 
@@ -211,7 +226,9 @@ class Transformer(nn.Module):
         With a cache, `positions_BT` says where each token sits in its row; `kv_len` (optional)
         bounds the keys attended to (default: max position + 1). `last_token_only` computes
         logits for the last position only ([B, 1, V]): prefill needs no more, and the LM head
-        over every prompt token is a large share of its cost."""
+        over every prompt token is a large share of its cost. `return_hidden` returns a
+        ModelOutput whose `hidden` is the last hidden state before the final norm (what the MTP
+        modules take: mtp_forward)."""
         B, T = input_ids_BT.shape
         if kv_cache is not None and positions_BT is None:
             raise ValueError("positions_BT is required when decoding with a KV cache")
@@ -228,10 +245,19 @@ class Transformer(nn.Module):
         if last_token_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
-        if not return_stats:
+        if not (return_stats or return_hidden):
             return logits
         aux = sum((s.aux_loss + s.z_loss for s in stats), logits.new_zeros((), dtype=torch.float32))
-        return ModelOutput(logits, aux, stats)
+        return ModelOutput(logits, aux, stats, x if return_hidden else None)
+
+    def mtp_forward(self, hidden_BTD: Tensor, input_ids_BT: Tensor, positions_BT: Tensor | None = None):
+        """The MTP modules over a whole sequence: mogelm.mtp.mtp_forward -> MTPOutput (logits of
+        depth d: [B, T-d, V], row t predicting token t+d+1). `hidden_BTD` is return_hidden's."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP modules (mtp_depth is 0)")
+        from mogelm.mtp import mtp_forward
+
+        return mtp_forward(self, hidden_BTD, input_ids_BT, positions_BT)
 
     def moe_layers(self) -> list[MoGELayer]:
         """The MoE layers, in depth order (empty for a dense model)."""

@@ -4,6 +4,7 @@
     mogelm train --preset small --routing topk --data notes/ --out runs/topk
     mogelm train --out runs/debug --resume                                   # continue after a crash
     mogelm train --preset small --nproc 2 --ep 2 --out runs/ep               # torchrun under the hood
+    mogelm train --preset small --mtp-depth 1 --mtp-weight 0.3 --out runs/mtp  # + MTP module (mogelm.mtp)
 
 A thin layer over mogelm.train (the loop, checkpoints and logs are described there): flags ->
 TrainConfig -> train(tc, ctx). With --nproc N > 1 the command re-runs itself under torchrun
@@ -40,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--renormalize", action="store_true", help="renormalise kept gate weights to sum to 1")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer/model vocabulary (default: the preset's)")
+    g.add_argument("--mtp-depth", type=int, default=None,
+                   help="multi-token prediction modules trained with the model (DeepSeek-V3 style; "
+                        "default 0: none)")
+    g.add_argument("--mtp-weight", type=float, default=None,
+                   help="weight lambda of the mean MTP loss (default 0.3; needs --mtp-depth)")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="*", default=[], help="files, folders or globs of .txt/.md/.py/.jsonl "
                    "(default: the CPython standard library sources, no download)")
@@ -93,6 +99,13 @@ def config_from_args(args: argparse.Namespace):
         overrides["aux_free_bias"] = True
     if args.renormalize:
         overrides["renormalize"] = True
+    if args.mtp_depth is not None:
+        if args.mtp_depth < 0:
+            raise UserError(f"--mtp-depth must be >= 0, got {args.mtp_depth}")
+        overrides["mtp_depth"] = args.mtp_depth
+    if args.mtp_weight is not None and not args.mtp_depth:
+        raise UserError("--mtp-weight needs --mtp-depth N (N >= 1): there is no MTP loss to weight")
+    mtp = {} if args.mtp_weight is None else {"mtp_weight": args.mtp_weight}
     return TrainConfig(
         out=args.out, preset=args.preset, routing=args.routing, model_overrides=overrides,
         data=list(args.data or []), max_bytes=args.max_bytes, vocab_size=args.vocab_size,
@@ -102,7 +115,7 @@ def config_from_args(args: argparse.Namespace):
         eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
         progress=args.progress, seed=args.seed, device=args.device, threads=args.threads, resume=args.resume,
-        stop_after=args.stop_after,
+        stop_after=args.stop_after, **mtp,
     )
 
 

@@ -5,8 +5,10 @@
     records = read_log(out / "log.jsonl")        # skips a last line cut by a kill
 
 log.jsonl holds one JSON object per line: "kind": "train" records (loss, aux, lr, grad_norm,
-tok_s, per-layer Imbalance Score "is<P>" and busiest/mean "mom<P>") and "kind": "val" records
-(val_loss, val_ppl, routing statistics of the validation batches).
+tok_s, per-layer Imbalance Score "is<P>" and busiest/mean "mom<P>"; with MTP modules also
+"mtp_loss", the mean over depths of their cross-entropy, and "mtp_loss_<d>" per depth d, while
+"loss" stays the main next-token loss) and "kind": "val" records (val_loss, val_ppl, routing
+statistics of the validation batches).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class Progress:
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else 0.0
         is8 = rec.get("is8") or rec.get("is4") or [0.0]
+        mtp = f" mtp {rec['mtp_loss']:.3f}" if "mtp_loss" in rec else ""
         line = (
-            f"{self.label}step {done}/{self.total} loss {rec['loss']:.3f} IS {sum(is8) / len(is8):.3f} "
+            f"{self.label}step {done}/{self.total} loss {rec['loss']:.3f}{mtp} IS {sum(is8) / len(is8):.3f} "
             f"{rec['tok_s']:,.0f} tok/s ETA {int(eta) // 60}:{int(eta) % 60:02d}"
         )
         if self.tty:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from mogelm.analysis.metrics import RoutingStats, step_balance
 from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
+from mogelm.mtp import mtp_losses
 from mogelm.parallel.local import LocalContext
 from mogelm.train.checkpointing import find_checkpoints, prune_checkpoints, resume_point, set_rng_state
 from mogelm.train.config import (
@@ -187,22 +188,32 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         ce_sum, aux_sum = 0.0, 0.0
+        mtp_sum = [0.0] * cfg.mtp_depth  # per-depth MTP cross-entropy (mogelm.mtp)
         counts = None
         step_stats = []
         for micro in range(tc.grad_accum):
             x_BT, y_BT = train_batch(td, tc, step, micro, rank, world)
             x_BT, y_BT = x_BT.to(device), y_BT.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out_m = model(x_BT, return_stats=True)
+                out_m = model(x_BT, return_stats=True, return_hidden=cfg.mtp_depth > 0)
                 ce = F.cross_entropy(out_m.logits.float().view(-1, cfg.vocab_size), y_BT.reshape(-1))
-                loss = ce + out_m.aux_loss
+                aux = out_m.aux_loss
+                loss = ce + aux
+                if cfg.mtp_depth > 0:  # + lambda * mean over depths of the MTP cross-entropies
+                    mtp_out = model.mtp_forward(out_m.hidden, x_BT)
+                    mtp_ce_D = mtp_losses(mtp_out, y_BT)
+                    aux = aux + mtp_out.aux_loss
+                    loss = ce + aux + tc.mtp_weight * mtp_ce_D.mean()
             (loss / tc.grad_accum).backward()
             ce_sum += float(ce.detach()) / tc.grad_accum
-            aux_sum += float(out_m.aux_loss.detach()) / tc.grad_accum
+            aux_sum += float(aux.detach()) / tc.grad_accum
+            if cfg.mtp_depth > 0:
+                mtp_sum = [a + v / tc.grad_accum for a, v in zip(mtp_sum, mtp_ce_D.detach().tolist())]
             c = [s.counts_E.detach() for s in out_m.layer_stats]
             counts = c if counts is None else [a + b for a, b in zip(counts, c)]
             step_stats = out_m.layer_stats
         ce_sum = ctx.all_reduce_mean(ce_sum)  # log the global batch's loss, not this rank's slice
+        mtp_sum = [ctx.all_reduce_mean(v) for v in mtp_sum]
         if not math.isfinite(ce_sum):  # after the all-reduce, so every rank stops together
             jlog.close()
             raise UserError(
@@ -222,6 +233,9 @@ def train(tc: TrainConfig, ctx=None, log=None) -> dict:
         rec = {"kind": "train", "step": step + 1, "tokens": (step + 1) * tokens_step, "loss": ce_sum,
                "aux": aux_sum, "lr": lr, "grad_norm": grad_norm,
                "tok_s": tokens_step / max(now - t_last, 1e-9)}
+        if mtp_sum:
+            rec["mtp_loss"] = sum(mtp_sum) / len(mtp_sum)
+            rec.update({f"mtp_loss_{d}": v for d, v in enumerate(mtp_sum, start=1)})
         t_last = now
         if cfg.is_moe and step_stats:
             rec.update(step_balance(step_stats, cfg.num_experts, tc.sim_devices))
