@@ -201,3 +201,39 @@ def test_sampled_rule_respects_num_draft():
     p0[torch.arange(B), num_draft, 0] = 0.0
     num_acc0, nxt0 = accept_sampled(p0, drafts, num_draft_B=num_draft, generator=g)
     assert not bool(((num_acc0 == num_draft) & (nxt0 == 0)).any())
+
+
+# the acceptance benchmark's decoding walk (benchmarks/bench_spec_acceptance.py) ------------------
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_spec_acceptance.py"
+    spec = importlib.util.spec_from_file_location("bench_spec_acceptance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_acceptance_walk():
+    bench = _bench()
+    seq = list(range(20))
+    oracle = bench.walk(seq, 5, 3, lambda t, k: seq[t + 1:t + 1 + k])  # states 5, 9, 13 (17 + 3 > 19)
+    assert (oracle["steps"], oracle["drafted"], oracle["accepted"]) == (3, 9, 9)
+    assert oracle["accepted_hist"] == [0, 0, 0, 3]
+    wrong = bench.walk(seq, 5, 3, lambda t, k: [-1] * k)  # one token per step: states 5..16
+    assert (wrong["steps"], wrong["drafted"], wrong["accepted"]) == (12, 36, 0)
+    half = bench.walk(seq, 5, 2, lambda t, k: [seq[t + 1], -1])  # 2 tokens per step: 5, 7, .., 17
+    assert (half["steps"], half["accepted"]) == (7, 7)
+    none = bench.summarise("x", 2, [bench.walk(seq, 5, 2, lambda t, k: [])])
+    assert none["draft_share"] == 0 and none["tokens_per_verify"] == 1
+
+
+def test_acceptance_benchmark_quick_run(tmp_path, capsys):
+    bench = _bench()
+    report = bench.run(bench.parse_args(["--quick", "--out", str(tmp_path)]))
+    assert report["greedy_mismatches"] == 0
+    assert [(r["drafter"], r["k"]) for r in report["results"]] == [
+        ("ngram1-3", 1), ("ngram1-3", 2), ("ngram1-3", 3), ("ngram1-3", 4), ("mtp1", 1)]
+    assert (tmp_path / "acceptance.json").is_file()
+    assert "tok/verify" in capsys.readouterr().out
