@@ -214,7 +214,8 @@ def test_info_counts_mtp_separately(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "pangu-pro-moe-72b: 71.989 B parameters, 16.498 B active per token"
     # one 72B layer (71.989 B - 2 x 153376 x 5120 embedding/head) / 48 = 1.467 B, + eh_proj 2 x 5120^2
-    assert lines[1].startswith("  + 1 MTP module(s): 1.519 B parameters, 0.363 B active")
+    assert lines[-2].startswith("  + 1 MTP module(s): 1.519 B parameters, 0.363 B active")
+    assert lines[-1] == "  with MTP: 73.508 B parameters, 16.862 B active per token"
     assert main(["info", "debug"]) == 0
     assert "MTP" not in capsys.readouterr().out
     assert main(["info", "debug", "--mtp-depth", "-1"]) == 2

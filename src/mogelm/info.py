@@ -45,15 +45,16 @@ def describe(cfg: ModelConfig) -> str:
     """Parameter counts, then (for MoE models) the shapes: layers, heads, experts and groups."""
     total, active = count_parameters(cfg)
     lines = [f"{cfg.name}: {total / 1e9:.3f} B parameters, {active / 1e9:.3f} B active per token"]
-    if cfg.mtp_depth > 0:
-        mtp_total, mtp_active = count_mtp_parameters(cfg)
-        lines.append(f"  + {cfg.mtp_depth} MTP module(s): {mtp_total / 1e9:.3f} B parameters, "
-                     f"{mtp_active / 1e9:.3f} B active (embedding and LM head shared); with MTP "
-                     f"{(total + mtp_total) / 1e9:.3f} B, {(active + mtp_active) / 1e9:.3f} B active")
     if cfg.is_moe:
         lines.append(f"  {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
                      f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}")
         lines.append(f"  {cfg.num_experts} experts of width {cfg.moe_intermediate_size} in {cfg.num_groups} "
                      f"groups, {cfg.num_experts_per_tok} per token ({cfg.routing}), shared expert "
                      f"{cfg.shared_expert_intermediate_size}")
+    if cfg.mtp_depth > 0:
+        mtp_total, mtp_active = count_mtp_parameters(cfg)
+        lines.append(f"  + {cfg.mtp_depth} MTP module(s): {mtp_total / 1e9:.3f} B parameters, "
+                     f"{mtp_active / 1e9:.3f} B active (embedding and LM head shared with the main model)")
+        lines.append(f"  with MTP: {(total + mtp_total) / 1e9:.3f} B parameters, "
+                     f"{(active + mtp_active) / 1e9:.3f} B active per token")
     return "\n".join(lines)
