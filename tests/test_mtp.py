@@ -315,3 +315,20 @@ def test_mtp_drafter_proposes_the_teacher_forced_argmax():
     assert MTPDrafter(model).propose(seq[:1], k=2) == []
     with pytest.raises(ValueError, match="MTP modules"):
         MTPDrafter(mogelm.Transformer(from_name("debug")))
+
+
+def test_engine_serves_an_mtp_checkpoint_like_its_trunk(tmp_path):
+    """Until the engine drafts with MTP (issue 16 stage 2) it ignores the modules: greedy output of
+    a loaded MTP checkpoint equals that of the same trunk without them."""
+    from mogelm.inference.engine import Engine
+    from mogelm.inference.sampling import SamplingParams
+
+    save_pretrained(mtp_model(depth=1), tmp_path)
+    torch.manual_seed(0)
+    plain = Transformer(from_name("debug"))  # the same trunk weights (same seed)
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    got = Engine(from_pretrained(tmp_path), max_batch=2).generate(prompts, params)
+    want = Engine(plain, max_batch=2).generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert all(len(c.token_ids) == 6 for c in got)
