@@ -122,8 +122,9 @@ def mtp_losses(out: MTPOutput, targets_BT: Tensor) -> Tensor:
     targets_BT[:, t+d]; rows past the end have no target and were never computed."""
     losses = []
     for d, logits_BnV in enumerate(out.logits, start=1):
-        V = logits_BnV.shape[-1]
-        losses.append(F.cross_entropy(logits_BnV.float().reshape(-1, V), targets_BT[:, d:].reshape(-1)))
+        n, V = logits_BnV.shape[1:]
+        target_Bn = targets_BT[:, d : d + n]
+        losses.append(F.cross_entropy(logits_BnV.float().reshape(-1, V), target_Bn.reshape(-1)))
     return torch.stack(losses)
 
 
