@@ -25,8 +25,10 @@ Method (what speculative decoding with greedy verification would accept, compute
 Reported per (drafter, k): acceptance rate = accepted / drafted tokens; mean accepted length =
 accepted / verify steps; tokens per verify step = 1 + mean accepted length (the decode speed-up
 bound if a verify step of k+1 positions cost one decode step); the share of steps with a draft.
-Also: per-position top-1 agreement of MTP depth 1 with the continuation, and teacher-forced
-top-1 accuracy of the main and MTP heads on the held-out text itself.
+Also: per-position top-1 agreement of MTP depth 1 with the continuation, teacher-forced top-1
+accuracy of the main and MTP heads on the held-out text itself, and (rows "ngram.../text") the
+same n-gram walk with the held-out text in place of the model's continuation: how much of the
+n-gram rate comes from the text and how much from the model's own greedy repetition.
 
 Nothing here is timed: acceptance depends on the model and the text, not on the machine.
 Writes acceptance.json (every number) to --out and prints a table last.
@@ -96,13 +98,13 @@ def summarise(drafter: str, k: int, counts: list[dict]) -> dict:
             "draft_share": tot["with_draft"] / steps}
 
 
-def load_prompts(args, model: Transformer) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """[n, P] prompts from the validation split (and [m, S+1] held-out windows for the
-    teacher-forced accuracies), or random ids for --quick without a model."""
-    P = args.prompt_len
+def load_text(args, model: Transformer) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """[n, P + G] held-out text whose first P tokens are the prompts (and [m, S+1] windows for
+    the teacher-forced accuracies) from the validation split; random ids for --quick alone."""
+    P, G = args.prompt_len, args.gen_len
     if args.model is None:
         g = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, model.cfg.vocab_size, (args.prompts, P), generator=g), None, "random ids"
+        return torch.randint(0, model.cfg.vocab_size, (args.prompts, P + G), generator=g), None, "random ids"
     from mogelm.data import TokenData
 
     folder = args.data_dir
@@ -113,14 +115,14 @@ def load_prompts(args, model: Transformer) -> tuple[torch.Tensor, torch.Tensor |
         folder = json.loads(state.read_text())["data"]
     td = TokenData(folder)
     val = torch.from_numpy(td.splits["val"].astype("int64"))
-    if len(val) < P + 1:
-        sys.exit(f"error: the validation split has {len(val)} tokens, fewer than --prompt-len {P}")
-    starts = torch.linspace(0, len(val) - P - 1, args.prompts).long()
-    prompts = torch.stack([val[s:s + P] for s in starts.tolist()])
+    if len(val) < P + G + 1:
+        sys.exit(f"error: the validation split has {len(val)} tokens, fewer than --prompt-len + --gen-len")
+    starts = torch.linspace(0, len(val) - P - G - 1, args.prompts).long()
+    texts = torch.stack([val[s:s + P + G] for s in starts.tolist()])
     S = min(model.cfg.max_seq_len, 256)
     n_win = min(args.eval_windows, (len(val) - 1) // S)
     windows = torch.stack([val[i * S:i * S + S + 1] for i in range(n_win)]) if n_win else None
-    return prompts, windows, str(folder)
+    return texts, windows, str(folder)
 
 
 @torch.no_grad()
@@ -151,7 +153,8 @@ def run(args) -> dict:
     if args.prompt_len + args.gen_len > cfg.max_seq_len:
         sys.exit(f"error: --prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds the "
                  f"model's max_seq_len {cfg.max_seq_len}")
-    prompts, windows, source = load_prompts(args, model)
+    texts, windows, source = load_text(args, model)
+    prompts = texts[:, :args.prompt_len]
     t0 = time.time()
     seqs = torch.cat([greedy_continuation(model, prompts[i:i + args.batch], args.gen_len)
                       for i in range(0, len(prompts), args.batch)])
@@ -177,6 +180,11 @@ def run(args) -> dict:
                                                                       args.min_ngram))
                   for seq in seq_lists]
         results.append(summarise(f"ngram{args.min_ngram}-{args.max_ngram}", k, counts))
+    for k in args.k:  # reference: n-gram drafts against the held-out text itself, not the model's
+        counts = [walk(seq, P, k, lambda t, k, seq=seq: ngram_propose(seq[:t + 1], k, args.max_ngram,
+                                                                      args.min_ngram))
+                  for seq in texts.tolist()]
+        results.append(summarise(f"ngram{args.min_ngram}-{args.max_ngram}/text", k, counts))
     if model.mtp is not None:
         for k in [k for k in args.k if k <= cfg.mtp_depth]:
             counts = [walk(seq, P, k, lambda t, k, m=m: [m[j][t - 1] for j in range(k)])

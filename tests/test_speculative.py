@@ -234,6 +234,7 @@ def test_acceptance_benchmark_quick_run(tmp_path, capsys):
     report = bench.run(bench.parse_args(["--quick", "--out", str(tmp_path)]))
     assert report["greedy_mismatches"] == 0
     assert [(r["drafter"], r["k"]) for r in report["results"]] == [
-        ("ngram1-3", 1), ("ngram1-3", 2), ("ngram1-3", 3), ("ngram1-3", 4), ("mtp1", 1)]
+        ("ngram1-3", 1), ("ngram1-3", 2), ("ngram1-3", 3), ("ngram1-3", 4),
+        ("ngram1-3/text", 1), ("ngram1-3/text", 2), ("ngram1-3/text", 3), ("ngram1-3/text", 4), ("mtp1", 1)]
     assert (tmp_path / "acceptance.json").is_file()
     assert "tok/verify" in capsys.readouterr().out
