@@ -23,8 +23,9 @@ Method (what speculative decoding with greedy verification would accept, compute
      drafter feeding its own drafts would compute; a rejected draft ends the prefix anyway.
      (For depth >= 2 this assumes the engine rebuilds each depth's rows from accepted tokens.)
 Reported per (drafter, k): acceptance rate = accepted / drafted tokens; mean accepted length =
-accepted / verify steps; tokens per verify step = 1 + mean accepted length (the decode speed-up
-bound if a verify step of k+1 positions cost one decode step); the share of steps with a draft.
+accepted / verify steps (both with bootstrap standard errors over the sequences); tokens per
+verify step = 1 + mean accepted length (the decode speed-up bound if a verify step of k+1
+positions cost one decode step); the share of steps with a draft.
 Also: per-position top-1 agreement of MTP depth 1 with the continuation, teacher-forced top-1
 accuracy of the main and MTP heads on the held-out text itself, and (rows "ngram.../text") the
 same n-gram walk with the held-out text in place of the model's continuation: how much of the
@@ -87,13 +88,21 @@ def walk(seq: list[int], start: int, k: int, propose) -> dict:
             "accepted_hist": hist}
 
 
-def summarise(drafter: str, k: int, counts: list[dict]) -> dict:
+def summarise(drafter: str, k: int, counts: list[dict], resamples: int = 1000) -> dict:
+    """Totals over the sequences (one walk each), and bootstrap standard errors over sequences:
+    positions within one sequence are correlated, so the sequence is the unit of resampling."""
     tot = {key: sum(c[key] for c in counts) for key in ("steps", "drafted", "accepted", "with_draft")}
     hist = [sum(c["accepted_hist"][i] for c in counts) for i in range(k + 1)]
     steps = max(tot["steps"], 1)
+    per_seq = torch.tensor([[c["drafted"], c["accepted"], c["steps"]] for c in counts], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    pick = torch.randint(0, len(counts), (resamples, len(counts)), generator=g)
+    boot = per_seq[pick].sum(1)  # [resamples, 3]
     return {"drafter": drafter, "k": k, **tot, "accepted_hist": hist,
             "acceptance_rate": tot["accepted"] / max(tot["drafted"], 1),
+            "acceptance_rate_se": float((boot[:, 1] / boot[:, 0].clamp(min=1)).std()),
             "mean_accepted": tot["accepted"] / steps,
+            "mean_accepted_se": float((boot[:, 1] / boot[:, 2].clamp(min=1)).std()),
             "tokens_per_verify": 1 + tot["accepted"] / steps,
             "draft_share": tot["with_draft"] / steps}
 
@@ -220,11 +229,12 @@ def run(args) -> dict:
     if accuracy:
         print("teacher-forced top-1 accuracy on held-out text: "
               + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items() if k != "windows"))
-    print(f"{'drafter':<10} {'k':>2} {'steps':>6} {'drafted':>8} {'accepted':>8} {'accept':>7} "
-          f"{'mean acc':>8} {'tok/verify':>10} {'drafted %':>9}")
+    print(f"{'drafter':<14} {'k':>2} {'steps':>6} {'drafted':>8} {'accepted':>8} {'accept (se)':>14} "
+          f"{'mean acc (se)':>14} {'tok/verify':>10} {'drafted %':>9}")
     for r in results:
-        print(f"{r['drafter']:<10} {r['k']:>2} {r['steps']:>6} {r['drafted']:>8} {r['accepted']:>8} "
-              f"{r['acceptance_rate']:>7.3f} {r['mean_accepted']:>8.3f} {r['tokens_per_verify']:>10.3f} "
+        print(f"{r['drafter']:<14} {r['k']:>2} {r['steps']:>6} {r['drafted']:>8} {r['accepted']:>8} "
+              f"{r['acceptance_rate']:>7.3f} ({r['acceptance_rate_se']:.3f}) "
+              f"{r['mean_accepted']:>6.3f} ({r['mean_accepted_se']:.3f}) {r['tokens_per_verify']:>10.3f} "
               f"{100 * r['draft_share']:>8.1f}%")
     return report
 
