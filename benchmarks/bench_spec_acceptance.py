@@ -27,9 +27,11 @@ accepted / verify steps (both with bootstrap standard errors over the sequences)
 verify step = 1 + mean accepted length (the decode speed-up bound if a verify step of k+1
 positions cost one decode step); the share of steps with a draft.
 Also: per-position top-1 agreement of MTP depth 1 with the continuation, teacher-forced top-1
-accuracy of the main and MTP heads on the held-out text itself, and (rows "ngram.../text") the
-same n-gram walk with the held-out text in place of the model's continuation: how much of the
-n-gram rate comes from the text and how much from the model's own greedy repetition.
+accuracy of the main and MTP heads on the held-out text itself; k = 1 acceptance from states
+of real text (at every position of held-out windows, is the draft for the next token the
+target's greedy token there? one verify step after a real prompt, free of the model's own
+repetition); and (rows "ngram.../text") the same n-gram walk with the held-out text in place of
+the model's continuation.
 
 Nothing here is timed: acceptance depends on the model and the text, not on the machine.
 Writes acceptance.json (every number) to --out and prints a table last.
@@ -146,6 +148,28 @@ def teacher_forced_accuracy(model: Transformer, windows: torch.Tensor) -> dict:
     return res
 
 
+@torch.no_grad()
+def first_draft_on_text(model: Transformer, windows: torch.Tensor, max_ngram: int, min_ngram: int) -> dict:
+    """k = 1 acceptance from states taken from real text: at every position t >= 1 of a held-out
+    window (tokens 0..t real), is the draft for token t+1 the target's greedy token there?
+    No greedy continuation is involved, so the model's own repetition does not enter. n-gram:
+    accepted per drafted token (and the share of positions with a draft); MTP drafts always."""
+    x = windows[:, :-1]
+    out = model(x, return_hidden=True)
+    greedy = out.logits.argmax(-1)  # [m, S]: the target's token t+1 after real tokens 0..t
+    ids, g = x.tolist(), greedy.tolist()
+    drafts = [(ngram_propose(row[:t + 1], 1, max_ngram, min_ngram), g[b][t])
+              for b, row in enumerate(ids) for t in range(1, len(row))]
+    drafted = sum(bool(d) for d, _ in drafts)
+    hits = sum(d == [want] for d, want in drafts)
+    res = {"positions": len(drafts), "ngram": hits / max(drafted, 1),
+           "ngram_draft_share": drafted / len(drafts)}
+    if model.mtp is not None:  # depth 1 at row t-1 (sees token t) drafts token t+1
+        mtp1 = model.mtp_forward(out.hidden, x).logits[0].argmax(-1)  # [m, S-1]
+        res["mtp_1"] = float((mtp1 == greedy[:, 1:]).float().mean())
+    return res
+
+
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,6 +228,8 @@ def run(args) -> dict:
         hits = sum(m[0][r] == seq[r + 2] for seq, m in zip(seq_lists, mtp_argmax) for r in rows)
         per_position["mtp_1_agreement"] = hits / (len(seq_lists) * len(rows))
     accuracy = teacher_forced_accuracy(model, windows) if windows is not None else None
+    on_text = (first_draft_on_text(model, windows, args.max_ngram, args.min_ngram)
+               if windows is not None else None)
 
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -214,6 +240,7 @@ def run(args) -> dict:
         "max_ngram": args.max_ngram, "min_ngram": args.min_ngram,
         "greedy_mismatches": mismatches, "generation_s": t_gen,
         "results": results, "per_position": per_position, "teacher_forced_accuracy": accuracy,
+        "first_draft_acceptance_on_text": on_text,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +256,8 @@ def run(args) -> dict:
     if accuracy:
         print("teacher-forced top-1 accuracy on held-out text: "
               + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items() if k != "windows"))
+        print(f"k=1 acceptance from held-out-text states ({on_text['positions']} positions): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in on_text.items() if k != "positions"))
     print(f"{'drafter':<14} {'k':>2} {'steps':>6} {'drafted':>8} {'accepted':>8} {'accept (se)':>14} "
           f"{'mean acc (se)':>14} {'tok/verify':>10} {'drafted %':>9}")
     for r in results:
