@@ -113,9 +113,12 @@ def load_text(args, model: Transformer) -> tuple[torch.Tensor, torch.Tensor | No
     """[n, P + G] held-out text whose first P tokens are the prompts (and [m, S+1] windows for
     the teacher-forced accuracies) from the validation split; random ids for --quick alone."""
     P, G = args.prompt_len, args.gen_len
+    S = min(model.cfg.max_seq_len, 256)
     if args.model is None:
         g = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, model.cfg.vocab_size, (args.prompts, P + G), generator=g), None, "random ids"
+        V = model.cfg.vocab_size
+        return (torch.randint(0, V, (args.prompts, P + G), generator=g),
+                torch.randint(0, V, (args.eval_windows, S + 1), generator=g), "random ids")
     from mogelm.data import TokenData
 
     folder = args.data_dir
@@ -130,7 +133,6 @@ def load_text(args, model: Transformer) -> tuple[torch.Tensor, torch.Tensor | No
         sys.exit(f"error: the validation split has {len(val)} tokens, fewer than --prompt-len + --gen-len")
     starts = torch.linspace(0, len(val) - P - G - 1, args.prompts).long()
     texts = torch.stack([val[s:s + P + G] for s in starts.tolist()])
-    S = min(model.cfg.max_seq_len, 256)
     n_win = min(args.eval_windows, (len(val) - 1) // S)
     windows = torch.stack([val[i * S:i * S + S + 1] for i in range(n_win)]) if n_win else None
     return texts, windows, str(folder)

@@ -236,5 +236,7 @@ def test_acceptance_benchmark_quick_run(tmp_path, capsys):
     assert [(r["drafter"], r["k"]) for r in report["results"]] == [
         ("ngram1-3", 1), ("ngram1-3", 2), ("ngram1-3", 3), ("ngram1-3", 4),
         ("ngram1-3/text", 1), ("ngram1-3/text", 2), ("ngram1-3/text", 3), ("ngram1-3/text", 4), ("mtp1", 1)]
+    on_text = report["first_draft_acceptance_on_text"]
+    assert set(on_text) == {"positions", "ngram", "ngram_draft_share", "mtp_1"} and on_text["positions"] > 0
     assert (tmp_path / "acceptance.json").is_file()
     assert "tok/verify" in capsys.readouterr().out
