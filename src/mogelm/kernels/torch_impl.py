@@ -241,3 +241,31 @@ def linear_cross_entropy(h_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor,
     logits = F.linear(h_BTD, weight_VD)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1),
                            ignore_index=ignore_index)
+
+
+# Inference ops (issue 14): the readable twins of kernels/triton_infer.py.
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(h, y): the residual add h = x + residual, then y = rms_norm(h) (the block's own code)."""
+    h = x + residual
+    return h, rms_norm(h, weight, eps)
+
+
+def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_BTd: Tensor, num_heads: int,
+                  num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q|k|v of one fused projection [B, T, (H + 2 Hkv) hd] -> q [B, H, T, hd] and k, v
+    [B, Hkv, T, hd]: the bias added, RoPE applied to q and k (as the unfused Attention does)."""
+    B, T, C = qkv_BTC.shape
+    hd = C // (num_heads + 2 * num_kv_heads)
+    x = qkv_BTC + bias_C if bias_C is not None else qkv_BTC
+    q, k, v = x.split([num_heads * hd, num_kv_heads * hd, num_kv_heads * hd], dim=-1)
+    q = q.reshape(B, T, num_heads, hd).transpose(1, 2)
+    k = k.reshape(B, T, num_kv_heads, hd).transpose(1, 2)
+    v = v.reshape(B, T, num_kv_heads, hd).transpose(1, 2)
+    q, k = rope_qk(q, k, cos_BTd, sin_BTd)
+    return q, k, v
+
+
+def linear_fp8_swiglu(x: Tensor, weight_q: Tensor, weight_scale: Tensor) -> Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for an e4m3 [gate (F rows); up (F rows)] weight, weight-only."""
+    gate, up = linear_fp8(x, weight_q, weight_scale, None, "bf16").chunk(2, dim=-1)
+    return swiglu(gate, up)
