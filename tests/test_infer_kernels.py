@@ -92,6 +92,13 @@ def test_fp8_swiglu_kernel_matches_twin():
     assert_close(out, torch_impl.linear_fp8_swiglu(x, q, s))
 
 
+def test_swiglu_halves_kernel_matches_twin():
+    x = torch.randn(3, 5, 2 * 70)
+    out = infer.swiglu_halves(x)
+    assert out.shape == (3, 5, 70)
+    assert_close(out, torch_impl.swiglu_halves(x))
+
+
 def test_dequantize_rows_kernel_is_exact():
     q, s = _fp8_weight(40, 300)
     out = infer.dequantize_rows(q, s, torch.float32)
@@ -193,6 +200,9 @@ def test_gpu_fused_kernels_bf16_against_fp64():
     ref = torch_impl.qkv_bias_rope(qkv.to(bf).double(), b.to(bf).double(), cos.double(), sin.double(), H, Hkv)
     for o, rr in zip(out, ref):
         assert _rel(o, rr) < 1e-2
+    gu = torch.randn(37, 2 * 5376, device=dev)
+    g, u = gu.double().chunk(2, -1)
+    assert _rel(infer.swiglu_halves(gu.to(bf)), torch.nn.functional.silu(g) * u) < 1e-2
     for M in (1, 7, 64, 256):
         xm = torch.randn(M, 5120, device=dev).to(bf)
         q, s = ops.quantize_rows_fp8(torch.randn(2 * 5376, 5120, device=dev) / 70)

@@ -180,12 +180,17 @@ def run_decode_command(args: argparse.Namespace) -> int:
     if args.quick:
         s.layers = s.layers or 4
         s.batches, s.kv_dtypes, s.hf_batches, s.hf_layers = (1, 64), kv[:1], s.hf_batches[:1], (1, 2)
-    res = run_decode(s, tuning, sections)
-    if out is not None and "tuning" in res:
-        from mogelm.inference.bench_model import write_json
+    from mogelm.inference.bench_model import write_json
 
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "tuning.json", dict(device=res["device"], date=res["date"], tuning=res["tuning"]))
+    def progress(res: dict) -> None:  # the numbers so far, so that a run cut short keeps them
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "bench_decode.json", res)
+            if "tuning" in res:
+                write_json(out / "tuning.json", dict(device=res["device"], date=res["date"],
+                                                     tuning=res["tuning"]))
+
+    res = run_decode(s, tuning, sections, progress)
     return _finish(args, res, out, "bench_decode.json")
 
 

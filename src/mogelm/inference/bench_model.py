@@ -541,7 +541,7 @@ def hf_baseline(cfg: ModelConfig, batches: tuple[int, ...], layers: tuple[int, i
                 step()
                 step()
                 per_depth[L] = wall_ms(step, device, steps)
-                step.cache = None
+                step = None  # frees the static cache
             lo, hi = min(layers), max(layers)
             per_layer = (per_depth[hi] - per_depth[lo]) / (hi - lo)
             step_full = per_depth[lo] + (cfg.num_layers - lo) * per_layer
@@ -590,6 +590,20 @@ def _moe_candidates(S: int, kind: str):
                  [G(64, 128, 64, 8, 4, 4)])}
 
 
+def _fastest(cands: list[tuple[Callable[[], object], object]], device: torch.device, what: str):
+    """(ms, tag) of the fastest callable; a candidate that fails (e.g. out of resources) is skipped."""
+    best = None
+    for fn, tag in cands:
+        try:
+            ms = time_fn(fn, device, rep_ms=30)
+        except Exception as e:
+            log(f"    tune {what} {tag}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, tag)
+    return best
+
+
 @torch.inference_mode()
 def tune_moe(cfg: ModelConfig, token_counts: list[int], device: torch.device, bw_GBps: float,
              budget_s: float = 60.0) -> dict:
@@ -598,6 +612,7 @@ def tune_moe(cfg: ModelConfig, token_counts: list[int], device: torch.device, bw
     Returns {"table": {...configs schema...}, "rows": [...], "w8a8_from_rows": int}."""
     from mogelm.kernels import triton_moe as tm
     from mogelm.kernels.triton_align import align
+    from mogelm.kernels.triton_common import device_limit, fit_gemm
 
     t_start = time.perf_counter()
     E, D, F, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -626,14 +641,17 @@ def tune_moe(cfg: ModelConfig, token_counts: list[int], device: torch.device, bw
                 if time.perf_counter() - t_start > budget_s:
                     break
                 plan = align(ids_TK, E, block_m)
-                try:
-                    g_best = min((time_fn(partial(tm.gate_up, x, wgu, plan, K, c, w_scale_EF=sgu), device,
-                                          rep_ms=30), c) for c in gcands)
-                    h = tm.gate_up(x, wgu, plan, K, g_best[1], w_scale_EF=sgu)
-                    d_best = min((time_fn(partial(tm.down, h, wdn, w_S, plan, S, c, x.dtype, w_scale_ED=sdn),
-                                          device, rep_ms=30), c) for c in dcands)
-                except Exception as e:  # a tile that does not fit this device: skip the block size
-                    log(f"    tune {kind} T={T} block_m={block_m}: {type(e).__name__}: {e}")
+                limit = device_limit(x) if x.is_cuda else 1 << 30
+                gcands = {fit_gemm(c, 2, byte, 2, limit) for c in gcands}  # tiles that fit shared memory
+                g_best = _fastest([(partial(tm.gate_up, x, wgu, plan, K, c, w_scale_EF=sgu), c)
+                                   for c in gcands], device, f"{kind} T={T} gate_up")
+                if g_best is None:
+                    continue
+                h = tm.gate_up(x, wgu, plan, K, g_best[1], w_scale_EF=sgu)
+                dcands = {fit_gemm(c, 2, byte, 1, limit) for c in dcands}
+                d_best = _fastest([(partial(tm.down, h, wdn, w_S, plan, S, c, x.dtype, w_scale_ED=sdn), c)
+                                   for c in dcands], device, f"{kind} T={T} down")
+                if d_best is None:
                     continue
                 total = g_best[0] + d_best[0]
                 if best is None or total < best[0]:
@@ -670,6 +688,8 @@ def tune_moe(cfg: ModelConfig, token_counts: list[int], device: torch.device, bw
     fastest = [(r["routed_rows"], r["w8a8_shipped_ms"] < min(r["fp8_shipped_ms"], r["fp8_tuned_ms"]))
                for r in rows]
     w8a8_from = next((S for i, (S, _) in enumerate(fastest) if all(ok for _, ok in fastest[i:])), None)
+    if w8a8_from is None and rows:  # weight-only won at every measured size: W8A8 only beyond them
+        w8a8_from = max(r["routed_rows"] for r in rows) + 1
     return dict(table=table, rows=rows, w8a8_from_rows=w8a8_from, seconds=time.perf_counter() - t_start)
 
 
@@ -705,12 +725,11 @@ def tune_linear(cfg: ModelConfig, row_counts: list[int], device: torch.device,
         for c in cands:
             if c.block_m > max(16, 2 * M) or time.perf_counter() - t_start > budget_s:
                 continue
-            try:
-                t = sum(time_fn(partial(ti.linear_fp8_wo, xs[k], *weights[k], swiglu=shapes[k][2], cfg=c),
-                                device, rep_ms=30) for k in shapes)
-            except Exception as e:
-                log(f"    tune linear M={M} {c}: {type(e).__name__}")
+            parts = [_fastest([(partial(ti.linear_fp8_wo, xs[k], *weights[k], swiglu=shapes[k][2], cfg=c),
+                                c)], device, f"linear M={M} {k}") for k in shapes]
+            if any(p is None for p in parts):
                 continue
+            t = sum(p[0] for p in parts)
             if best is None or t < best[0]:
                 best = (t, c)
         if best is not None:
@@ -749,9 +768,12 @@ def _env(device: torch.device) -> dict:
     return out
 
 
-def run_decode(s: DecodeSettings, tuning: dict | None = None,
-               sections: tuple[str, ...] = ("hf", "decode")) -> dict:
-    """The whole decode benchmark; returns the JSON-ready result (module docstring)."""
+def run_decode(s: DecodeSettings, tuning: dict | None = None, sections: tuple[str, ...] = ("hf", "decode"),
+               progress: Callable[[dict], None] | None = None) -> dict:
+    """The whole decode benchmark; returns the JSON-ready result (module docstring). `progress`
+    is called with the result so far after each section and each decode row (e.g. to write it, so
+    a run cut short still leaves its numbers)."""
+    progress = progress or (lambda res: None)
     device = torch.device(s.device)
     res: dict = dict(kind="decode", settings=dataclasses.asdict(s), **_env(device))
     res.update(ceilings(device))
@@ -760,14 +782,17 @@ def run_decode(s: DecodeSettings, tuning: dict | None = None,
     cfg = model_config(s.preset, s.layers, s.context + 2 * s.block_size)
     if "tune" in sections:
         tokens = sorted(set(s.batches) | ({512} if s.largest else set()))
-        res["tuning"] = dict(moe=tune_moe(cfg, tokens, device, bw), linear=tune_linear(cfg, tokens, device))
+        res["tuning"] = dict(moe=tune_moe(cfg, tokens, device, bw, budget_s=45.0),
+                             linear=tune_linear(cfg, tokens, device, budget_s=20.0))
         install_tuning(res["tuning"])
+        progress(res)
     elif tuning:
         res["tuning_installed"] = True
         install_tuning(tuning)
     if "hf" in sections and s.hf:
         try:
             res["hf"] = hf_baseline(cfg, s.hf_batches, s.hf_layers, s.context, device)
+            progress(res)
         except Exception as e:  # a transformers API change must not cost the rest of the run
             res["hf"] = dict(error=f"{type(e).__name__}: {e}")
             log(f"  HF baseline failed: {res['hf']['error']}")
@@ -805,7 +830,7 @@ def run_decode(s: DecodeSettings, tuning: dict | None = None,
             for B in batches:
                 try:
                     row = measure_decode(model, cache, B, s.context, bw, wb, device, s.breakdown, s.seed)
-                except torch.OutOfMemoryError as e:
+                except torch.cuda.OutOfMemoryError as e:
                     rows.append(dict(recipe=recipe, kv_dtype=kv, batch=B, error=f"out of memory: {e}"[:300]))
                     log(f"  B={B}: out of memory")
                     torch.cuda.empty_cache()
@@ -816,6 +841,7 @@ def run_decode(s: DecodeSettings, tuning: dict | None = None,
                     row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
                 rows.append(row)
                 log(format_decode_row(row))
+                progress(res)
             for B in skipped:
                 rows.append(dict(recipe=recipe, kv_dtype=kv, batch=B, context=s.context,
                                  error=f"does not fit: the {kv} pool holds {largest} rows of {s.context} "

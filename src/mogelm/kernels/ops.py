@@ -289,8 +289,7 @@ def linear_fp8_swiglu(x: Tensor, weight_q: Tensor, weight_scale: Tensor) -> Tens
     x = _autocast_input(x)
     if _fp8_small_m(x, weight_q):
         return _infer_module().linear_fp8_wo(x, weight_q, weight_scale, swiglu=True)
-    gate, up = linear_fp8(x, weight_q, weight_scale, None, "bf16").chunk(2, dim=-1)
-    return swiglu(gate, up)
+    return swiglu_halves(linear_fp8(x, weight_q, weight_scale, None, "bf16"))
 
 
 def paged_decode_attention(
@@ -348,6 +347,14 @@ def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_B
     if _inference_fast_path(qkv_BTC, bias_C, cos_BTd, sin_BTd):
         return _infer_module().qkv_bias_rope(qkv_BTC, bias_C, cos_BTd, sin_BTd, num_heads, num_kv_heads)
     return torch_impl.qkv_bias_rope(qkv_BTC, bias_C, cos_BTd, sin_BTd, num_heads, num_kv_heads)
+
+
+def swiglu_halves(x: Tensor) -> Tensor:
+    """silu(gate) * up of a fused [gate | up] projection x [..., 2F] -> [..., F]: one Triton launch
+    in inference on CUDA (no copies of the halves), else the twin torch_impl.swiglu_halves."""
+    if _inference_fast_path(x):
+        return _infer_module().swiglu_halves(x)
+    return torch_impl.swiglu_halves(x)
 
 
 def decode_attention_splits(num_rows: int, num_kv_heads: int, max_len: int,

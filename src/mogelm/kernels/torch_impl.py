@@ -265,6 +265,12 @@ def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_B
     return q, k, v
 
 
+def swiglu_halves(x: Tensor) -> Tensor:
+    """silu(gate) * up for x [..., 2F] = [gate | up] (a fused gate/up projection's output)."""
+    gate, up = x.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
 def linear_fp8_swiglu(x: Tensor, weight_q: Tensor, weight_scale: Tensor) -> Tensor:
     """silu(x @ gate^T) * (x @ up^T) for an e4m3 [gate (F rows); up (F rows)] weight, weight-only."""
     gate, up = linear_fp8(x, weight_q, weight_scale, None, "bf16").chunk(2, dim=-1)

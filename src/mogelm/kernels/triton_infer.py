@@ -3,6 +3,7 @@ twin in torch_impl.py and reached through kernels/ops.py:
 
     add_rms_norm    h = x + r; y = RMSNorm(h)            the block's residual add and the next norm
     qkv_bias_rope   (qkv + bias) -> q, k (RoPE), v        after one GEMM over concatenated q/k/v weights
+    swiglu_halves   silu(x[:, :F]) * x[:, F:]             after one GEMM over concatenated gate/up weights
     linear_fp8_wo   y = x @ (q * scale)^T (+ bias)        e4m3 weights, activations kept (weight-only),
                     [SwiGLU epilogue over gate|up rows]    for the small-M GEMMs of decode
 
@@ -161,6 +162,40 @@ def qkv_bias_rope(qkv: Tensor, bias: Tensor | None, cos: Tensor, sin: Tensor, nu
 
 
 # ----------------------------------------------------------------------------------------------
+# SwiGLU of a fused [gate | up] projection: h = silu(x[:, :F]) * x[:, F:] (no copies of the halves)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _swiglu_halves_kernel(
+    x_ptr,  # [R, 2F] gate | up, unit column stride
+    h_ptr,  # [R, F] out, contiguous
+    F, stride_x,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < F
+    g = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + F + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row * F + cols, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=m)
+
+
+def swiglu_halves(x: Tensor) -> Tensor:
+    """silu(gate) * up of x [..., 2F] = [gate | up] -> [..., F] in one launch."""
+    lead, F2 = x.shape[:-1], x.shape[-1]
+    F = F2 // 2
+    x2 = x.reshape(-1, F2)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    h = torch.empty(x2.shape[0], F, dtype=x.dtype, device=x.device)
+    block = 1024 if not INTERPRET else 64
+    if x2.shape[0]:
+        _swiglu_halves_kernel[(x2.shape[0], triton.cdiv(F, block))](x2, h, F, x2.stride(0), BLOCK=block,
+                                                                   num_warps=1 if INTERPRET else 4)
+    return h.view(*lead, F)
+
+
+# ----------------------------------------------------------------------------------------------
 # fp8 weight-only linear for decode-sized M: e4m3 tiles converted in registers, scales and bias in
 # the epilogue; optional SwiGLU over a [gate | up] weight (the shared expert's gate_up in one GEMM)
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +280,7 @@ def default_linear_config(M: int) -> LinearConfig:
     """Tiles by row count: 16-row tiles with long K steps for decode (every SM streams weight rows),
     wider row tiles as M grows (each weight tile then serves more rows)."""
     if M <= 16:
-        return LinearConfig(16, 64, 256, 4, 4)
+        return LinearConfig(16, 32, 256, 4, 4)
     if M <= 32:
         return LinearConfig(32, 64, 256, 4, 3)
     if M <= 64:
