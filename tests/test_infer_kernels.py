@@ -201,7 +201,7 @@ def test_gpu_fused_kernels_bf16_against_fp64():
     for o, rr in zip(out, ref):
         assert _rel(o, rr) < 1e-2
     gu = torch.randn(37, 2 * 5376, device=dev)
-    g, u = gu.double().chunk(2, -1)
+    g, u = gu.to(bf).double().chunk(2, -1)
     assert _rel(infer.swiglu_halves(gu.to(bf)), torch.nn.functional.silu(g) * u) < 1e-2
     for M in (1, 7, 64, 256):
         xm = torch.randn(M, 5120, device=dev).to(bf)
