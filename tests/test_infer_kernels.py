@@ -99,6 +99,21 @@ def test_swiglu_halves_kernel_matches_twin():
     assert_close(out, torch_impl.swiglu_halves(x))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_paged_kv_write_kernel_matches_twin(kv_dtype):
+    P, bs, Hkv, hd, N = 5, 4, 3, 16, 6
+    pools = [torch.zeros(P, bs, Hkv, hd, dtype=kv_dtype) for _ in range(4)]
+    slots = torch.tensor([4, 5, 9, 19, 0, 12])
+    k = torch.randn(N, 2 * Hkv, hd)[:, ::2]  # a strided head dim, unit stride along hd
+    v = torch.randn(N, Hkv, hd)
+    scales = (torch.rand(Hkv) + 0.5, torch.rand(Hkv) + 0.5) if kv_dtype != torch.float32 else (None, None)
+    infer.paged_kv_write(pools[0], pools[1], slots, k, v, *scales)
+    torch_impl.paged_kv_write(pools[2], pools[3], slots, k, v, *scales)
+    assert torch.equal(pools[0].float(), pools[2].float()) and torch.equal(pools[1].float(), pools[3].float())
+    flat = pools[0].view(-1, Hkv, hd).float()
+    assert flat[19].abs().sum() > 0 and flat[1].abs().sum() == 0  # written slots only
+
+
 def test_dequantize_rows_kernel_is_exact():
     q, s = _fp8_weight(40, 300)
     out = infer.dequantize_rows(q, s, torch.float32)
@@ -203,6 +218,14 @@ def test_gpu_fused_kernels_bf16_against_fp64():
     gu = torch.randn(37, 2 * 5376, device=dev)
     g, u = gu.to(bf).double().chunk(2, -1)
     assert _rel(infer.swiglu_halves(gu.to(bf)), torch.nn.functional.silu(g) * u) < 1e-2
+    pools = [torch.zeros(64, 16, 8, 128, device=dev, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    kv = torch.randn(2, 33, 8, 128, device=dev).to(bf)
+    slots = torch.randperm(64 * 16, device=dev)[:33]
+    sc = torch.rand(8, device=dev) + 0.5
+    infer.paged_kv_write(*pools, slots, kv[0], kv[1], sc, sc)
+    for pool, x in zip(pools, kv):
+        back = pool.view(-1, 8, 128)[slots].double() * sc.double()[:, None]
+        assert _rel(back, x) < 0.05  # e4m3 rounding
     for M in (1, 7, 64, 256):
         xm = torch.randn(M, 5120, device=dev).to(bf)
         q, s = ops.quantize_rows_fp8(torch.randn(2 * 5376, 5120, device=dev) / 70)

@@ -388,13 +388,19 @@ def max_rows(cache: PagedKVCache, ctx: int) -> int:
 def experts_touched(model: Transformer, state: PagedAttention, ids: Tensor, pos: Tensor) -> float:
     """Mean over MoE layers of the experts that get >= 1 row in an eager forward of this step."""
     seen: list[int] = []
+    layers = [m for m in model.modules() if isinstance(m, MoGELayer)]
     hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(int((out[1].counts_E > 0).sum())))
-             for m in model.modules() if isinstance(m, MoGELayer)]
+             for m in layers]
+    recording = [m.record_stats for m in layers]
     try:
+        for m in layers:
+            m.record_stats = True
         model(ids[None], positions_BT=pos[None], kv_cache=state)
     finally:
         for h in hooks:
             h.remove()
+        for m, r in zip(layers, recording):
+            m.record_stats = r
     return sum(seen) / len(seen) if seen else 0.0
 
 

@@ -12,6 +12,8 @@ What it does, per block:
   - the shared expert (SwiGLU gate/up/down) -> FusedSwiGLU: one GEMM over [gate; up], then SwiGLU
     (with e4m3 weights: one Triton launch with SwiGLU in the epilogue, ops.linear_fp8_swiglu), then
     down. MoGELayer calls `shared_expert(x)` whatever it holds.
+  - MoE layers skip their routing statistics in eval mode (MoGELayer.record_stats = False), unless
+    fuse_for_inference(model, stats=True).
 Both work with nn.Linear and with quant.Fp8Linear projections (concatenating e4m3 rows and their
 per-row scales), so fusing after quantize_model keeps the fp8 weights. The residual add + RMSNorm
 fusion needs no transform: Block calls ops.add_rms_norm, fused on CUDA.
@@ -128,11 +130,15 @@ def fuse_shared_experts(model: Transformer) -> int:
     return n
 
 
-def fuse_for_inference(model: Transformer) -> Transformer:
-    """Every fusion above, in place (idempotent). Returns the model."""
+def fuse_for_inference(model: Transformer, stats: bool = False) -> Transformer:
+    """Every fusion above, in place (idempotent); with stats=False the MoE layers also stop
+    computing routing statistics in eval mode (MoGELayer.record_stats: the engine never reads them,
+    and they cost five small launches a layer). Returns the model."""
     with torch.no_grad():
         fuse_qkv(model)
         fuse_shared_experts(model)
+    for layer in model.moe_layers():
+        layer.record_stats = stats
     return model
 
 

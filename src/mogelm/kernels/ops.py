@@ -349,6 +349,16 @@ def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_B
     return torch_impl.qkv_bias_rope(qkv_BTC, bias_C, cos_BTd, sin_BTd, num_heads, num_kv_heads)
 
 
+def paged_kv_write(k_pool: Tensor, v_pool: Tensor, slots_N: Tensor, k_NHd: Tensor, v_NHd: Tensor,
+                   k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None) -> None:
+    """Keys and values of N tokens into their slots of one layer's paged pools (fp8 pools quantised
+    with per-head scales): one Triton launch for both on the triton backend (CUDA), else the twin
+    torch_impl.paged_kv_write."""
+    if resolve_backend(k_NHd) == "triton" and k_NHd.is_cuda and _infer_module() is not None:
+        return _infer_module().paged_kv_write(k_pool, v_pool, slots_N, k_NHd, v_NHd, k_scale_H, v_scale_H)
+    return torch_impl.paged_kv_write(k_pool, v_pool, slots_N, k_NHd, v_NHd, k_scale_H, v_scale_H)
+
+
 def swiglu_halves(x: Tensor) -> Tensor:
     """silu(gate) * up of a fused [gate | up] projection x [..., 2F] -> [..., F]: one Triton launch
     in inference on CUDA (no copies of the halves), else the twin torch_impl.swiglu_halves."""

@@ -265,6 +265,19 @@ def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_B
     return q, k, v
 
 
+def paged_kv_write(k_pool: Tensor, v_pool: Tensor, slots_N: Tensor, k_NHd: Tensor, v_NHd: Tensor,
+                   k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None) -> None:
+    """Store keys/values of N tokens [N, Hkv, hd] at pool slots `slots_N` (int64) of one layer's
+    pools [P, bs, Hkv, hd]; an fp8 pool stores x / scale[head] clamped to the e4m3 range."""
+    for pool, x, scale in ((k_pool, k_NHd, k_scale_H), (v_pool, v_NHd, v_scale_H)):
+        flat = pool.view(-1, *pool.shape[2:])
+        if scale is None:
+            flat.index_copy_(0, slots_N, x.to(pool.dtype))
+        else:  # quantise with the head's scale, copy the bytes (no fp8 index_copy_ everywhere)
+            q = (x.float() / scale[:, None]).clamp(-448.0, 448.0).to(pool.dtype)
+            flat.view(torch.uint8).index_copy_(0, slots_N, q.view(torch.uint8))
+
+
 def swiglu_halves(x: Tensor) -> Tensor:
     """silu(gate) * up for x [..., 2F] = [gate | up] (a fused gate/up projection's output)."""
     gate, up = x.chunk(2, dim=-1)

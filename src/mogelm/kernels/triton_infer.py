@@ -4,6 +4,7 @@ twin in torch_impl.py and reached through kernels/ops.py:
     add_rms_norm    h = x + r; y = RMSNorm(h)            the block's residual add and the next norm
     qkv_bias_rope   (qkv + bias) -> q, k (RoPE), v        after one GEMM over concatenated q/k/v weights
     swiglu_halves   silu(x[:, :F]) * x[:, F:]             after one GEMM over concatenated gate/up weights
+    paged_kv_write  keys and values into their pool slots   one launch for both (fp8 pools quantised)
     linear_fp8_wo   y = x @ (q * scale)^T (+ bias)        e4m3 weights, activations kept (weight-only),
                     [SwiGLU epilogue over gate|up rows]    for the small-M GEMMs of decode
 
@@ -159,6 +160,61 @@ def qkv_bias_rope(qkv: Tensor, bias: Tensor | None, cos: Tensor, sin: Tensor, nu
             BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=1 if INTERPRET else 4,
         )
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged KV write: this step's keys and values into their pool slots, quantised for an fp8 pool
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kv_write_kernel(
+    k_ptr, v_ptr,  # [N, Hkv, hd] this call's keys / values (unit stride along hd)
+    kp_ptr, vp_ptr,  # [P * bs, Hkv, hd] the layer's pools (contiguous; bf16/fp16/fp32 or e4m3)
+    slots_ptr,  # [N] int64 pool slot of each token
+    ks_ptr, vs_ptr,  # [Hkv] fp32 per-head scales (read only when SCALE)
+    stride_kn, stride_kh, stride_vn, stride_vh, HKV,
+    HD: tl.constexpr, BLOCK_H: tl.constexpr,
+    SCALE: tl.constexpr,  # fp8 pool: store x / scale[head], clamped to +-FP8_MAX
+    FP8_MAX: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + n).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HD)
+    m = (h < HKV)[:, None]
+    dst = slot * HKV * HD + h[:, None] * HD + d[None, :]
+    k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    if SCALE:
+        k = k / tl.load(ks_ptr + h, mask=h < HKV, other=1.0)[:, None]
+        v = v / tl.load(vs_ptr + h, mask=h < HKV, other=1.0)[:, None]
+        k = tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+    tl.store(kp_ptr + dst, k.to(kp_ptr.dtype.element_ty), mask=m)
+    tl.store(vp_ptr + dst, v.to(vp_ptr.dtype.element_ty), mask=m)
+
+
+def paged_kv_write(k_pool: Tensor, v_pool: Tensor, slots_N: Tensor, k_NHd: Tensor, v_NHd: Tensor,
+                   k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None) -> None:
+    """torch_impl.paged_kv_write in one launch for keys and values together. Under the interpreter
+    an fp8 pool takes the twin (the interpreter rounds fp32 -> e4m3 wrongly near powers of two)."""
+    from mogelm.kernels import torch_impl
+
+    N, Hkv, hd = k_NHd.shape
+    if N == 0:
+        return
+    if (INTERPRET and k_pool.dtype == FP8) or k_NHd.stride(-1) != 1 or v_NHd.stride(-1) != 1 \
+            or hd != triton.next_power_of_2(hd):
+        torch_impl.paged_kv_write(k_pool, v_pool, slots_N, k_NHd, v_NHd, k_scale_H, v_scale_H)
+        return
+    scale = k_scale_H is not None
+    _kv_write_kernel[(N,)](
+        k_NHd, v_NHd, k_pool, v_pool, slots_N,
+        k_scale_H if scale else slots_N, v_scale_H if scale else slots_N,
+        k_NHd.stride(0), k_NHd.stride(1), v_NHd.stride(0), v_NHd.stride(1), Hkv, HD=hd,
+        BLOCK_H=triton.next_power_of_2(Hkv), SCALE=scale, FP8_MAX=448.0, num_warps=1 if INTERPRET else 4,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
