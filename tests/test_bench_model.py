@@ -143,6 +143,16 @@ def test_served_random_weights_with_token_id_prompts():
     assert res["tpot_ms"]["p50"] > 0 and res["ttft_ms"]["p99"] > 0
 
 
+def test_weights_that_cannot_fit_are_refused_before_any_draw(capsys, monkeypatch):
+    monkeypatch.setattr(bm, "device_bytes", lambda device: 25e9)  # a 25 GB machine, whatever this one has
+    assert bm.random_weight_bytes("pangu-pro-moe-72b", "bf16") == pytest.approx(144e9, rel=0.01)
+    assert bm.random_weight_bytes("pangu-pro-moe-72b", "fp8-all") == pytest.approx(73.6e9, rel=0.01)
+    assert main(["bench", "decode", "--device", "cpu", "--recipes", "bf16"]) == 2
+    assert "needs about 144 GB" in capsys.readouterr().err
+    assert main(["serve", "--random-weights", "pangu-pro-moe-72b", "--device", "cpu"]) == 2
+    assert "needs about" in capsys.readouterr().err
+
+
 def test_serve_random_weights_flag_errors(capsys):
     assert main(["serve", "--random-weights", "nope"]) == 2
     assert "is not a preset" in capsys.readouterr().err

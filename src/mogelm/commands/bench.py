@@ -145,6 +145,14 @@ def _model_checks(args: argparse.Namespace):
             raise UserError(f"--tuning {args.tuning} holds no tile table (expected the `tuning` section of "
                             "`mogelm bench decode --sections tune`)")
     out = check_output_dir(args.out, "--out") if args.out else None
+    from mogelm.inference.bench_model import device_bytes, random_weight_bytes
+
+    first = recipes.split(",")[0]  # the model is built in the first recipe (later ones only shrink it)
+    need, have = random_weight_bytes(args.preset, first, torch.bfloat16, args.layers), device_bytes(device)
+    if need > 0.85 * have:
+        raise UserError(f"{args.preset} with {first} weights needs about {need / 1e9:.0f} GB and {device} "
+                        f"has {have / 1e9:.0f} GB; choose an fp8 recipe, fewer --layers or a smaller "
+                        "--preset")
     return device, recipes, tuning, out
 
 
@@ -185,13 +193,14 @@ def run_decode_command(args: argparse.Namespace) -> int:
     def progress(res: dict) -> None:  # the numbers so far, so that a run cut short keeps them
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "bench_decode.json", res)
+            if set(sections) != {"tune"}:  # a sweep alone writes only its table
+                write_json(out / "bench_decode.json", res)
             if "tuning" in res:
                 write_json(out / "tuning.json", dict(device=res["device"], date=res["date"],
                                                      tuning=res["tuning"]))
 
     res = run_decode(s, tuning, sections, progress)
-    return _finish(args, res, out, "bench_decode.json")
+    return _finish(args, res, None if set(sections) == {"tune"} else out, "bench_decode.json")
 
 
 def run_prefill_command(args: argparse.Namespace) -> int:

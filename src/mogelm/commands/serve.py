@@ -131,6 +131,7 @@ def _serve_random(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)
     recipe = args.quantize or ("fp8-all" if device.startswith("cuda") else "bf16")
+    _check_room(preset, recipe, dtype, device)
     print(f"BENCHMARK MODE: {preset} with random weights ({recipe}) built on {device}; outputs are "
           "meaningless", file=sys.stderr, flush=True)
     model = build_random_model(preset, recipe=recipe, device=device, dtype=dtype,
@@ -141,6 +142,17 @@ def _serve_random(args: argparse.Namespace) -> int:
                     max_len=args.max_len, chunk_size=args.chunk_size,
                     cuda_graphs=False if args.no_cuda_graphs else None, **engine_flags.engine_kwargs(args))
     return _serve_engine(args, engine, args.served_model_name or f"random-{preset}")
+
+
+def _check_room(preset: str, recipe: str, dtype, device: str) -> None:
+    """UserError when the random weights would not fit the device (before a single byte is drawn)."""
+    from mogelm.inference.bench_model import device_bytes, random_weight_bytes
+
+    need, have = random_weight_bytes(preset, recipe, dtype), device_bytes(device)
+    if need > 0.9 * have:
+        raise UserError(f"--random-weights {preset} ({recipe}) needs about {need / 1e9:.0f} GB of "
+                        f"weights and {device} has {have / 1e9:.0f} GB; use a smaller preset (e.g. debug) or "
+                        "a larger device")
 
 
 def _serve_engine(args: argparse.Namespace, engine, name: str) -> int:

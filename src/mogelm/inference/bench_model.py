@@ -102,6 +102,7 @@ class DecodeSettings:
     breakdown: bool = True
     reserve_gib: float = 6.0  # device memory kept free beside the pool (graphs, activations, logits)
     pool_tokens: int | None = None  # cap on the KV pool (None: what memory allows; CPU: 2 x the rows asked)
+    tune_budget_s: float = 45.0  # tile sweeps stop starting new candidates after this (70 % experts)
     seed: int = 0
     device: str = "cuda"
 
@@ -268,6 +269,34 @@ def build_random_model(preset: str = "pangu-pro-moe-72b", *, layers: int | None 
     if fuse:
         fuse_for_inference(model)
     return model
+
+
+def random_weight_bytes(preset: str, recipe: str, dtype: torch.dtype = torch.bfloat16,
+                        layers: int | None = None) -> float:
+    """Bytes the weights of build_random_model take: e4m3 (1 byte, scales ignored) where the recipe
+    quantises, `dtype` elsewhere. For a check before anything is drawn."""
+    from mogelm.config import count_parameters
+
+    cfg = model_config(preset, layers)
+    total, _ = count_parameters(cfg)
+    options = recipe_options(recipe)
+    fp8 = 0
+    if options is not None and cfg.is_moe:
+        D, L = cfg.hidden_size, cfg.num_layers
+        fp8 += L * cfg.num_experts * 3 * D * cfg.moe_intermediate_size
+        fp8 += L * 3 * D * cfg.shared_expert_intermediate_size if options.shared else 0
+        fp8 += L * 2 * D * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim if options.attention else 0
+    return fp8 + (total - fp8) * dtype.itemsize
+
+
+def device_bytes(device: str | torch.device) -> int:
+    """Memory of a CUDA device, or of this machine for the CPU."""
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def requantize(model: Transformer, recipe: str) -> None:
@@ -718,8 +747,8 @@ def tune_linear(cfg: ModelConfig, row_counts: list[int], device: torch.device,
              for k, (n, kk, _) in shapes.items()}
     weights = {k: ops.quantize_rows_fp8(w) for k, w in dense.items()}
     C = ti.LinearConfig
-    cands = [C(16, 64, 256, 4, 4), C(16, 32, 256, 4, 4), C(16, 128, 128, 4, 4), C(16, 64, 512, 4, 3),
-             C(32, 64, 256, 4, 3), C(64, 64, 128, 4, 4), C(64, 128, 128, 8, 3), C(128, 128, 64, 8, 3)]
+    cands = [C(16, 32, 256, 4, 4), C(16, 64, 256, 4, 4), C(16, 32, 512, 4, 3), C(32, 64, 256, 4, 3),
+             C(64, 64, 128, 4, 4), C(64, 128, 128, 8, 3)]
     chosen, rows = {}, []
     for M in row_counts:
         xs = {k: torch.randn(M, kk, device=device, dtype=torch.bfloat16, generator=gen)
@@ -788,8 +817,9 @@ def run_decode(s: DecodeSettings, tuning: dict | None = None, sections: tuple[st
     cfg = model_config(s.preset, s.layers, s.context + 2 * s.block_size)
     if "tune" in sections:
         tokens = sorted(set(s.batches) | ({512} if s.largest else set()))
-        res["tuning"] = dict(moe=tune_moe(cfg, tokens, device, bw, budget_s=45.0),
-                             linear=tune_linear(cfg, tokens, device, budget_s=20.0))
+        res["tuning"] = dict(moe=tune_moe(cfg, tokens, device, bw, budget_s=0.7 * s.tune_budget_s),
+                             linear=tune_linear(cfg, [t for t in tokens if t <= 256], device,
+                                                budget_s=0.3 * s.tune_budget_s))
         install_tuning(res["tuning"])
         progress(res)
     elif tuning:
@@ -926,6 +956,21 @@ def summary_table(res: dict) -> str:
                      f"{res['dense_bf16_tflops']:.0f} "
                      f"TFLOP/s  ({res['settings']['preset']}, {res['settings']['layers'] or 'all'} layers, "
                      f"ctx {res['settings']['context']})")
+        tune = res.get("tuning") or {}
+        for r in (tune.get("moe") or {}).get("rows", []):
+            bf16 = min(r["bf16_shipped_ms"], r["bf16_tuned_ms"])
+            fp8 = min(r["fp8_shipped_ms"], r["fp8_tuned_ms"], r["w8a8_shipped_ms"])
+            lines.append(f"tune experts T={r['tokens']:4d}: bf16 {r['bf16_shipped_ms']:.3f} -> "
+                         f"{r['bf16_tuned_ms']:.3f} ms ({r['bf16_floor_ms'] / bf16:.0%} of floor), "
+                         "fp8 w-only "
+                         f"{r['fp8_shipped_ms']:.3f} -> {r['fp8_tuned_ms']:.3f} ms, W8A8 "
+                         f"{r['w8a8_shipped_ms']:.3f} ms; best fp8 x{bf16 / fp8:.2f} bf16")
+        for r in (tune.get("linear") or {}).get("rows", []):
+            if "fp8_ms" in r:
+                lines.append(f"tune fp8 small-M dense M={r['rows']:4d}: bf16 {r['bf16_ms']:.3f} ms, fp8 "
+                             f"{r['fp8_ms']:.3f} ms (x{r['speedup']:.2f})")
+        if not res.get("decode"):
+            return "\n".join(lines)
         lines.append("recipe     kv       B     step ms  TPOT ms   tok/s  %floor  attn  routed shared other")
         for r in res.get("decode", []):
             if "error" in r:
