@@ -4,7 +4,8 @@ largest batch, batches that do not fit), prefill through the engine, the transfo
 synthetic tokenizer of `serve --random-weights`, and the commands' one-line errors.
 
 GPU (marked `gpu`): TRITON_INTERPRET=0 pytest -m gpu tests/test_bench_model.py (2 layers at the
-72B widths, fp8-all, one graphed decode row and a tile sweep of one size).
+72B widths, fp8-all, one graphed decode row with its breakdown; the tile sweeps run in
+benchmarks/run_72b_h200.sh).
 """
 
 from __future__ import annotations
@@ -181,5 +182,3 @@ def test_gpu_one_decode_row_at_72b_widths():
     assert 0.05 < row["frac_floor"] < 1.3  # against a nominal 4 TB/s
     b = row["breakdown_ms"]
     assert b["attention"] > b["attention_core"] > 0 and b["routed_experts"] > 0 and b["shared_expert"] > 0
-    tuned = bm.tune_moe(model.cfg, [1], dev, 4000.0, budget_s=20)
-    assert tuned["rows"][0]["fp8_shipped_ms"] > 0
