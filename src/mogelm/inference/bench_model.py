@@ -102,7 +102,7 @@ class DecodeSettings:
     breakdown: bool = True
     reserve_gib: float = 6.0  # device memory kept free beside the pool (graphs, activations, logits)
     pool_tokens: int | None = None  # cap on the KV pool (None: what memory allows; CPU: 2 x the rows asked)
-    tune_budget_s: float = 45.0  # tile sweeps stop starting new candidates after this (70 % experts)
+    tune_budget_s: float = 40.0  # tile sweeps stop starting new candidates after this (70 % experts)
     seed: int = 0
     device: str = "cuda"
 
@@ -817,9 +817,10 @@ def run_decode(s: DecodeSettings, tuning: dict | None = None, sections: tuple[st
     cfg = model_config(s.preset, s.layers, s.context + 2 * s.block_size)
     if "tune" in sections:
         tokens = sorted(set(s.batches) | ({512} if s.largest else set()))
-        res["tuning"] = dict(moe=tune_moe(cfg, tokens, device, bw, budget_s=0.7 * s.tune_budget_s),
-                             linear=tune_linear(cfg, [t for t in tokens if t <= 256], device,
-                                                budget_s=0.3 * s.tune_budget_s))
+        res["tuning"] = dict(moe=tune_moe(cfg, tokens, device, bw, budget_s=0.7 * s.tune_budget_s))
+        progress(res)  # the experts' table is kept even if the dense sweep is cut short
+        res["tuning"]["linear"] = tune_linear(cfg, [t for t in tokens if t <= 256], device,
+                                              budget_s=0.3 * s.tune_budget_s)
         install_tuning(res["tuning"])
         progress(res)
     elif tuning:
