@@ -22,6 +22,13 @@ Paged attention (the inference engine's KV pool, layout in kernels/attention.py)
 `paged_decode_attention` has a split-KV Triton kernel (kernels/triton_attention.py) and its PyTorch
 twin; `paged_prefill_attention` (a prompt chunk over its cached prefix) is PyTorch SDPA everywhere.
 
+Inference (issue 14): `add_rms_norm` (a block's residual add and the next norm), `qkv_bias_rope`
+(after one q|k|v GEMM), `swiglu_halves` (after one gate|up GEMM), `paged_kv_write` (keys and values
+into their pool slots) and the fp8 small-M paths of `linear_fp8` / `linear_fp8_swiglu` run as
+Triton kernels (triton_infer.py) in inference on CUDA and as their twins (torch_impl.py) elsewhere;
+training and the CPU keep the plain ops. fp8 "auto" activations pick weight-only or W8A8 per call
+size (`resolve_activations`, thresholds movable by the decode benchmark's sweep).
+
 Training (issue 17): `rms_norm`, `rope_qk`, `swiglu` (the model's memory-bound pieces) and
 `linear_cross_entropy` (the LM head's loss without the whole batch's logits) run as Triton
 kernels (triton_fused.py), `torch.compile` of their twins, or the twins themselves
