@@ -320,7 +320,7 @@ def from_pretrained(
         if not cfg.is_moe:
             raise UserError(f"{path}: fp8 quantisation covers the routed and shared experts; "
                             "this model is dense")
-        targets |= set(fp8_module_names(model, options.attention))
+        targets |= set(fp8_module_names(model, options.attention, options.shared))
     if targets:
         try:
             quantize_model(model, options or Fp8Options(), names=sorted(targets))  # meta: the fp8 skeleton

@@ -141,15 +141,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        # Inference may replace q/k/v_proj by one module (mogelm.inference.fuse.fuse_qkv): one GEMM
+        # over the concatenated weights, then bias + RoPE in one kernel; x -> (q, k, v) with RoPE.
+        self.qkv_proj = None
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv=None) -> Tensor:
         """`kv`: None (causal attention within this call) or a cache layer view (see the module
         docstring) that stores this call's keys/values and attends over the cache."""
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.rope_qk(q, k, cos, sin)  # apply_rope to both, fused on CUDA
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x_BTD, cos, sin)  # (B, H, T, hd), (B, Hkv, T, hd) x 2, RoPE applied
+        else:
+            q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv,.)
+            v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = ops.rope_qk(q, k, cos, sin)  # apply_rope to both, fused on CUDA
         if kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -189,11 +195,15 @@ class Block(nn.Module):
         return self.training and torch.is_grad_enabled() and x.requires_grad
 
     def _forward(self, x, cos, sin, kv=None) -> tuple[Tensor, MoEStats | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        if self.checkpointing == "moe" and self._recompute(h):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        if self.checkpointing == "moe" and (self._recompute(x) or self._recompute(a)):  # x + a needs grad
+            h = x + a
             y, stats = checkpoint(self._ffn, h, use_reentrant=False)  # keeps h, drops the FFN's activations
         else:
-            y, stats = self._ffn(h)
+            # h = x + a and the FFN's norm of h: one kernel in inference on CUDA, else these two ops
+            norm = self.post_attention_layernorm
+            h, normed = ops.add_rms_norm(a, x, norm.weight, norm.eps)
+            y, stats = self.mlp(normed)
         return h + y, stats
 
     def _ffn(self, h: Tensor) -> tuple[Tensor, MoEStats | None]:

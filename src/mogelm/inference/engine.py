@@ -91,6 +91,7 @@ from torch import Tensor
 from mogelm.errors import UserError
 from mogelm.inference.block_manager import NULL_BLOCK, BlockManager
 from mogelm.inference.chat import Tokenizer
+from mogelm.inference.fuse import fuse_for_inference
 from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache, PrefillChunk, calibrate_kv_scales
 from mogelm.inference.sampling import (
     PANGU_DEFAULTS,
@@ -304,17 +305,21 @@ class Engine:
         gpu_memory_fraction: float = 0.9,
         kv_cache_dtype: str | torch.dtype | None = None,
         prefix_caching: bool = True,
+        fuse: bool | None = None,
     ):
         """max_batch: sequences running at once (the largest decode batch); max_len: context per
         sequence (default the model's); chunk_size: prompt tokens per step (default 256 on CPU, 2048 on
         CUDA); block_size: tokens per KV block; kv_cache_tokens: pool size in tokens (default: CPU
         max_batch x max_len, CUDA what gpu_memory_fraction leaves after weights and activations);
         kv_cache_dtype: None/"auto" (the model's dtype) or "fp8" (e4m3, per-head scales calibrated at
-        start-up); prefix_caching: reuse cached blocks of identical prompt prefixes."""
+        start-up); prefix_caching: reuse cached blocks of identical prompt prefixes; fuse: apply the
+        load-time fusions of inference/fuse.py to the model, in place (default: on CUDA)."""
         cfg = model.cfg
         p = next(model.parameters())
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, p.device
         on_cuda = p.device.type == "cuda"
+        if on_cuda if fuse is None else fuse:
+            fuse_for_inference(model)  # fused q/k/v + RoPE and gate/up GEMMs (fewer launches per step)
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if max_batch <= 0 or block_size <= 0:
