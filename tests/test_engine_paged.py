@@ -40,7 +40,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1)
+    # on the CPU even where CUDA exists: the gpu tests copy this fp32, unfused model to the GPU
+    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1,
+                                  device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,12 @@ def ceilings(device: torch.device) -> dict:
     n, m = ((1 << 30), 8192) if device.type == "cuda" else ((1 << 22), 256)
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device)
+    if device.type == "cuda":  # eager: inside a CUDA graph a D2D copy runs on a copy engine, measured
+        from triton.testing import do_bench  # 2.7 TB/s there against 4.25 eager (H200, 2026-12-02)
+
+        ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    else:
+        ms = time_fn(lambda: dst.copy_(src), device)
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     ms_mm = time_fn(lambda: a @ b, device)
@@ -756,6 +761,9 @@ def tune_linear(cfg: ModelConfig, row_counts: list[int], device: torch.device,
         row = dict(rows=M)
         row["bf16_ms"] = sum(time_fn(partial(torch.matmul, xs[k], dense[k].t()), device, rep_ms=30)
                              for k in shapes)
+        # W8A8 as the "fp8" activations run it (per-token quantisation + torch._scaled_mm)
+        row["w8a8_ms"] = sum(time_fn(partial(ops.linear_fp8, xs[k], *weights[k], None, "fp8"), device,
+                                     rep_ms=30) for k in shapes)
         best = None
         for c in cands:
             if c.block_m > max(16, 2 * M) or time.perf_counter() - t_start > budget_s:
@@ -774,8 +782,15 @@ def tune_linear(cfg: ModelConfig, row_counts: list[int], device: torch.device,
                 f"(x{row['speedup']:.2f}) with {best[1]}")
         rows.append(row)
     ti.set_linear_configs(chosen)
+    # "auto": weight-only up to the largest measured row count below which it beats W8A8 everywhere
+    wo_max = 0
+    for row in sorted(rows, key=lambda r: r["rows"]):
+        if "fp8_ms" not in row or row["fp8_ms"] >= row["w8a8_ms"]:
+            break
+        wo_max = row["rows"]
+    log(f"  tune linear: 'auto' dense projections run weight-only up to {wo_max} rows, W8A8 beyond")
     return dict(rows=rows, table={str(k): dataclasses.asdict(v) for k, v in chosen.items()},
-                seconds=time.perf_counter() - t_start)
+                weight_only_max_rows=wo_max, seconds=time.perf_counter() - t_start)
 
 
 def install_tuning(tuning: dict) -> None:
@@ -787,8 +802,10 @@ def install_tuning(tuning: dict) -> None:
     tm.use_config_table(moe.get("table"))
     if moe.get("w8a8_from_rows"):
         ops.set_fp8_auto_rows(experts=int(moe["w8a8_from_rows"]))
-    lin = (tuning.get("linear") or {}).get("table") or {}
-    ti.set_linear_configs({int(k): ti.LinearConfig(**v) for k, v in lin.items()})
+    linear = tuning.get("linear") or {}
+    ti.set_linear_configs({int(k): ti.LinearConfig(**v) for k, v in (linear.get("table") or {}).items()})
+    if linear.get("weight_only_max_rows") is not None:
+        ops.set_fp8_auto_rows(linear=int(linear["weight_only_max_rows"]))
 
 
 # --- the runs ----------------------------------------------------------------------------------

@@ -173,16 +173,22 @@ dequantize_rows = torch_impl.dequantize_rows
 # ahead at 512 (1.79x vs 1.74x) and 2048 (1.55x vs 1.27x) and for prefill. `mogelm bench decode`
 # measures both and may move it (set_fp8_auto_rows).
 FP8_EXPERTS_W8A8_ROWS = 512
+# "auto" dense projections: weight-only up to this many rows, W8A8 beyond. Measured on the H200
+# (2026-12-02, graphed, the 72B's four decode projections): weight-only 0.095 / 0.092 ms at 1 / 16
+# rows against bf16's 0.118 / 0.116, but 0.162 / 0.242 ms at 64 / 128 rows (bf16 0.117 / 0.123),
+# and a 72B decode step at 256 rows spent 12.9 ms in the shared experts weight-only against 4.0
+# ms W8A8 at 340 rows. `mogelm bench decode` measures both and may move it (set_fp8_auto_rows).
+FP8_LINEAR_AUTO_ROWS = 16
 
 
 def set_fp8_auto_rows(experts: int | None = None, linear: int | None = None) -> None:
-    """Move the "auto" thresholds: routed rows from which experts run W8A8, and the largest M of
-    the weight-only small-M dense kernel (FP8_LINEAR_ROWS)."""
-    global FP8_EXPERTS_W8A8_ROWS, FP8_LINEAR_ROWS
+    """Move the "auto" thresholds: routed rows from which experts run W8A8, and the most rows a
+    dense projection runs weight-only (FP8_LINEAR_AUTO_ROWS)."""
+    global FP8_EXPERTS_W8A8_ROWS, FP8_LINEAR_AUTO_ROWS
     if experts is not None:
         FP8_EXPERTS_W8A8_ROWS = int(experts)
     if linear is not None:
-        FP8_LINEAR_ROWS = int(linear)
+        FP8_LINEAR_AUTO_ROWS = int(linear)
 
 
 def _check_activations(activations: str) -> None:
@@ -197,7 +203,7 @@ def resolve_activations(activations: str, rows: int, experts: bool) -> str:
         return activations
     if experts:
         return "fp8" if rows >= FP8_EXPERTS_W8A8_ROWS else "bf16"
-    return "bf16" if rows <= FP8_LINEAR_ROWS else "fp8"
+    return "bf16" if rows <= FP8_LINEAR_AUTO_ROWS else "fp8"
 
 
 def _autocast_input(x: Tensor) -> Tensor:
@@ -255,7 +261,7 @@ def _linear_fp8_scaled_mm(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bia
 
 # Weight-only fp8 linears with at most this many rows run the Triton small-M kernel
 # (triton_infer.linear_fp8_wo: 1 byte a weight read once); larger ones dequantise the weight in one
-# launch and run a bf16 GEMM. The decode benchmark may move it (set_fp8_linear_rows).
+# launch and run a bf16 GEMM. ("auto" picks weight-only only up to FP8_LINEAR_AUTO_ROWS.)
 FP8_LINEAR_ROWS = 256
 
 
@@ -275,7 +281,7 @@ def linear_fp8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor |
     accumulation), beyond that the weight dequantised to x's dtype in one launch, then one GEMM.
     Elsewhere (CPU, the torch/loop backends, shapes _scaled_mm refuses) the twin
     torch_impl.linear_fp8 runs, which rounds where the large-M path rounds. "auto": weight-only up
-    to FP8_LINEAR_ROWS rows, W8A8 beyond (resolve_activations)."""
+    to FP8_LINEAR_AUTO_ROWS rows, W8A8 beyond (resolve_activations)."""
     _check_activations(activations)
     activations = resolve_activations(activations, x.numel() // max(x.shape[-1], 1), experts=False)
     x = _autocast_input(x)

@@ -16,8 +16,9 @@ merges them (weights 2^(lse_s - max)). With S = 1 the first kernel writes the ou
 
 Every shape is static and lengths and tables are read on the device: a launch can be captured in
 a CUDA graph and replayed with new lengths and tables (static buffers). fp8 (e4m3) pools are
-dequantised in registers with per-KV-head scales: scores are multiplied by k_scale[head] and the
-output by v_scale[head]. Softmax in base 2 (scores carry log2(e)); accumulation in fp32.
+dequantised in registers with per-KV-head scales: keys and values are converted to fp16 (exact for
+e4m3; q and the probabilities are rounded to fp16 for those dots), scores are multiplied by
+k_scale[head] and the output by v_scale[head]. Softmax in base 2 (scores carry log2(e)); accumulation in fp32.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def _paged_decode_kernel(
                 mask=g_mask[:, None], other=0.0)  # [BLOCK_G, hd]; padding rows are zeros
     if UPCAST:
         q = q.to(tl.float32)
+    elif KV_SCALE:  # e4m3 -> fp16 is exact and one conversion; -> bf16 goes through fp32 (slow)
+        q = q.to(tl.float16)
     scale = qk_scale
     if KV_SCALE:  # fp8 keys: the dot runs in q's dtype on the stored values, the scale comes after
         scale = scale * tl.load(k_scale_ptr + kv_head)
@@ -98,7 +101,7 @@ def _paged_decode_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         elif KV_SCALE:
-            k = k.to(q.dtype)
+            k = k.to(tl.float16)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step holds >= 1 live key
@@ -110,7 +113,7 @@ def _paged_decode_kernel(
         if UPCAST:
             v = v.to(tl.float32)
         elif KV_SCALE:
-            v = v.to(q.dtype)
+            v = v.to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -167,6 +170,10 @@ class DecodeAttentionConfig:
 
 
 DEFAULT_CONFIG = DecodeAttentionConfig()
+# e4m3 pools: half the bytes per key, so twice the keys per step keep as many bytes in flight.
+# Measured on the H200 (2026-12-02, B=256, ctx 2048, benchmarks/sweep_decode_tiles.py): bf16 pool
+# 64/4/2 at 102 % of its bytes floor; e4m3 64/4/2 42 %, 128/4/3 52 % (before the fp16 dots).
+DEFAULT_FP8_CONFIG = DecodeAttentionConfig(block_n=128, num_warps=4, num_stages=3)
 
 
 @functools.cache
@@ -188,7 +195,7 @@ def num_splits_for(num_rows: int, num_kv_heads: int, max_len: int, device: torch
 def paged_decode_attention(
     q_NHd: Tensor, k_pool_PbHd: Tensor, v_pool_PbHd: Tensor, tables_NM: Tensor, lens_N: Tensor,
     scale: float, k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None,
-    num_splits: int | None = None, cfg: DecodeAttentionConfig = DEFAULT_CONFIG,
+    num_splits: int | None = None, cfg: DecodeAttentionConfig | None = None,
 ) -> Tensor:
     """Decode attention (see the module docstring); out [N, H, hd] in q's dtype. `num_splits`
     None picks one from the pool's capacity per row (tables width x block size)."""
@@ -200,6 +207,8 @@ def paged_decode_attention(
         q_NHd = q_NHd.contiguous()
     assert tables_NM.dtype == torch.int32 and lens_N.dtype == torch.int32
     G = H // Hkv
+    if cfg is None:
+        cfg = DEFAULT_FP8_CONFIG if k_scale_H is not None else DEFAULT_CONFIG
     if num_splits is None:
         num_splits = num_splits_for(N, Hkv, tables_NM.shape[1] * bs, q_NHd.device, cfg)
     out = torch.empty(N, H, hd, dtype=q_NHd.dtype, device=q_NHd.device)
