@@ -222,9 +222,9 @@ class LockstepEngine(Engine):
                 digest = rest[-1]
                 if digest != self._digest:
                     raise DivergedError(
-                        f"rank {self.rank}/{self.world} diverged from rank 0 after step {self.num_steps}: its "
-                        f"outputs differ (digest {self._digest!r} vs rank 0's {digest!r}); the ranks' logits "
-                        "must be bit-identical (same kernels, deterministic all-reduce)")
+                        f"rank {self.rank}/{self.world} diverged from rank 0 after step {self.num_steps}: "
+                        f"its outputs differ (digest {self._digest!r} vs rank 0's {digest!r}); the ranks' "
+                        "logits must be bit-identical (same kernels, deterministic all-reduce)")
                 if kind == "noop":
                     continue
                 states, aborts = rest[0], rest[1]
