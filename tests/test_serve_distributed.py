@@ -36,6 +36,8 @@ import mogelm
 from mogelm.cli import main as cli_main
 from mogelm.config import from_name
 from mogelm.inference import Engine, SamplingParams
+from mogelm.inference.shards import load_sharded
+from mogelm.parallel.tensor_parallel import sharder
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +116,8 @@ def _lockstep_round(errors, name, ckpt, group, control, leader: bool):
     compares with a one-process Engine on the same checkpoint."""
     from mogelm.inference.chat import Tokenizer
     from mogelm.inference.distributed import LockstepEngine
-    from mogelm.parallel.tensor_parallel import load_sharded
-
     failures = []
-    model = load_sharded(ckpt, group, "cpu")
+    model = load_sharded(ckpt, sharder(group), "cpu")
     engine = LockstepEngine(model, Tokenizer.from_dir(ckpt), control, heartbeat_s=0.2,
                             on_failure=lambda e, r, w: failures.append(f"{type(e).__name__}: {e}"),
                             **ENGINE_KW)
@@ -167,7 +167,6 @@ def _forward_cases(errors, name, group, cfg_overrides: dict):
 
 def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4):
     from mogelm.checkpoint import from_pretrained
-    from mogelm.parallel.tensor_parallel import load_sharded
 
     _init(rank, world, tmp)
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
@@ -181,7 +180,7 @@ def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4):
         torch.manual_seed(5)  # the same tokens on every rank
         ids = torch.randint(0, 400, (2, 9))
         with torch.no_grad():
-            _check(errors, f"load_sharded at {n} ranks", load_sharded(path, group)(ids),
+            _check(errors, f"load_sharded at {n} ranks", load_sharded(path, sharder(group))(ids),
                    from_pretrained(path)(ids))
 
     _lockstep_round(errors, "4 ranks", ckpt4, dist.group.WORLD, control, rank == 0)
@@ -194,7 +193,7 @@ def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4):
     from mogelm.inference.distributed import LockstepEngine
 
     failures = []
-    engine = LockstepEngine(load_sharded(ckpt2, pair), Tokenizer.from_dir(ckpt2), pair_control,
+    engine = LockstepEngine(load_sharded(ckpt2, sharder(pair)), Tokenizer.from_dir(ckpt2), pair_control,
                             heartbeat_s=0.2, on_failure=lambda e, r, w: failures.append(str(e)), max_batch=2)
     if rank == 3:
         torch.save(errors, os.path.join(tmp, f"errors{rank}.pt"))

@@ -117,8 +117,9 @@ def build_engine(args: argparse.Namespace, model_dir: str, device: str | None, d
     from mogelm.inference.chat import Tokenizer
     from mogelm.inference.distributed import LockstepEngine
     from mogelm.inference.engine import generation_defaults
+    from mogelm.inference.shards import load_sharded
     from mogelm.parallel.context import resolve_device
-    from mogelm.parallel.tensor_parallel import load_sharded
+    from mogelm.parallel.tensor_parallel import CAPTURABLE, sharder
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast buffers: not with captured graphs here
     dev = resolve_device(device if device not in (None, "auto") else None)
@@ -135,12 +136,10 @@ def build_engine(args: argparse.Namespace, model_dir: str, device: str | None, d
         raise UserError(f"model directory {str(path)!r} does not exist")
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = Tokenizer.from_dir(path)
-    model = load_sharded(path, dist.group.WORLD, dev, dtype, args.moe_dispatch)
+    model = load_sharded(path, sharder(dist.group.WORLD, args.moe_dispatch), dev, dtype)
     if tokenizer.tok.get_vocab_size(with_added_tokens=True) > model.cfg.vocab_size:
         raise UserError(f"{path}: the tokenizer has more tokens ({tokenizer.vocab_size}) than the model's "
                         f"vocabulary ({model.cfg.vocab_size})")
-    from mogelm.parallel.tensor_parallel import CAPTURABLE
-
     if not CAPTURABLE[model.tp_dispatch]:  # a host sync per layer: decode eagerly on every rank
         engine_kwargs = {**engine_kwargs, "cuda_graphs": False}
     return LockstepEngine(model, tokenizer, control, default_sampling=generation_defaults(path),

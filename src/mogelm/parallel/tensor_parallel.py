@@ -1,9 +1,10 @@
 """Serving across GPUs: tensor-parallel attention and expert-parallel MoE over one process group,
 applied to a built model from outside (the model never imports torch.distributed).
 
-    from mogelm.parallel.tensor_parallel import apply_tensor_parallel, load_sharded
-    model = apply_tensor_parallel(model, process_group)     # every rank holding the same full weights
-    model = load_sharded("ckpt/", process_group, "cuda:1")  # or: read only this rank's slices
+    from mogelm.parallel.tensor_parallel import apply_tensor_parallel, sharder
+    model = apply_tensor_parallel(model, process_group)   # every rank holding the same full weights
+    # or read only this rank's slices of a checkpoint, with mogelm.inference.shards.load_sharded:
+    model = load_sharded("ckpt/", sharder(process_group), "cuda:1")
     # `mogelm serve --nproc 4 --ep 4` does the second (mogelm.commands._lockstep)
 
 Layout over N ranks, rank r (the paper's inference layout with its all-gather already done):
@@ -48,16 +49,13 @@ per token, N ranks, E_loc = E / N, Kr = K / N, S shared-expert width, A (token, 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mogelm.config import ModelConfig
-from mogelm.errors import UserError
-from mogelm.model import Transformer, rope_inv_freq
+from mogelm.model import Transformer
 from mogelm.moe.layer import MoGELayer
 from mogelm.moe.routing import ROUTERS
 from mogelm.parallel.dispatchers import CommTimer, MoGEAllToAll, TopKAllToAll, _run
@@ -248,8 +246,8 @@ def apply_tensor_parallel(model: Transformer, process_group, dispatch: str = "au
     """Shard `model` in place over `process_group` (layout: module docstring) and return it.
 
     Call on every rank of the group, each holding the same full weights (the shards are slices of
-    them), or on a model on the meta device (then the shapes shrink and load_sharded, or
-    to_empty + reset_parameters, fills them). One rank changes nothing. Inference only: the
+    them), or on a model on the meta device (then the shapes shrink and inference.shards.load_sharded,
+    or to_empty + reset_parameters, fills them). One rank changes nothing. Inference only: the
     sharded parameters do not require grad."""
     cfg = model.cfg
     N, r = dist.get_world_size(process_group), dist.get_rank(process_group)
@@ -291,82 +289,19 @@ def _dispatcher(dispatch: str, process_group, cfg: ModelConfig, rank: int, N: in
 
 
 # Loading only this rank's slices ---------------------------------------------------------------------
-def load_sharded(path: str | Path, process_group, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, dispatch: str = "auto",
-                 comm_timer: CommTimer | None = None) -> Transformer:
-    """Build the sharded model of this rank from checkpoint directory `path`, reading only its
-    slices from the memory-mapped safetensors files (a rank never holds the whole model). bf16 /
-    fp32 checkpoints (an fp8 one is refused: UserError). Missing or mis-shaped tensors: UserError."""
-    from mogelm.checkpoint import _checkpoint_files, _open, _to_checkpoint_name
-    from mogelm.hf_config import read_config, read_quantization_config
+def sharder(process_group, dispatch: str = "auto", comm_timer: CommTimer | None = None):
+    """For mogelm.inference.shards.load_sharded: a function that shards a meta-device model in place
+    and returns `slice_of(name)`, the (dim, start, length) this rank reads of each parameter.
 
-    path = Path(path)
-    cfg = read_config(path)
-    if read_quantization_config(path) is not None:
-        raise UserError(f"{path} is an fp8 checkpoint: serving on several processes loads bf16 / fp32 "
-                        "checkpoints only; use the bf16 checkpoint")
-    weight_map = _checkpoint_files(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    full_shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
-    model = apply_tensor_parallel(model, process_group, dispatch, comm_timer)
-    N, r = dist.get_world_size(process_group), dist.get_rank(process_group)
-    handles = {f: _open(path / f) for f in sorted(set(weight_map.values()))}
-    problems: list[str] = []
-    state: dict[str, Tensor] = {}
+        model = load_sharded("ckpt/", sharder(process_group), "cuda:1")"""
 
-    def read(ck: str, full: list[int], sl: tuple[int, int, int] | None) -> Tensor | None:
-        if ck not in weight_map:
-            problems.append(f"missing {ck}")
-            return None
-        view = handles[weight_map[ck]].get_slice(ck)
-        if list(view.get_shape()) != full:
-            problems.append(f"{ck} has shape {view.get_shape()}, expected {full}")
-            return None
-        if sl is None:
-            t = view[:]
-        else:
-            dim, start, length = sl
-            t = view[(slice(None),) * dim + (slice(start, start + length),)]
-        return t.to(device=device, dtype=dtype or t.dtype)
+    def shard(model: Transformer):
+        cfg = model.cfg
+        apply_tensor_parallel(model, process_group, dispatch, comm_timer)
+        N, r = dist.get_world_size(process_group), dist.get_rank(process_group)
+        return lambda name: shard_slice(name, cfg, r, N)
 
-    try:
-        F_ = cfg.moe_intermediate_size
-        for name, meta in model.state_dict().items():
-            if cfg.tie_embeddings and name == "lm_head.weight":
-                continue
-            module_name, _, kind = name.rpartition(".")
-            if module_name.endswith(".mlp.experts"):  # stacked in memory, one tensor per expert on disk
-                prefix = "model." + module_name
-                E_loc, first = meta.shape[0], r * (cfg.num_experts // N)
-                parts = ("gate_proj", "up_proj") if kind == "gate_up_EFD" else ("down_proj",)
-                rows = [read(f"{prefix}.{first + e}.{part}.weight",
-                             [F_, cfg.hidden_size] if part != "down_proj" else [cfg.hidden_size, F_], None)
-                        for e in range(E_loc) for part in parts]
-                if all(t is not None for t in rows):
-                    state[name] = torch.stack([torch.cat(rows[e * len(parts):(e + 1) * len(parts)])
-                                               for e in range(E_loc)])
-                continue
-            ck = _to_checkpoint_name(name)
-            if ck not in weight_map and name.endswith("expert_bias_E"):  # published checkpoints have none
-                state[name] = torch.zeros(meta.shape, device=device)
-                continue
-            t = read(ck, full_shapes[name], shard_slice(name, cfg, r, N))
-            if t is not None:
-                state[name] = t
-        if problems:
-            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-            raise UserError(f"checkpoint {path} does not match its config: " + "; ".join(shown))
-    finally:
-        handles.clear()
-    model.load_state_dict(state, strict=False, assign=True)
-    model.requires_grad_(False)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, device)
-    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    assert not still_meta, f"parameters left on the meta device: {still_meta}"
-    return model
+    return shard
 
 
 def describe_layout(model: Transformer) -> str:
