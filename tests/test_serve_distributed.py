@@ -395,3 +395,24 @@ def test_a_killed_rank_ends_the_server_with_a_message(server2):
     assert "Traceback" not in err
     time.sleep(0.5)
     assert [p for p in workers if Path(f"/proc/{p}").exists()] == []
+
+
+def test_multi_gpu_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/bench_serve_multi_gpu.py --smoke under torchrun with 2 gloo ranks: every routing
+    at every point, MoGE's per-rank rows exactly balanced, top-k's not better than balanced."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    script = ROOT / "benchmarks" / "bench_serve_multi_gpu.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          "2", str(script), "--smoke", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((tmp_path / "bench_serve_multi_gpu_2gpu_smoke.json").read_text())
+    rows = res["summary"]
+    assert {(r["routing"], r["batch"]) for r in rows} == {(k, b) for k in ("moge", "topk", "topk_a2a")
+                                                         for b in (1, 4)}
+    assert all(r["step_ms"] > 0 and r["tokens_s_per_gpu"] > 0 and r["comm_ms_max"] > 0 for r in rows)
+    assert all(r["rows_busiest_over_mean"] == 1.0 for r in rows if r["routing"] == "moge")
+    assert all(r["rows_busiest_over_mean"] >= 1.0 for r in rows)
+    assert all(r["moge_speedup_vs_best_topk"] > 0 for r in rows if r["routing"] == "moge")
+    assert set(res["comm_floor"]) == {"1", "4"} and len(res["per_rank"]) == 2
+    assert "| routing | mode |" in run.stdout

@@ -272,12 +272,14 @@ def apply_tensor_parallel(model: Transformer, process_group, dispatch: str = "au
         if isinstance(block.mlp, MoGELayer):
             layer = block.mlp
             layer.experts.num_experts = cfg.num_experts // N
-            layer.dispatcher = _dispatcher(dispatch, process_group, cfg, r, N, comm_timer)
+            layer.dispatcher = make_tp_dispatcher(dispatch, process_group, cfg, r, N, comm_timer)
     model.cfg = local_config(cfg, N)
     return model
 
 
-def _dispatcher(dispatch: str, process_group, cfg: ModelConfig, rank: int, N: int, timer):
+def make_tp_dispatcher(dispatch: str, process_group, cfg: ModelConfig, rank: int, N: int, timer=None):
+    """The MoE dispatcher of one dispatch name (module docstring) for rank `rank` of N; `cfg` is
+    the full model config (not the sharded one)."""
     E, K = cfg.num_experts, cfg.num_experts_per_tok
     if dispatch == "moge":
         return LocalGroups(rank, N, E, K)
