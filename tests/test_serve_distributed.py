@@ -24,8 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import torch
 import torch.distributed as dist
@@ -282,6 +280,9 @@ def _rank_of(pid: int) -> int | None:
 
 class _Server:
     def __init__(self, ckpt: Path):
+        import httpx  # the serve extra's client side; imported here so the gpu test runs without it
+        import openai
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -416,3 +417,29 @@ def test_multi_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["moge_speedup_vs_best_topk"] > 0 for r in rows if r["routing"] == "moge")
     assert set(res["comm_floor"]) == {"1", "4"} and len(res["per_rank"]) == 2
     assert "| routing | mode |" in run.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_decode_with_nccl_all_reduces_equals_the_plain_engine(tmp_path, ckpt):
+    """One GPU, a one-rank NCCL group (the degenerate case of `--nproc N`): the tensor-parallel model,
+    its all-reduces inside the engine's CUDA graphs, decodes like the plain engine, in bf16."""
+    from mogelm.inference.chat import Tokenizer
+    from mogelm.inference.distributed import LockstepEngine
+
+    prompts = ["The quick", "def add(a", "for i in", "Servers answer"]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    kw = dict(max_batch=4, gpu_memory_fraction=0.05)
+    plain = Engine.from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16, **kw)
+    want = [c.token_ids for c in plain.generate(prompts, params)]
+    del plain
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        control = dist.new_group(backend="gloo")
+        model = load_sharded(ckpt, sharder(dist.group.WORLD), "cuda", torch.bfloat16)
+        engine = LockstepEngine(model, Tokenizer.from_dir(ckpt), control, **kw)
+        assert engine.graphs is not None and sorted(engine.graphs.graphs) == [1, 2, 4]
+        got = [c.token_ids for c in engine.generate(prompts, params)]
+        engine.close()
+    finally:
+        dist.destroy_process_group()
+    assert got == want

@@ -247,15 +247,14 @@ def apply_tensor_parallel(model: Transformer, process_group, dispatch: str = "au
 
     Call on every rank of the group, each holding the same full weights (the shards are slices of
     them), or on a model on the meta device (then the shapes shrink and inference.shards.load_sharded,
-    or to_empty + reset_parameters, fills them). One rank changes nothing. Inference only: the
-    sharded parameters do not require grad."""
+    or to_empty + reset_parameters, fills them). One rank is the degenerate case of the same code
+    (whole tensors, the same modules, all-reduces over one rank). Inference only: the sharded
+    parameters do not require grad."""
     cfg = model.cfg
     N, r = dist.get_world_size(process_group), dist.get_rank(process_group)
     validate_tp(cfg, N)
     dispatch = resolve_dispatch(cfg, dispatch) if cfg.is_moe else "moge"
     model.tp_full_cfg, model.tp_dispatch = cfg, dispatch
-    if N == 1:
-        return model
     for name, p in list(model.named_parameters()):
         sl = shard_slice(name, cfg, r, N)
         if sl is not None:
