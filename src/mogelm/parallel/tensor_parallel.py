@@ -58,7 +58,7 @@ from mogelm.config import ModelConfig
 from mogelm.model import Transformer
 from mogelm.moe.layer import MoGELayer
 from mogelm.moe.routing import ROUTERS
-from mogelm.parallel.dispatchers import CommTimer, MoGEAllToAll, TopKAllToAll, _run
+from mogelm.parallel.dispatchers import CollectiveError, CommTimer, MoGEAllToAll, TopKAllToAll
 
 DISPATCHES = ("auto", "moge", "topk", "topk_a2a", "moge_a2a")
 CAPTURABLE = {"moge": True, "moge_a2a": True, "topk": False, "topk_a2a": False}
@@ -135,8 +135,20 @@ def shard_slice(name: str, cfg: ModelConfig, rank: int, num_ranks: int) -> tuple
 
 # Modules and dispatchers ----------------------------------------------------------------------------
 def all_reduce_(x: Tensor, process_group, timer: CommTimer | None = None, what: str = "all_reduce") -> Tensor:
-    """Sum x over the ranks in place (inference: no autograd); a failure names the cause."""
-    _run(lambda: dist.all_reduce(x, group=process_group), f"tensor-parallel {what}", process_group, timer)
+    """Sum x over the ranks in place (inference: no autograd); a failure is a CollectiveError
+    naming the cause."""
+    try:
+        if timer is not None:
+            timer.begin(what)
+        dist.all_reduce(x, group=process_group)
+        if timer is not None:
+            timer.end(what)
+    except (RuntimeError, dist.DistError) as e:
+        where = f"rank {dist.get_rank()}/{dist.get_world_size()}"
+        said = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = (f"the {what} of a tensor-parallel layer failed on {where}: a peer rank probably died, "
+                   f"timed out or ran a different step. Backend said: {said}")
+        raise CollectiveError(message) from e
     return x
 
 
