@@ -106,6 +106,15 @@ def _scenario(engine) -> dict:
     while engine.has_unfinished():
         engine.step()
     out["abort"] = [(r.output_ids, r.finish_reason) for r in reqs]
+    if hasattr(engine, "add_choices"):  # where the engine serves them: n choices of one prefill,
+        # logprobs and a penalty (the request life cycle); the logprob values are compared apart
+        params = SamplingParams(max_tokens=8, temperature=0.9, seed=3, logprobs=2, presence_penalty=0.5,
+                                prompt_logprobs=1, ignore_eos=True)
+        reqs = engine.add_choices("def add(a", params, n=3)
+        while engine.has_unfinished():
+            engine.step()
+        out["choices"] = [(r.output_ids, r.finish_reason, [lp.token_id for lp in r.logprobs]) for r in reqs]
+        out["logprob_values"] = [lp.logprob for r in reqs for lp in r.logprobs]
     return out
 
 
@@ -130,7 +139,9 @@ def _lockstep_round(errors, name, ckpt, group, control, leader: bool):
     if want["preemptions"] == 0:
         errors.append(f"{name}: the scenario did not preempt (make the cache smaller)")
     for key in want:
-        if got[key] != want[key]:
+        if key == "logprob_values":
+            _check(errors, f"{name}: logprobs", torch.tensor(got[key]), torch.tensor(want[key]), tol=1e-4)
+        elif got[key] != want[key]:
             errors.append(f"{name}: {key} differs from one process:\n  {got[key]}\n  {want[key]}")
     if failures:
         errors.append(f"{name}: leader failures {failures}")

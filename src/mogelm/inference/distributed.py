@@ -189,22 +189,28 @@ class LockstepEngine(Engine):
         dist.broadcast_object_list([message], src=self._src, group=self.control)
         self._last_send = time.monotonic()
 
-    @staticmethod
-    def _portable(req: Request) -> dict:
+    @classmethod
+    def _portable(cls, req: Request) -> dict:
         """A request as it arrived, for another rank: every field but its callback and generator
-        (whose state travels instead), tensors on the CPU."""
+        (whose state travels instead), tensors on the CPU, the choices waiting on it (n > 1:
+        `children`, when the engine has them) alike."""
         state = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(req).items()
-                 if k not in ("generator", "on_output")}
+                 if k not in ("generator", "on_output", "children")}
         state["generator_state"] = req.generator.get_state()
+        state["children"] = [cls._portable(c) for c in getattr(req, "children", [])]
         return state
 
     def _request_from(self, state: dict) -> Request:
+        state = dict(state)
         gen = torch.Generator(device=self.device)
         gen.set_state(state.pop("generator_state"))
+        children = [self._request_from(c) for c in state.pop("children")]
         req = Request.__new__(Request)
         req.__dict__.update({k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                              for k, v in state.items()})
-        req.generator, req.on_output = gen, None
+        req.generator, req.on_output, req.children = gen, None, children
+        if children:  # n > 1: choices waiting to be forked from this one, counted as add_choices counts
+            self._unforked_added += len(children)
         return req
 
     # --- the other ranks --------------------------------------------------------------------------
