@@ -17,7 +17,10 @@ table is printed last. What one run measures (N = the torchrun world size):
   ceilings     per GPU: device copy bandwidth (1 GiB bf16 copy, read + write), dense bf16 GEMM
                (8192^3), both medians of triton.testing.do_bench; the all-reduce of [B, 5120] bf16
                as the decode step issues it (2 x 48 per step), captured in one CUDA graph and
-               replayed: "comm floor" ms per step, and the bus bandwidth 2(N-1)/N x bytes / time
+               replayed: "comm floor" ms per step, and the bus bandwidth 2(N-1)/N x bytes / time;
+               all-gather and reduce-scatter of the same buffers in the simulator's calibration
+               format ("collectives": `mogelm sim calibrate` fits its link model from them, beside
+               a kernel benchmark's expert rows)
   decode       one decode step of B rows, every row at position ctx - 1 (live length ctx) of its
                own KV blocks, B in --batches, ctx in --contexts (1,024: the mean position of a
                2,048-token context, the convention of the one-GPU figures; 2,048: full context):
@@ -61,6 +64,7 @@ from mogelm.inference.engine import CUDAGraphRunner
 from mogelm.inference.paged import PagedAttention, PagedKVCache
 from mogelm.model import Transformer
 from mogelm.moe.routing import build_router
+from mogelm.parallel.dispatchers import all_gather_tensor, reduce_scatter_tensor
 from mogelm.parallel.tensor_parallel import apply_tensor_parallel, make_tp_dispatcher
 
 BS = 16  # tokens per KV block
@@ -180,6 +184,33 @@ def comm_floor(batches, hidden: int, num_calls: int, dtype, device, cuda: bool, 
     return out
 
 
+def sim_collectives(batches, hidden: int, dtype, device, cuda: bool, iters: int) -> list[dict]:
+    """All-gather and reduce-scatter of the same [B, hidden] buffers, one call timed (10 per graph on
+    the GPU), in the row format of `mogelm sim calibrate` ("collectives": bytes = the gathered
+    buffer per device): the simulator's link model for this machine."""
+    N, rows = dist.get_world_size(), []
+    for B in batches:
+        if N < 2 or B % N:
+            continue
+        full = torch.randn(B, hidden, device=device, dtype=dtype)
+        part = torch.empty(B // N, hidden, device=device, dtype=dtype)
+        times = {}
+        for name, call in (("allgather_ms", lambda: all_gather_tensor(full, part)),
+                           ("reducescatter_ms", lambda: reduce_scatter_tensor(part, full))):
+            if cuda:
+                call()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(10):
+                        call()
+                times[name] = time_fixed(graph.replay, iters, 2, cuda) / 10
+            else:
+                times[name] = time_fixed(call, iters, 1, cuda)
+        rows.append({"world": N, "bytes": B * hidden * full.element_size(), **times})
+    return rows
+
+
 def build_model(cfg, device, dtype, timer):
     """The sharded model of this rank, built on the meta device and drawn on `device` (same seed on
     every rank, so replicated weights agree: the ranks must route every token alike)."""
@@ -279,6 +310,9 @@ def main(argv=None):
     log(f"ceilings (rank 0): {result['ceilings']}")
     result["comm_floor"] = comm_floor(batches, cfg.hidden_size, 2 * cfg.num_layers, dtype, device, cuda,
                                       iters)
+    result["collectives"] = sim_collectives(batches, cfg.hidden_size, dtype, device, cuda, iters)
+    c = result["ceilings"]
+    result["copy_bandwidth_GBps"], result["dense_bf16_tflops"] = c["copy_GBps"], c["gemm_TFLOPs"]
     log(f"all-reduce per step (2 x {cfg.num_layers} of [B, {cfg.hidden_size}]): "
         + ", ".join(f"B={b}: {v['step_ms']:.2f} ms" for b, v in result["comm_floor"].items()))
 

@@ -431,6 +431,10 @@ def test_multi_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["rows_busiest_over_mean"] >= 1.0 for r in rows)
     assert all(r["moge_speedup_vs_best_topk"] > 0 for r in rows if r["routing"] == "moge")
     assert set(res["comm_floor"]) == {"1", "4"} and len(res["per_rank"]) == 2
+    # the simulator's calibration rows (mogelm.sim.calibrate's "collectives" format)
+    [coll] = res["collectives"]
+    assert coll["world"] == 2 and coll["bytes"] == 4 * 64 * 4  # B = 4 rows of hidden 64, fp32
+    assert coll["allgather_ms"] > 0 and coll["reducescatter_ms"] > 0
     assert "| routing | mode |" in run.stdout
 
 

@@ -20,6 +20,7 @@ import argparse
 import datetime
 import os
 import signal
+import sys
 
 from mogelm.errors import UserError
 
@@ -119,7 +120,7 @@ def build_engine(args: argparse.Namespace, model_dir: str, device: str | None, d
     from mogelm.inference.engine import generation_defaults
     from mogelm.inference.shards import load_sharded
     from mogelm.parallel.context import resolve_device
-    from mogelm.parallel.tensor_parallel import CAPTURABLE, sharder
+    from mogelm.parallel.tensor_parallel import CAPTURABLE, describe_layout, sharder
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast buffers: not with captured graphs here
     dev = resolve_device(device if device not in (None, "auto") else None)
@@ -140,6 +141,8 @@ def build_engine(args: argparse.Namespace, model_dir: str, device: str | None, d
     if tokenizer.tok.get_vocab_size(with_added_tokens=True) > model.cfg.vocab_size:
         raise UserError(f"{path}: the tokenizer has more tokens ({tokenizer.vocab_size}) than the model's "
                         f"vocabulary ({model.cfg.vocab_size})")
+    if dist.get_rank() == 0:
+        print(f"mogelm: {describe_layout(model)}, {dev.type}", file=sys.stderr, flush=True)
     if not CAPTURABLE[model.tp_dispatch]:  # a host sync per layer: decode eagerly on every rank
         engine_kwargs = {**engine_kwargs, "cuda_graphs": False}
     return LockstepEngine(model, tokenizer, control, default_sampling=generation_defaults(path),

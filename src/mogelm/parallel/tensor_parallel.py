@@ -215,7 +215,7 @@ class TokenSlices:
 
     def __init__(self, inner, rank: int, num_ranks: int, num_experts: int, num_groups: int):
         self.inner, self.rank, self.num_ranks = inner, rank, num_ranks
-        self.group_starts = torch.arange(num_groups) * (num_experts // num_groups)
+        self.num_groups, self.per_group = num_groups, num_experts // num_groups
 
     def dispatch(self, x_TD: Tensor, weights_TK: Tensor, expert_ids_TK: Tensor):
         T, K = expert_ids_TK.shape
@@ -223,8 +223,10 @@ class TokenSlices:
         lo, hi = min(self.rank * Tp, T), min((self.rank + 1) * Tp, T)
         pad = Tp - (hi - lo)
         x, w, ids = x_TD[lo:hi], weights_TK[lo:hi], expert_ids_TK[lo:hi]
-        if pad:  # zero rows with zero weights on a valid MoGE selection (the first expert of each group)
-            fill = self.group_starts.to(ids.device).repeat(-(-K // len(self.group_starts)))[:K]
+        if pad:  # zero rows with zero weights on a valid MoGE selection (the first expert of each group);
+            # made on the device (a host tensor copied in would break a CUDA-graph capture)
+            starts = torch.arange(self.num_groups, device=ids.device) * self.per_group
+            fill = starts.repeat(-(-K // self.num_groups))[:K]
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             w = torch.cat([w, w.new_zeros(pad, K)])
             ids = torch.cat([ids, fill.expand(pad, K)])
