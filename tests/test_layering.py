@@ -17,7 +17,9 @@ ALLOWED = {
     "fsutil": {"errors"},
     "kernels": {"config"},
     "moe": {"kernels", "config"},
-    "model": {"moe", "kernels", "config"},
+    # mtp.py holds the model's optional multi-token-prediction modules (built by the Transformer)
+    "model": {"mtp", "moe", "kernels", "config"},
+    "mtp": {"model", "moe", "kernels", "config"},
     "quant": {"model", "moe", "kernels", "config"},
     "hf_config": {"config", "errors"},
     "checkpoint": {"hf_config", "model", "quant", "moe", "kernels", "config", "errors", "fsutil"},
@@ -27,9 +29,9 @@ ALLOWED = {
     "evaluate": {"analysis", "checkpoint", "hf_config", "data", "model", "config", "errors"},
     # parallel/ is applied to a model from outside; the training loop uses it, never the reverse
     "parallel": {"model", "moe", "kernels", "config", "errors", "fsutil"},
-    "train": {"parallel", "evaluate", "analysis", "checkpoint", "hf_config", "data", "model", "moe",
+    "train": {"parallel", "evaluate", "analysis", "checkpoint", "hf_config", "data", "model", "mtp", "moe",
               "kernels", "config", "errors", "fsutil"},
-    "inference": {"checkpoint", "hf_config", "quant", "model", "moe", "kernels", "config", "errors",
+    "inference": {"checkpoint", "hf_config", "quant", "model", "mtp", "moe", "kernels", "config", "errors",
                   "fsutil"},
     "compare": {"train", "analysis", "config", "errors", "fsutil"},
     "info": {"checkpoint", "hf_config", "config", "errors"},

@@ -4,7 +4,7 @@ lm-eval's `local-completions` model talks to the server as it would to vLLM: it 
 GET /tokenizer_info and POST /tokenize (tokenizer_backend=remote), sends token-id prompts, and
   - for generate_until tasks: `max_tokens`, `temperature: 0`, `stop` = the task's `until` + EOS;
   - for log-likelihood tasks: `echo: true, logprobs: 1, max_tokens: 1` and reads the prompt's
-    `token_logprobs` / `top_logprobs` (that needs the engine's prompt logprobs: stage 2 of issue 15).
+    `token_logprobs` / `top_logprobs` (the engine's prompt logprobs).
 Both tasks are tests/lm_eval_tasks/*.yaml over JSONL files beside them (no download; not under
 tests/data/, which other tests read as a training corpus). Results are compared with a direct
 computation on the same checkpoint: greedy decoding through an uncached forward (generation) and
@@ -112,7 +112,6 @@ def test_generate_until_task_matches_direct_greedy_decoding(served, gen_remote):
     assert sum(hits) >= 3  # the fixture model knows its text: the task is not trivially failed
 
 
-@pytest.mark.xfail(strict=True, reason="needs prompt logprobs (stage 2)")
 def test_multiple_choice_task_matches_direct_scoring(served):
     url, engine = served
     out = run_lm_eval(url, "mogelm_mc")

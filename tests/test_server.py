@@ -8,6 +8,7 @@ checks that SIGTERM drains a running stream and exits with status 0.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from test_engine_paged import PENALIZED, TEXTS, penalized_reference
 from test_inference import argmax_reference, build_checkpoint
 
 from mogelm.cli import main as cli_main
@@ -32,7 +34,8 @@ from mogelm.commands.serve import exposure_warning
 from mogelm.inference import Engine, SamplingParams
 from mogelm.inference.loadgen import load_test
 from mogelm.inference.metrics import ServerMetrics
-from mogelm.inference.protocol import NOT_YET_SERVED, chat_logprobs, completion_logprobs
+from mogelm.inference.protocol import chat_logprobs, completion_logprobs
+from mogelm.inference.sampling import SamplingParams as SP
 from mogelm.inference.sampling import TokenLogprob
 from mogelm.inference.server import DrainingServer, create_app, encode_texts, listen_socket
 
@@ -234,15 +237,11 @@ INVALID = [  # (path, raw body or dict, status, param)
      400, "messages.0.mood"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"x": 1}}, 400,
      "stream_options.x"),
-    # accepted and validated, but not served until the engine delivers them (NOT_YET_SERVED)
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1, "echo": True}, 400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "logprobs": True}, 400, "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+                              "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": -1, "echo": True}, 400, "logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "repetition_penalty": 1.3}, 400, "repetition_penalty"),
+                              "echo": True}, 400, "echo"),  # a completions field: unknown to chat
     ("/tokenize", {"prompt": "hi", "model": "nope"}, 404, "model"),
     ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
     ("/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
@@ -447,6 +446,22 @@ def test_metrics_count_what_the_requests_report(server):
     assert blocks == st["kv_blocks_total"]
     assert after[("mogelm:kv_blocks_used", ())] == 0 and after[("mogelm:kv_cache_usage", ())] == 0
     assert delta("mogelm:generated_tokens_total") == 12
+    # every engine stat is exported under its own name with its value (idle engine: nothing moves)
+    for key in ("num_requests_running", "num_requests_waiting", "kv_blocks_used", "kv_blocks_free",
+                "kv_cache_usage", "prefix_cache_queries_total", "prefix_cache_hits_total",
+                "prefix_cache_hit_rate", "num_preemptions_total", "prompt_tokens_computed_total"):
+        assert after[(f"mogelm:{key}", ())] == pytest.approx(st[key]), key
+    assert {f"mogelm:{k}" for k in st} <= {name for name, _ in after}
+    assert delta("mogelm:prefix_cache_queries_total") == usage[0].prompt_tokens + usage[1].prompt_tokens
+    # a prompt no other test sends, two blocks and more: the second request reuses them
+    long = server.engine.tokenizer.encode("Prometheus scrapes /metrics every fifteen seconds. " * 2)
+    for _ in range(2):
+        server.client.completions.create(model=MODEL, prompt=long, max_tokens=1)
+    again = metric_samples(httpx.get(server.url + "/metrics").text)
+    hits = again[("mogelm:prefix_cache_hits_total", ())] - after[("mogelm:prefix_cache_hits_total", ())]
+    assert hits == (len(long) - 1) // 16 * 16 > 0
+    assert 0 < again[("mogelm:prefix_cache_hit_rate", ())] == pytest.approx(server.engine.stats()[
+        "prefix_cache_hit_rate"])
 
 
 def test_engine_stats_hook_exports_numeric_fields():
@@ -511,12 +526,178 @@ def test_logit_bias_forces_and_bans_tokens_as_the_logits_say(server):
     assert r.choices[0].text == tok.decode(want)
 
 
-def test_neutral_penalties_are_served_and_the_rest_are_named(server):
+def test_neutral_penalties_and_off_values_are_accepted(server):
     r = server.client.completions.create(model=MODEL, prompt="The quick", max_tokens=2, temperature=0,
                                          presence_penalty=0, frequency_penalty=0,
                                          extra_body={"repetition_penalty": 1.0, "tools": None})
     assert r.usage.completion_tokens == 2
-    assert set(NOT_YET_SERVED) == {"logprobs", "prompt_logprobs", "penalties"}  # stage 2 empties this
+
+
+def test_penalties_with_the_openai_client_follow_the_logits(server):
+    """Each penalty (the cases of test_engine_paged.PENALIZED, which change this model's tokens) sent
+    with the official client, several requests at once: the text equals decoding the uncached
+    forward's logits with the penalty applied as defined."""
+    tok, model = server.engine.tokenizer, server.engine.model
+    prompts = [tok.encode(t) for t in TEXTS]
+
+    def ask(case):
+        i, kw = case
+        extra = {"ignore_eos": True, "repetition_penalty": kw.get("repetition_penalty"),
+                 "top_k": kw.get("top_k")}
+        r = server.client.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=24, temperature=kw["temperature"],
+            top_p=kw.get("top_p"), seed=kw.get("seed"), presence_penalty=kw.get("presence_penalty"),
+            frequency_penalty=kw.get("frequency_penalty"),
+            extra_body={k: v for k, v in extra.items() if v is not None})
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(len(PENALIZED)) as pool:
+        got = list(pool.map(ask, PENALIZED))
+    for (i, kw), text in zip(PENALIZED, got):
+        want = penalized_reference(model, prompts[i], SP(max_tokens=24, ignore_eos=True, **kw))
+        assert text == tok.decode(want), kw
+
+
+@torch.no_grad()
+def uncached_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V] float64 log_softmax of one uncached forward: row p predicts token p + 1."""
+    return torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+
+
+def check_completion_logprobs(lp: dict, tok, ids: list[int], logp_TV, num_top: int, first: int) -> None:
+    """The legacy `logprobs` object of ids[first:] against the uncached forward: each token's string,
+    logprob, and its top-k (token string -> logprob, the chosen token included; strings shared by
+    several ids, e.g. partial UTF-8 bytes, are matched against any of them)."""
+    strings = [tok.decode([t]) for t in range(logp_TV.shape[1])]
+    assert len(lp["tokens"]) == len(ids) - first
+    for k, (s, lp_k, top) in enumerate(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])):
+        t = ids[first + k]
+        assert s == strings[t]
+        if first + k == 0:  # echo: nothing predicts the first prompt token
+            assert lp_k is None and top is None
+            continue
+        row = logp_TV[first + k - 1]
+        assert lp_k == pytest.approx(float(row[t]), abs=1e-4)
+        want_top = row.topk(num_top).indices.tolist()
+        assert {strings[x] for x in want_top + [t]} == set(top)
+        for key, v in top.items():
+            assert min(abs(float(row[x]) - v) for x in range(len(strings)) if strings[x] == key) < 1e-4
+    start = lp["text_offset"][0]  # each token's offset: where the strings before it end
+    assert lp["text_offset"] == list(itertools.accumulate([start] + [len(s) for s in lp["tokens"][:-1]]))
+
+
+def assert_same_logprobs(a: dict, b: dict) -> None:
+    """Two legacy `logprobs` objects agree: tokens and offsets exactly, numbers to fp32 rounding (a
+    request batched or chunked differently sums in another order)."""
+    assert (a["tokens"], a["text_offset"]) == (b["tokens"], b["text_offset"])
+    close = [None if x is None else pytest.approx(x, abs=1e-5) for x in a["token_logprobs"]]
+    assert close == b["token_logprobs"]
+    assert [None if x is None else set(x) for x in a["top_logprobs"]] == \
+        [None if x is None else set(x) for x in b["top_logprobs"]]
+
+
+def test_completion_logprobs_equal_the_uncached_forward(server, solo):
+    tok, model = server.engine.tokenizer, server.engine.model
+    prompt = tok.encode("def add(a")
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, logprobs=5)
+    ids = prompt + argmax_reference(model, prompt, 10, tok.eos_token_id)
+    assert r.choices[0].text == tok.decode(ids[len(prompt):])
+    logp = uncached_logprobs(model, ids)
+    lp = r.choices[0].logprobs.model_dump()
+    check_completion_logprobs(lp, tok, ids, logp, 5, first=len(prompt))
+    assert lp["text_offset"][0] == 0
+    # sampled, streamed: each chunk carries its own tokens' logprobs; together they are the whole
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.3, seed=5, logprobs=2,
+              extra_body={"ignore_eos": True})
+    whole = server.client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in server.client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    joined = {k: [x for c in chunks for x in c.logprobs.model_dump()[k]] for k in
+              ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert_same_logprobs(joined, whole.logprobs.model_dump())
+    assert sum(bool(c.logprobs.tokens) for c in chunks) > 3  # spread over the chunks, not all at the end
+    same = solo.sampling_params(max_tokens=12, temperature=1.3, seed=5, ignore_eos=True)  # server defaults
+    [out] = solo.generate([prompt], same)
+    ids = prompt + out.token_ids
+    check_completion_logprobs(joined, tok, ids, uncached_logprobs(model, ids), 2, first=len(prompt))
+    assert joined["text_offset"][0] == 0
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server):
+    """lm-eval's loglikelihood request: token-id prompts, echo, logprobs 1, max_tokens 1. The prompts
+    are longer than the server's chunk (32 tokens), so their logits come from several chunks, with a
+    cached prefix (the first prompt ran before) and beside each other in one batch."""
+    tok, model = server.engine.tokenizer, server.engine.model
+    a = tok.encode(TEXTS[2] + " " + TEXTS[4])
+    b = tok.encode(TEXTS[4] + " " + TEXTS[0])
+    assert len(a) > 32 and len(b) > 32
+    server.client.completions.create(model=MODEL, prompt=a, max_tokens=1)  # a is in the prefix cache now
+    body = dict(model=MODEL, prompt=[a, b], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    r = server.client.completions.create(**body)
+    for choice, prompt in zip(r.choices, (a, b)):
+        ids = prompt + [argmax_reference(model, prompt, 1, None)[0]]
+        assert choice.text == tok.decode(ids)
+        lp = choice.logprobs.model_dump()
+        check_completion_logprobs(lp, tok, ids, uncached_logprobs(model, ids), 1, first=0)
+        # what lm-eval sums: the continuation's positions (all but the generated token)
+        assert sum(lp["token_logprobs"][1:-1]) == pytest.approx(
+            float(uncached_logprobs(model, prompt)[torch.arange(len(prompt) - 1), prompt[1:]].sum()),
+            abs=1e-3)
+    stream = server.client.completions.create(stream=True, **body)
+    got = {}
+    for c in stream:
+        for key, v in c.choices[0].logprobs.model_dump().items():
+            got.setdefault(c.choices[0].index, {}).setdefault(key, []).extend(v)
+    for i, c in enumerate(r.choices):
+        assert_same_logprobs(got[i], c.logprobs.model_dump())
+
+
+def test_chat_logprobs_equal_the_uncached_forward(server, solo):
+    tok, model = server.engine.tokenizer, server.engine.model
+    msgs = [{"role": "user", "content": "def add(a"}]
+    prompt = tok.encode(tok.apply_chat_template(msgs))
+    stops = tok.chat_stop_token_ids()
+    out = solo.generate([prompt], SP(max_tokens=8, temperature=0, stop_token_ids=stops))[0]
+    ids = prompt + out.token_ids
+    logp = uncached_logprobs(model, ids)
+    kw = dict(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    r = server.client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.model_dump()["content"]
+    streamed = [x for c in server.client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.model_dump()["content"]]
+    assert len(streamed) == len(content) == len(out.token_ids) > 0
+    for a, b in zip(streamed, content):  # the second request reads the prefix cache: fp32 rounding differs
+        assert (a["token"], [x["token"] for x in a["top_logprobs"]]) == \
+            (b["token"], [x["token"] for x in b["top_logprobs"]])
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
+    for k, item in enumerate(content):
+        t, row = ids[len(prompt) + k], logp[len(prompt) + k - 1]
+        assert item["token"] == tok.decode([t]) and item["bytes"] == list(item["token"].encode())
+        assert item["logprob"] == pytest.approx(float(row[t]), abs=1e-4)
+        assert [x["logprob"] for x in item["top_logprobs"]] == pytest.approx(row.topk(3).values.tolist(),
+                                                                             abs=1e-4)
+    plain = server.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0,
+                                                  logprobs=True)
+    assert all(x.top_logprobs == [] for x in plain.choices[0].logprobs.content)
+
+
+def test_n_choices_share_one_prefill_through_the_server(server, solo):
+    tok = server.engine.tokenizer
+    prompt = tok.encode("for i in range(10): print(i * i) and so every device gets")  # not cached yet
+    before = server.engine.stats()["prompt_tokens_computed_total"]
+    r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, n=4)
+    assert server.engine.stats()["prompt_tokens_computed_total"] - before == len(prompt)
+    assert [c.text for c in r.choices] == [greedy_text(solo, tok.decode(prompt), 8)[0]] * 4
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 32
+    hot = dict(temperature=1.2, top_k=0, top_p=1.0, ignore_eos=True, max_tokens=8)
+    r = server.client.completions.create(model=MODEL, prompt=prompt, n=3, seed=21, temperature=1.2,
+                                         top_p=1.0, max_tokens=8, extra_body={"top_k": 0, "ignore_eos": True})
+    want = [tok.decode(solo.generate([prompt], SP(seed=21 + j, **hot))[0].token_ids) for j in range(3)]
+    assert [c.text for c in r.choices] == want and len(set(want)) > 1
+    deadline = time.monotonic() + 10
+    while server.engine.stats()["kv_blocks_used"]:  # every block back once the choices finish
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_echo_prepends_the_prompt(server, solo):

@@ -298,3 +298,45 @@ def test_calibrate_collectives_and_attention_from_microbench():
     assert lk.call_overhead_us == pytest.approx(47.5) and lk.latency_us == 2.5
     assert allgather_time(8, 8e6, hw) == pytest.approx((47.5 + 7 * 2.5) * 1e-6 + 7 / 8 * 8e6 / 200e9)
     assert hw.decode_attention_kv_share == pytest.approx((1 << 30) / 4000e9 / (0.3e-3 - 5e-6), rel=1e-3)
+
+
+def test_engine_measurements_are_predicted_within_15_percent():
+    """Every stored measurement of mogelm's engine on one H200 (sim/data/h200_engine*.json: decode
+    steps, prefill runs) against the simulator; a new run's file joins this test by itself."""
+    from mogelm.sim.validate import _engine_checks
+
+    checks = _engine_checks()
+    assert len(checks) >= 17  # the 2026-12-02 run: 15 decode steps, 2 prefill runs
+    missed = [f"{c.what}: {c.error:+.1%}" for c in checks if not c.passed]
+    assert missed == []
+    assert sum(c.role == "fit" for c in checks) == 1  # one parameter fitted: host time of eager steps
+
+
+def test_engine_rows_from_bench_results(tmp_path):
+    from mogelm.sim.engine import import_bench, prefill_tokens_per_s
+    from mogelm.sim.validate import _engine_checks
+
+    decode = {"device": "NVIDIA H200", "date": "2026-12-03", "copy_bandwidth_GBps": 4200.0,
+              "settings": {"layers": None},
+              "decode": [{"recipe": "fp8-all", "kv_dtype": "fp8", "batch": 64, "context": 2048,
+                          "step_ms": 30.0},
+                         {"recipe": "fp8-all", "kv_dtype": "bf16", "batch": 512, "error": "does not fit"}]}
+    prefill = {"device": "NVIDIA H200", "date": "2026-12-03", "layers": 48, "settings": {"recipe": "fp8-all"},
+               "runs": [{"case": "many", "prompts": 64, "prompt_len": 512, "chunk_size": 8192,
+                         "tokens": 32768, "tokens_per_s": 15000.0}]}
+    d, p = tmp_path / "d.json", tmp_path / "p.json"
+    d.write_text(json.dumps(decode))
+    p.write_text(json.dumps(prefill))
+    rows = import_bench(str(d), str(p), str(tmp_path / "h200_engine_x.json"))
+    assert rows["decode"] == [{"quant": "fp8-all", "batch": 64, "context": 2048, "layers": 48,
+                               "step_ms": 30.0, "tpot_ms": None, "method": rows["decode"][0]["method"]}]
+    pre = rows["prefill"][0]
+    assert (pre["quant"], pre["steps"], pre["seqs_per_step"]) == ("fp8", 4, 16)
+    cfg = from_name("pangu-pro-moe-72b")
+    hw = load_profile("nvidia-h200")
+    fp8 = prefill_tokens_per_s(cfg, hw, QUANTS["fp8"], tokens_per_step=8192, seqs_per_step=16,
+                               prompt_len=512, steps=4)
+    bf16 = prefill_tokens_per_s(cfg, hw, QUANTS["bf16"], tokens_per_step=8192, seqs_per_step=16,
+                                prompt_len=512, steps=4)
+    assert fp8 > 1.2 * bf16  # W8A8 experts and projections at prefill sizes
+    assert len(_engine_checks()) >= 17  # the stored files are untouched by the import above

@@ -9,6 +9,13 @@ Tensor names: `model.embed_tokens.weight`, `model.layers.{l}.self_attn.{q,k,v,o}
 `mlp.shared_expert.*`, `model.norm.weight`, `lm_head.weight`. In memory the routed experts are
 stacked (gate_up_EFD [E, 2F, D], down_EDF [E, D, F]); this module splits and re-stacks them.
 
+MTP modules (mogelm.mtp; config.json `num_nextn_predict_layers` > 0) are stored the way DeepSeek-V3
+stores its MTP layer: module i (0-based, `mtp.{i}` in memory) as layer L + i after the L trunk
+layers, `model.layers.{L+i}.{enorm,hnorm,eh_proj,shared_head.norm}.weight` plus its block's
+`input_layernorm`, `self_attn.*`, `post_attention_layernorm`, `mlp.*` under the same prefix
+(experts split as above). The shared embedding and LM head are not written again. A checkpoint
+without MTP has none of these names and is written exactly as before.
+
 config.json carries the HF fields (`model_type: "PanguProMoE"` when the model is a Pangu-style
 MoGE, which has no group field: groups = num_experts_per_tok) and, for our own models, the full
 mogelm config under the key "mogelm".
@@ -67,6 +74,22 @@ _CKPT_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\."
 
 
 # name mapping -----------------------------------------------------------------------------------
+_MTP_RE = re.compile(r"^mtp\.(\d+)\.(?:block\.)?(.*)$")
+
+
+def _flat_name(name: str, num_layers: int) -> str:
+    """An MTP module's state_dict name as the trunk layer it is stored as (DeepSeek-V3 layout):
+    mtp.{i}.block.X -> layers.{L+i}.X, mtp.{i}.norm.weight -> layers.{L+i}.shared_head.norm.weight,
+    mtp.{i}.{enorm,hnorm,eh_proj}.weight -> layers.{L+i}.*; other names unchanged."""
+    m = _MTP_RE.match(name)
+    if m is None:
+        return name
+    i, rest = int(m.group(1)), m.group(2)
+    if rest == "norm.weight":
+        rest = "shared_head.norm.weight"
+    return f"layers.{num_layers + i}.{rest}"
+
+
 def _to_checkpoint_name(name: str) -> str:
     return (name if name.startswith("lm_head.")
             else "model." + name.replace(".mlp.expert_bias_E", ".mlp.expert_bias"))
@@ -79,6 +102,7 @@ def to_checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue  # safetensors refuses shared storage; the tie is restored on load
+        name = _flat_name(name, cfg.num_layers)
         m = _EXPERT_RE.match(name)
         if m is None:
             if name.endswith(_SCALE):  # Fp8Linear keeps [out]; the checkpoint convention is [out, 1]
@@ -296,7 +320,7 @@ def from_pretrained(
         if not cfg.is_moe:
             raise UserError(f"{path}: fp8 quantisation covers the routed and shared experts; "
                             "this model is dense")
-        targets |= set(fp8_module_names(model, options.attention))
+        targets |= set(fp8_module_names(model, options.attention, options.shared))
     if targets:
         try:
             quantize_model(model, options or Fp8Options(), names=sorted(targets))  # meta: the fp8 skeleton
@@ -356,7 +380,8 @@ def from_pretrained(
         F = cfg.moe_intermediate_size
         for name, meta in expected.items():
             module_name = name.rpartition(".")[0]
-            m = _EXPERT_RE.match(name)
+            flat = _flat_name(name, cfg.num_layers)  # an MTP module's name as the layer it is stored as
+            m = _EXPERT_RE.match(flat)
             if m is not None:
                 layer, kind = m.groups()
                 if "scale" in kind:
@@ -388,11 +413,11 @@ def from_pretrained(
             if name.endswith(_SCALE):
                 continue  # filled with its weight
             if isinstance(model.get_submodule(module_name), Fp8Linear) and name.endswith(".weight"):
-                got = read_weight(_to_checkpoint_name(name), list(meta.shape), fp8=True)
+                got = read_weight(_to_checkpoint_name(flat), list(meta.shape), fp8=True)
                 if got is not None:
                     state[name], state[module_name + _SCALE] = got
                 continue
-            ck = _to_checkpoint_name(name)
+            ck = _to_checkpoint_name(flat)
             if ck not in weight_map and name.endswith("expert_bias_E"):  # published checkpoints have none
                 state[name] = torch.zeros(meta.shape, device=device)
                 continue

@@ -4,6 +4,7 @@
     cfg = from_name("pangu-pro-moe-72b")
     total, active = count_parameters(cfg)      # 71.99 B, 16.50 B (PAPER.md §3.1)
     cfg = from_name("debug", **parse_overrides(["hidden_size=128", "routing=topk"]))  # `--set` strings
+    count_mtp_parameters(cfg.replace(mtp_depth=1))   # what one MTP module (mogelm.mtp) adds
 
 Vocabulary of the MoE fields (MoGE overloads "group"; here it always means an *expert group*):
     num_experts (N)          routed experts per layer
@@ -64,6 +65,9 @@ class ModelConfig:
     aux_free_bias: bool = False  # DeepSeek-V3 aux-loss-free expert bias (selection only)
     aux_free_update_rate: float = 1e-3
 
+    # --- multi-token prediction (DeepSeek-V3 style; mogelm.mtp) ---
+    mtp_depth: int = 0  # MTP modules after the trunk; module d predicts token t+d+1 (0: none)
+
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.mtp_depth < 0:
+            raise ValueError(f"mtp_depth must be >= 0, got {self.mtp_depth}")
         if self.ffn_type not in FFN_TYPES:
             raise ValueError(f"ffn_type must be one of {FFN_TYPES}, got {self.ffn_type!r}")
         if self.ffn_type == "dense":
@@ -247,12 +253,8 @@ def base_fields(cfg: ModelConfig) -> dict:
 
 
 # Parameter counting ----------------------------------------------------------------------------
-def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active-per-token) parameter counts, computed from the config alone.
-
-    Active counts what one token touches: embedding row table and LM head (as the paper does),
-    attention, router, K routed experts, the shared expert and norms.
-    """
+def _layer_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameters of one transformer block: attention, 2 norms, FFN."""
     d, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
     attn = d * (q_out + 2 * kv_out) + q_out * d
@@ -269,9 +271,31 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
         ffn_active = cfg.num_experts_per_tok * expert + router + shared
     else:
         ffn_total = ffn_active = 3 * d * cfg.dense_intermediate_size
+    return attn + norms + ffn_total, attn + norms + ffn_active
+
+
+def count_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameter counts of the main model, computed from the config alone.
+
+    Active counts what one token touches: embedding row table and LM head (as the paper does),
+    attention, router, K routed experts, the shared expert and norms. MTP modules are not
+    included: count_mtp_parameters gives theirs.
+    """
+    d = cfg.hidden_size
+    layer_total, layer_active = _layer_parameters(cfg)
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     outside = embed + head + d  # + final norm
-    total = cfg.num_layers * (attn + norms + ffn_total) + outside
-    active = cfg.num_layers * (attn + norms + ffn_active) + outside
-    return total, active
+    return cfg.num_layers * layer_total + outside, cfg.num_layers * layer_active + outside
+
+
+def count_mtp_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameters the mtp_depth MTP modules add (0, 0 without MTP).
+
+    Each module owns enorm, hnorm (D each), eh_proj (2D x D), one transformer block and its
+    output norm (D); the embedding and the LM head are shared with the main model and counted
+    there only, so main + MTP is the size of a checkpoint with MTP."""
+    d = cfg.hidden_size
+    layer_total, layer_active = _layer_parameters(cfg)
+    own = 3 * d + 2 * d * d
+    return cfg.mtp_depth * (layer_total + own), cfg.mtp_depth * (layer_active + own)

@@ -8,6 +8,8 @@ checked by read_quantization_config; docs/quantization.md).
 Reading checks what a hand-edited file can get wrong, each as a one-line UserError: not a JSON
 object, a field of the wrong type ("64" where a number belongs), and HF fields that contradict
 the "mogelm" section (which would otherwise win silently).
+MTP depth: `mtp_depth` in the mogelm section and `num_nextn_predict_layers` in the HF fields
+(DeepSeek-V3's name), both written only when it is > 0, so a config without MTP is unchanged.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
             shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
             router_aux_loss_coef=cfg.aux_loss_alpha,
         )
-    hf["mogelm"] = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    if cfg.mtp_depth > 0:
+        hf["num_nextn_predict_layers"] = cfg.mtp_depth
+    hf["mogelm"] = {k: v for k, v in cfg.to_dict().items()
+                    if k != "name" and not (k == "mtp_depth" and v == 0)}
     return hf
 
 
@@ -138,6 +143,7 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
         moe_intermediate_size=hf["moe_intermediate_size"],
         shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0),
         aux_loss_alpha=hf.get("router_aux_loss_coef", 1e-3),
+        mtp_depth=hf.get("num_nextn_predict_layers", 0),
         routing=PANGU_ROUTING,
     )
     check_field_types(fields, where)

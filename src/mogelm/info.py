@@ -14,13 +14,17 @@ The memory model (terms and assumptions: docs/training.md, "Memory plan") counts
 and AdamW moments per rank for the layout, FSDP's unsharded working buffers, the activations
 autograd keeps (per layer, checked against a CPU run's saved tensors in tests/test_info.py) and
 the logits.
+
+Counts are of the main model; a model with MTP modules (cfg.mtp_depth > 0, mogelm.mtp) also
+gets their own parameters (the embedding and LM head they share are counted once, in the main
+model) and the totals with them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mogelm.config import PRESETS, ModelConfig, count_parameters, from_name
+from mogelm.config import PRESETS, ModelConfig, count_mtp_parameters, count_parameters, from_name
 from mogelm.errors import UserError
 
 
@@ -58,7 +62,13 @@ def format_count(n: int) -> str:
 def model_info(cfg: ModelConfig) -> dict:
     """The config and its total and per-token active parameter counts (JSON-ready)."""
     total, active = count_parameters(cfg)
-    return {"config": cfg.to_dict(), "parameters_total": total, "parameters_active": active}
+    out = {"config": cfg.to_dict(), "parameters_total": total, "parameters_active": active}
+    if cfg.mtp_depth > 0:
+        mtp_total, mtp_active = count_mtp_parameters(cfg)
+        out.update(parameters_mtp_total=mtp_total, parameters_mtp_active=mtp_active,
+                   parameters_total_with_mtp=total + mtp_total,
+                   parameters_active_with_mtp=active + mtp_active)
+    return out
 
 
 def describe(cfg: ModelConfig) -> str:
@@ -71,6 +81,12 @@ def describe(cfg: ModelConfig) -> str:
         lines.append(f"  {cfg.num_experts} experts of width {cfg.moe_intermediate_size} in {cfg.num_groups} "
                      f"groups, {cfg.num_experts_per_tok} per token ({cfg.routing}), shared expert "
                      f"{cfg.shared_expert_intermediate_size}")
+    if cfg.mtp_depth > 0:
+        mtp_total, mtp_active = count_mtp_parameters(cfg)
+        lines.append(f"  + {cfg.mtp_depth} MTP module(s): {mtp_total / 1e9:.3f} B parameters, "
+                     f"{mtp_active / 1e9:.3f} B active (embedding and LM head shared with the main model)")
+        lines.append(f"  with MTP: {(total + mtp_total) / 1e9:.3f} B parameters, "
+                     f"{(active + mtp_active) / 1e9:.3f} B active per token")
     return "\n".join(lines)
 
 

@@ -10,6 +10,9 @@
     out = model(input_ids, return_stats=True, head=False)  # no logits: the loss applies the head
     model.set_activation_checkpointing("moe")    # recompute each FFN in the backward ("full": blocks)
 
+With cfg.mtp_depth > 0 the model also owns multi-token prediction modules (`model.mtp`,
+mogelm.mtp): `model.mtp_forward(model(ids, return_hidden=True).trunk_hidden, ids)`.
+
 Incremental decoding: pass a KV cache and explicit positions; logits equal the full forward.
 A KV cache is any object with `layer(i, positions_BT, kv_len)` returning layer i's view, whose
 `attend(q, k, v)` stores this call's keys and values and attends over what is cached: KVCache below
@@ -45,6 +48,7 @@ class ModelOutput(NamedTuple):
     aux_loss: Tensor  # scalar: sum over layers of balancing + z losses (already weighted)
     layer_stats: list[MoEStats]  # one per MoE layer (empty for a dense model)
     hidden: Tensor | None = None  # [B, T, D] RMSNorm_final(y_L): the LM head's input
+    trunk_hidden: Tensor | None = None  # [B, T, D] y_L before the final norm (return_hidden: MTP's input)
 
 
 CHECKPOINTING = ("none", "moe", "full")  # activation checkpointing: nothing, each FFN, whole blocks
@@ -137,15 +141,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        # Inference may replace q/k/v_proj by one module (mogelm.inference.fuse.fuse_qkv): one GEMM
+        # over the concatenated weights, then bias + RoPE in one kernel; x -> (q, k, v) with RoPE.
+        self.qkv_proj = None
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv=None) -> Tensor:
         """`kv`: None (causal attention within this call) or a cache layer view (see the module
         docstring) that stores this call's keys/values and attends over the cache."""
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.rope_qk(q, k, cos, sin)  # apply_rope to both, fused on CUDA
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x_BTD, cos, sin)  # (B, H, T, hd), (B, Hkv, T, hd) x 2, RoPE applied
+        else:
+            q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv,.)
+            v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = ops.rope_qk(q, k, cos, sin)  # apply_rope to both, fused on CUDA
         if kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -185,11 +195,15 @@ class Block(nn.Module):
         return self.training and torch.is_grad_enabled() and x.requires_grad
 
     def _forward(self, x, cos, sin, kv=None) -> tuple[Tensor, MoEStats | None]:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        if self.checkpointing == "moe" and self._recompute(h):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        if self.checkpointing == "moe" and (self._recompute(x) or self._recompute(a)):  # x + a needs grad
+            h = x + a
             y, stats = checkpoint(self._ffn, h, use_reentrant=False)  # keeps h, drops the FFN's activations
         else:
-            y, stats = self._ffn(h)
+            # h = x + a and the FFN's norm of h: one kernel in inference on CUDA, else these two ops
+            norm = self.post_attention_layernorm
+            h, normed = ops.add_rms_norm(a, x, norm.weight, norm.eps)
+            y, stats = self.mlp(normed)
         return h + y, stats
 
     def _ffn(self, h: Tensor) -> tuple[Tensor, MoEStats | None]:
@@ -207,6 +221,11 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.mtp = None  # multi-token prediction modules (mogelm.mtp), when cfg.mtp_depth > 0
+        if cfg.mtp_depth > 0:
+            from mogelm.mtp import build_mtp
+
+            self.mtp = build_mtp(cfg, self.embed_tokens.weight.device)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -217,7 +236,8 @@ class Transformer(nn.Module):
         nn.init.normal_(self.embed_tokens.weight, std=std)
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
-        for block in self.layers:
+        mtp_blocks = [m.block for m in self.mtp] if self.mtp is not None else []
+        for block in [*self.layers, *mtp_blocks]:  # MTP blocks last: trunk init as without MTP
             attn = block.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 nn.init.normal_(proj.weight, std=out_std if proj is attn.o_proj else std)
@@ -228,6 +248,10 @@ class Transformer(nn.Module):
             block.mlp.reset_parameters(std, out_std)
         nn.init.ones_(self.norm.weight)
         self.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.rotary.inv_freq.device)
+        if self.mtp is not None:
+            from mogelm.mtp import reset_mtp_parameters
+
+            reset_mtp_parameters(self.mtp, std)
 
     def forward(
         self,
@@ -239,6 +263,7 @@ class Transformer(nn.Module):
         last_token_only: bool = False,
         logits_indices: Tensor | None = None,
         head: bool = True,
+        return_hidden: bool = False,
     ) -> Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V] (or ModelOutput with return_stats=True).
 
@@ -251,7 +276,9 @@ class Transformer(nn.Module):
         returns logits [n, V] (a packed batch of several sequences: their last tokens).
         `head=False` (with return_stats) skips the LM head: ModelOutput.logits is None and the
         loss applies the head to ModelOutput.hidden itself (ops.linear_cross_entropy never holds
-        the whole batch's logits)."""
+        the whole batch's logits). `return_hidden` also returns
+        ModelOutput.trunk_hidden, the last hidden state before the final norm (what the MTP
+        modules take: mtp_forward)."""
         B, T = input_ids_BT.shape
         if kv_cache is not None and positions_BT is None:
             raise ValueError("positions_BT is required when decoding with a KV cache")
@@ -270,11 +297,12 @@ class Transformer(nn.Module):
         elif logits_indices is not None:
             x = x.flatten(0, 1)[logits_indices]  # [n, D]
         hidden = self.norm(x)
-        logits = self.lm_head(hidden) if head or not return_stats else None
-        if not return_stats:
+        full = return_stats or return_hidden
+        logits = self.lm_head(hidden) if head or not full else None
+        if not full:
             return logits
         aux = sum((s.aux_loss + s.z_loss for s in stats), hidden.new_zeros((), dtype=torch.float32))
-        return ModelOutput(logits, aux, stats, hidden)
+        return ModelOutput(logits, aux, stats, hidden, x if return_hidden else None)
 
     def set_activation_checkpointing(self, mode: str) -> None:
         """Recompute activations in the backward instead of keeping them: "none"; "moe" (each
@@ -284,6 +312,15 @@ class Transformer(nn.Module):
             raise ValueError(f"activation checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
         for block in self.layers:
             block.checkpointing = mode
+
+    def mtp_forward(self, hidden_BTD: Tensor, input_ids_BT: Tensor, positions_BT: Tensor | None = None):
+        """The MTP modules over a whole sequence: mogelm.mtp.mtp_forward -> MTPOutput (logits of
+        depth d: [B, T-d, V], row t predicting token t+d+1). `hidden_BTD` is return_hidden's trunk_hidden."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP modules (mtp_depth is 0)")
+        from mogelm.mtp import mtp_forward
+
+        return mtp_forward(self, hidden_BTD, input_ids_BT, positions_BT)
 
     def moe_layers(self) -> list[MoGELayer]:
         """The MoE layers, in depth order (empty for a dense model)."""

@@ -14,10 +14,17 @@ projections too) become Fp8Linear. Both hold e4m3 weights with one fp32 scale pe
 (embeddings, norms, router, LM head) keeps its dtype.
 
 Activations, chosen per module kind (`Fp8Options`): "bf16" = weight-only (activations keep x's
-dtype), "fp8" = W8A8 (activations rounded to e4m3 per token). Defaults: routed experts
-weight-only (measured 1.5-1.7x bf16 at decode on the H200; W8A8 is faster from ~512 routed rows),
-dense projections W8A8 (torch._scaled_mm reads 1 byte a weight; weight-only dense dequantises the
-whole weight first). The CPU twins round exactly where the GPU paths round.
+dtype), "fp8" = W8A8 (activations rounded to e4m3 per token), "auto" = weight-only for decode-sized
+inputs and W8A8 for large ones (ops.resolve_activations). Defaults: routed experts weight-only
+(measured 1.5-1.7x bf16 at decode on the H200; W8A8 is faster from ~512 routed rows), dense
+projections W8A8. Dense weight-only runs a Triton small-M kernel on CUDA (1 byte a weight read
+once; triton_infer.linear_fp8_wo) and dequantise-then-GEMM for large M. The CPU twins round
+exactly where the GPU paths round (the small-M kernel applies scales after its fp32 sums instead).
+
+Recipes by name (`--quantize`, RECIPES): "fp8" routed + shared experts (the default above);
+"fp8-attention" + attention; "fp8-experts" routed experts only ("auto"), shared expert and
+attention stay bf16; "fp8-all" routed experts, shared expert and attention, all "auto" (the 72B
+decode recipe of issue 14: benchmarks/notes_72b.md).
 
 Checkpoint names (TARGET_RE): the modules a quantised checkpoint stores as fp8, in the Pangu
 layout, e.g. `model.layers.3.mlp.experts.17.down_proj` -> `.weight` (e4m3) and `.weight_scale`
@@ -58,6 +65,7 @@ class Fp8Options:
     attention: bool = False  # also the attention q/k/v/o projections
     expert_activations: str = "bf16"  # routed experts: "bf16" weight-only | "fp8" W8A8
     dense_activations: str = "fp8"  # shared expert (and attention) projections: "fp8" W8A8 | "bf16"
+    shared: bool = True  # the shared expert too (False: routed experts only, "fp8-experts")
 
     def __post_init__(self):
         for name in ("expert_activations", "dense_activations"):
@@ -66,12 +74,22 @@ class Fp8Options:
 
     @classmethod
     def parse(cls, quantize: str | Fp8Options | None) -> Fp8Options | None:
-        """None, "fp8" (experts), "fp8-attention" (experts + attention) or an Fp8Options."""
+        """None, "fp8" (routed + shared experts), "fp8-attention" (+ attention), "fp8-experts"
+        (routed experts only), "fp8-all" (routed experts; shared expert and attention weight-only,
+        the decode recipe of issue 14) or an Fp8Options."""
         if quantize is None or isinstance(quantize, Fp8Options):
             return quantize
-        if quantize in ("fp8", "fp8-attention"):
-            return cls(attention=quantize == "fp8-attention")
-        raise ValueError(f"unknown quantization {quantize!r}; choose fp8 or fp8-attention")
+        if quantize in RECIPES:
+            return cls(**RECIPES[quantize])
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(RECIPES)}")
+
+
+RECIPES = {  # the names `--quantize` takes
+    "fp8": {},
+    "fp8-attention": dict(attention=True),
+    "fp8-experts": dict(shared=False, expert_activations="auto"),
+    "fp8-all": dict(attention=True, expert_activations="auto", dense_activations="auto"),
+}
 
 
 class Fp8Linear(nn.Module):
@@ -113,14 +131,14 @@ class Fp8Linear(nn.Module):
                 f"bias={self.bias is not None}, fp8 e4m3, activations={self.activations}")
 
 
-def fp8_module_names(model: Transformer, attention: bool) -> list[str]:
+def fp8_module_names(model: Transformer, attention: bool, shared: bool = True) -> list[str]:
     """Names (as in model.named_modules()) of the modules quantize_model replaces."""
     names = []
     for i, block in enumerate(model.layers):
         mlp = block.mlp
         if isinstance(getattr(mlp, "experts", None), (RoutedExperts, Fp8RoutedExperts)):
             names.append(f"layers.{i}.mlp.experts")
-        if getattr(mlp, "shared_expert", None) is not None:
+        if shared and getattr(mlp, "shared_expert", None) is not None:
             names += [f"layers.{i}.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
         if attention:
             names += [f"layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -136,7 +154,7 @@ def quantize_model(model: Transformer, options: Fp8Options | str = "fp8",
     options = Fp8Options.parse(options)
     if not model.cfg.is_moe:
         raise ValueError("fp8 quantisation covers the routed and shared experts; this model is dense")
-    for name in names if names is not None else fp8_module_names(model, options.attention):
+    for name in names if names is not None else fp8_module_names(model, options.attention, options.shared):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, attr)

@@ -5,6 +5,8 @@ step per rank for a batch and parallel layout (a thin layer over mogelm.info).
     mogelm info runs/demo/moge/final     # a checkpoint directory (or a config JSON file)
     mogelm info pangu-pro-moe-72b --nproc 16 --ep 8 --fsdp 16 --seq-len 4096 --optim-state-dtype bf16
     mogelm info debug --set num_layers=8 --json
+    mogelm info runs/demo/moge/final     # a checkpoint directory
+    mogelm info small --mtp-depth 1      # + one MTP module (counted separately)
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(keeps intermediates; CPU) (default triton)")
     g.add_argument("--device-gib", type=float, default=H200_GIB,
                    help=f"memory of one device, for the fits / does not fit line (default {H200_GIB}: H200)")
+    p.add_argument("--mtp-depth", type=int, default=None,
+                   help="count with this many MTP modules (default: the preset's or checkpoint's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from mogelm.parallel.context import validate_layout
 
     cfg = load_config(args.model)
+    if args.mtp_depth is not None:
+        if args.mtp_depth < 0:
+            raise UserError(f"--mtp-depth must be >= 0, got {args.mtp_depth}")
+        cfg = cfg.replace(mtp_depth=args.mtp_depth)
     if args.set_fields:
         try:
             cfg = ModelConfig(**{**base_fields(cfg), **parse_overrides(args.set_fields)})

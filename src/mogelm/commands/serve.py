@@ -4,6 +4,14 @@
     mogelm serve --model DIR --host 127.0.0.1 --port 8000 --max-batch 16 --threads 1
     MOGELM_API_KEY=... mogelm serve --model DIR --host 0.0.0.0      # /v1/* then needs the key
     mogelm serve --model DIR --nproc 4 --ep 4                        # 4 GPUs, one front end
+    mogelm serve --random-weights pangu-pro-moe-72b --quantize fp8-all --kv-cache-dtype fp8 \
+        --max-batch 256                          # BENCHMARK MODE: random weights, meaningless text
+
+--random-weights PRESET serves the preset's exact layout with random weights drawn on the GPU
+(mogelm.inference.bench_model.build_random_model; no checkpoint is written or read) and a synthetic
+tokenizer (token id i <-> the word `t<i>`): for load tests with token-id prompts
+(`mogelm bench serve --prompt-tokens N`). Its outputs mean nothing; the banner and the model id
+(`random-<preset>`) say so.
 
 Loads the checkpoint into an Engine, builds the app (create_app), binds the port first (a busy
 port is a one-line error) and runs uvicorn until SIGINT/SIGTERM, which drain running requests
@@ -28,11 +36,16 @@ from pathlib import Path
 from mogelm.commands import _lockstep, engine_flags
 from mogelm.errors import UserError
 from mogelm.inference.server import DEFAULT_MAX_REQUEST_BYTES, create_app, listen_socket, serve
+from mogelm.quant import RECIPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--random-weights", default=None, metavar="PRESET",
+                   help="BENCHMARK MODE instead of --model: a preset's exact layout (e.g. pangu-pro-moe-72b) "
+                        "with random weights built on the GPU and a synthetic tokenizer; outputs are "
+                        "meaningless")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--served-model-name", default=None,
@@ -46,8 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights and cache dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--quantize", choices=("fp8", "fp8-attention"), default=None,
-                   help="quantise a bf16 checkpoint's experts (and attention) to fp8 while loading")
+    p.add_argument("--quantize", choices=tuple(RECIPES), default=None,
+                   help="quantise a bf16 checkpoint to fp8 while loading: fp8 (routed + shared experts), "
+                        "fp8-attention (+ attention), fp8-experts (routed only), fp8-all (routed, shared "
+                        "and attention, weight-only for decode); --random-weights defaults to fp8-all")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy "
                         "small CPU)")
@@ -80,13 +95,23 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     check_device(args.device)
+    if (args.model is None) == (args.random_weights is None):
+        raise UserError("give --model DIR (a checkpoint) or --random-weights PRESET (benchmark mode), not "
+                        "both" if args.model else "--model DIR is required (or --random-weights PRESET for "
+                        "a benchmark with random weights)")
+    if args.shutdown_timeout < 0:
+        raise UserError("--shutdown-timeout must be >= 0")
+    if args.random_weights is not None:
+        if (args.nproc or 1) > 1 or (args.ep or 1) > 1 or _lockstep.under_torchrun():
+            raise UserError("--random-weights serves one GPU; across GPUs the 72B with random weights is "
+                            "benchmarks/bench_serve_multi_gpu.py (or serve a checkpoint with --model DIR "
+                            "--nproc N)")
+        return _serve_random(args)
     if args.max_len is not None:  # refused, not clamped: the user asked for a context the model lacks
         context = read_config(args.model).max_seq_len
         if args.max_len > context:
             raise UserError(f"--max-len {args.max_len} exceeds the model's context of {context} tokens; "
                             f"use --max-len {context} or less (or leave it out)")
-    if args.shutdown_timeout < 0:
-        raise UserError("--shutdown-timeout must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -122,8 +147,55 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace, engine) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or Path(args.model).resolve().name
+    return _serve_engine(args, engine, name)
+
+
+def _serve_random(args: argparse.Namespace) -> int:
+    """--random-weights: the preset's layout, random weights on the device, a synthetic tokenizer."""
+    import torch
+
+    from mogelm.config import from_name, preset_names
+    from mogelm.inference.bench_model import build_random_model, random_tokenizer
+    from mogelm.inference.engine import Engine
+
+    preset = args.random_weights
+    if preset not in preset_names():
+        raise UserError(f"--random-weights {preset!r} is not a preset; choose one of "
+                        f"{', '.join(preset_names())}")
+    context = from_name(preset).max_seq_len
+    if args.max_len is not None and args.max_len > context:
+        raise UserError(f"--max-len {args.max_len} exceeds {preset}'s context of {context} tokens")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
+                                                           else torch.float32)
+    recipe = args.quantize or ("fp8-all" if device.startswith("cuda") else "bf16")
+    _check_room(preset, recipe, dtype, device)
+    print(f"BENCHMARK MODE: {preset} with random weights ({recipe}) built on {device}; outputs are "
+          "meaningless", file=sys.stderr, flush=True)
+    model = build_random_model(preset, recipe=recipe, device=device, dtype=dtype,
+                               max_seq_len=args.max_len, fuse=device.startswith("cuda"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    engine = Engine(model, random_tokenizer(model.cfg.vocab_size), max_batch=args.max_batch,
+                    max_len=args.max_len, chunk_size=args.chunk_size,
+                    cuda_graphs=False if args.no_cuda_graphs else None, **engine_flags.engine_kwargs(args))
+    return _serve_engine(args, engine, args.served_model_name or f"random-{preset}")
+
+
+def _check_room(preset: str, recipe: str, dtype, device: str) -> None:
+    """UserError when the random weights would not fit the device (before a single byte is drawn)."""
+    from mogelm.inference.bench_model import device_bytes, random_weight_bytes
+
+    need, have = random_weight_bytes(preset, recipe, dtype), device_bytes(device)
+    if need > 0.9 * have:
+        raise UserError(f"--random-weights {preset} ({recipe}) needs about {need / 1e9:.0f} GB of "
+                        f"weights and {device} has {have / 1e9:.0f} GB; use a smaller preset (e.g. debug) or "
+                        "a larger device")
+
+
+def _serve_engine(args: argparse.Namespace, engine, name: str) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(engine, name, args.max_waiting, args.shutdown_timeout, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens)
     try:

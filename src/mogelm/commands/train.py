@@ -6,6 +6,7 @@
     mogelm train --out runs/debug --resume --lr 1e-3 --allow-changed-optimizer   # ... with a new lr
     mogelm train --preset small --nproc 2 --ep 2 --out runs/ep               # torchrun under the hood
     mogelm train --config model.json --set num_layers=8 --nproc 4 --ep 2 --fsdp 4 --out runs/big
+    mogelm train --preset small --mtp-depth 1 --mtp-weight 0.3 --out runs/mtp  # + MTP module (mogelm.mtp)
 
 A thin layer over mogelm.train (the loop, checkpoints and logs are described there): flags ->
 TrainConfig -> train(tc, ctx). The model is a preset (--preset, default debug) or a config file
@@ -58,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--renormalize", action="store_true", help="renormalise kept gate weights to sum to 1")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer/model vocabulary (default: the preset's)")
+    g.add_argument("--mtp-depth", type=int, default=None,
+                   help="multi-token prediction modules trained with the model (DeepSeek-V3 style; "
+                        "default 0: none)")
+    g.add_argument("--mtp-weight", type=float, default=None,
+                   help="weight lambda of the mean MTP loss (default 0.3; needs --mtp-depth)")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="*", default=[], help="files, folders or globs of .txt/.md/.py/.jsonl "
                    "(default: the CPython standard library sources, no download)")
@@ -136,6 +142,13 @@ def config_from_args(args: argparse.Namespace):
         overrides["aux_free_bias"] = True
     if args.renormalize:
         overrides["renormalize"] = True
+    if args.mtp_depth is not None:
+        if args.mtp_depth < 0:
+            raise UserError(f"--mtp-depth must be >= 0, got {args.mtp_depth}")
+        overrides["mtp_depth"] = args.mtp_depth
+    if args.mtp_weight is not None and not args.mtp_depth:
+        raise UserError("--mtp-weight needs --mtp-depth N (N >= 1): there is no MTP loss to weight")
+    mtp = {} if args.mtp_weight is None else {"mtp_weight": args.mtp_weight}
     try:
         overrides.update(parse_overrides(args.set_fields))
     except ValueError as e:
@@ -151,12 +164,13 @@ def config_from_args(args: argparse.Namespace):
         eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
         progress=args.progress, seed=args.seed, device=args.device, threads=args.threads, resume=args.resume,
         stop_after=args.stop_after, activation_checkpointing=args.activation_checkpointing,
+        **mtp,
     )
 
 
 # flags that are not TrainConfig fields of the same name
 _MODEL_FLAGS = ("aux_alpha", "aux_loss_type", "z_loss", "aux_free_bias", "bias_rate", "topk_groups",
-                "renormalize", "set_fields")
+                "renormalize", "set_fields", "mtp_depth")
 _RENAMED = {"config": "model_config"}
 _NOT_CONFIG = ("nproc", "ep", "fsdp", "allow_changed_optimizer")
 

@@ -21,9 +21,12 @@ of them have their KV in the pool. One `step()`:
   3. runs ONE forward over the packed batch [1, N] (decode rows first, then the chunks; no
      padding): copy-on-write block copies first, then the model with a PagedAttention state;
      a decode-only step replays the CUDA graph captured for the smallest bucket >= its rows;
-     logits are computed only for the last token of each sequence whose tokens are all in;
-  4. samples those sequences' next tokens, commits full blocks to the prefix cache, checks stop
-     conditions (stop token, stop string, max_tokens, context full) and frees finished sequences.
+     logits are computed only for the last token of each sequence whose tokens are all in (and
+     for the prompt positions of a request that asks for prompt logprobs);
+  4. commits full blocks to the prefix cache; computes the prompt logprobs asked for; forks the
+     children of parents whose prompt is now in; samples the next token of every sequence whose
+     tokens are all in (with their logprobs when asked), checks stop conditions (stop token, stop
+     string, max_tokens, context full) and frees finished sequences.
 
 Positions are explicit (token i of a sequence sits at position i), so batching changes nothing:
 greedy output equals decoding each prompt alone and equals the uncached forward (tests). A
@@ -37,16 +40,40 @@ no sequence is ever preempted by default. The context limit (max_len) is at most
 capacity, so any accepted request fits alone. `stats()` reports blocks total/used/free, prefix-cache
 queries/hits, running/waiting and preemptions (for metrics).
 
+What a request can ask for beyond its tokens (the request life cycle; all from the RAW logits of
+the step, i.e. the model's own distribution before bias, penalties and temperature, vLLM's default):
+  - logprobs (params.logprobs = k): each sampled token's logprob, rank and the top k, computed
+    from the same logits row it was sampled from (sampling.token_logprobs); RequestOutput.logprobs
+    holds one entry per new token id.
+  - prompt logprobs (params.prompt_logprobs = k, OpenAI's `echo` with `logprobs`): the logits of
+    every prompt position are computed too (_build_batch adds the chunk's positions to the model's
+    logits_indices, so chunk boundaries change nothing), turned into logprobs of the next prompt
+    token right after the forward (in slices, so the fp32 temporaries stay bounded) and kept;
+    the first output carries them, None first (nothing predicts the first token). Such a request
+    does not READ the prefix cache until its prompt logprobs are complete (a cached block's
+    positions would have no logits); it still commits its blocks for others. The logits of those
+    positions (chunk x vocabulary, in the model dtype) are memory beyond the profiled step.
+  - penalties (presence / frequency / repetition): a PenaltyState per request (which tokens are in
+    the prompt, how often each was generated), made at its first sampling and updated with every
+    sampled token, is handed to sample() with the row.
+  - n choices of one prompt (add_choices): the first choice is the parent; the others wait on it
+    (Request.children) and are forked when its prompt is computed: BlockManager.fork shares every
+    prompt block (refcounts), each child samples its own first token from the parent's logits row
+    and runs on as an ordinary sequence; the first write into the shared last partial block copies
+    it (copy-on-write in prepare_write). So n choices cost one prefill. Seeds seed, seed + 1, ...
+    The scheduler admits a parent only when its whole group fits in max_batch (groups hold at most
+    max_batch choices; a larger n is split into groups, later groups find the prompt in the prefix
+    cache). Aborting a parent whose children still wait hands the group to its first child.
+
 Extension points: speculative decoding appends k draft tokens to a sequence, schedules k + 1 rows
-(several positions of one sequence in one forward) and rolls back with BlockManager.truncate;
-prompt logprobs add a chunk's positions to the logits indices (`_build_batch`); n > 1 forks the
-prompt's blocks (BlockManager.fork; copy-on-write of the last partial block is in prepare_write).
+(several positions of one sequence in one forward) and rolls back with BlockManager.truncate.
 The engine works on token ids; the tokenizer (optional) is used only for text prompts, stop strings
 and the text it returns. fp32 on CPU, bf16 on CUDA by default.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -54,7 +81,7 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +91,16 @@ from torch import Tensor
 from mogelm.errors import UserError
 from mogelm.inference.block_manager import NULL_BLOCK, BlockManager
 from mogelm.inference.chat import Tokenizer
+from mogelm.inference.fuse import fuse_for_inference
 from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache, PrefillChunk, calibrate_kv_scales
-from mogelm.inference.sampling import PANGU_DEFAULTS, SamplingParams, sample
+from mogelm.inference.sampling import (
+    PANGU_DEFAULTS,
+    PenaltyState,
+    SamplingParams,
+    TokenLogprob,
+    sample,
+    token_logprobs,
+)
 from mogelm.inference.scheduler import ScheduledBatch, Scheduler
 from mogelm.kernels import ops
 from mogelm.model import Transformer
@@ -96,6 +131,10 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # tokens generated so far, a final stop token included
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token id (params.logprobs set), else None
+    # the prompt's (params.prompt_logprobs set; on the first output after sampling only): one per
+    # prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -107,6 +146,8 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(eq=False)
@@ -125,13 +166,35 @@ class Request:
     text: str = ""  # text released so far
     finish_reason: str | None = None
     error: str | None = None
+    penalty: PenaltyState | None = None  # made at the first sampling when params.has_penalties
+    logprobs: list[TokenLogprob] | None = None  # of output_ids, when params.logprobs is set
+    # entry k: prompt token k given the ones before (None for k = 0); grows chunk by chunk
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+    children: list[Request] = field(default_factory=list)  # choices to fork once the prompt is in
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def group_size(self) -> int:
+        """Running slots this request takes once its children are forked (the scheduler's admission)."""
+        return 1 + len(self.children)
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False while prompt logprobs are missing: every prompt position must be computed."""
+        return self.prompt_logprobs is None or len(self.prompt_logprobs) >= len(self.prompt_ids)
 
     def completion(self) -> Completion:
         return Completion(self.id, self.prompt_ids, list(self.output_ids), self.text,
-                          self.finish_reason or "", len(self.prompt_ids), self.num_generated)
+                          self.finish_reason or "", len(self.prompt_ids), self.num_generated,
+                          None if self.logprobs is None else list(self.logprobs),
+                          None if self.prompt_logprobs is None else list(self.prompt_logprobs))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -165,7 +228,11 @@ class StepInputs:
     decode_lens: list[int]  # [R] their position + 1
     chunks: list[tuple[int, int, int, list[int]]]  # (lo, hi, start position, block table)
     logits_indices: list[int]  # tokens whose logits are needed
-    samplers: list[Request]  # the request of each of those
+    samplers: list[Request]  # requests whose tokens are all in: they sample a token
+    sample_rows: list[int]  # the row of each sampler in the logits
+    # prompt logprobs: (request, first logits row, first position, count): logits rows
+    # r0 .. r0 + count - 1 are positions p0 .. p0 + count - 1 and predict prompt token p + 1
+    prompt_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
 
 
 class CUDAGraphRunner:
@@ -238,17 +305,21 @@ class Engine:
         gpu_memory_fraction: float = 0.9,
         kv_cache_dtype: str | torch.dtype | None = None,
         prefix_caching: bool = True,
+        fuse: bool | None = None,
     ):
         """max_batch: sequences running at once (the largest decode batch); max_len: context per
         sequence (default the model's); chunk_size: prompt tokens per step (default 256 on CPU, 2048 on
         CUDA); block_size: tokens per KV block; kv_cache_tokens: pool size in tokens (default: CPU
         max_batch x max_len, CUDA what gpu_memory_fraction leaves after weights and activations);
         kv_cache_dtype: None/"auto" (the model's dtype) or "fp8" (e4m3, per-head scales calibrated at
-        start-up); prefix_caching: reuse cached blocks of identical prompt prefixes."""
+        start-up); prefix_caching: reuse cached blocks of identical prompt prefixes; fuse: apply the
+        load-time fusions of inference/fuse.py to the model, in place (default: on CUDA)."""
         cfg = model.cfg
         p = next(model.parameters())
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, p.device
         on_cuda = p.device.type == "cuda"
+        if on_cuda if fuse is None else fuse:
+            fuse_for_inference(model)  # fused q/k/v + RoPE and gate/up GEMMs (fewer launches per step)
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if max_batch <= 0 or block_size <= 0:
@@ -289,6 +360,8 @@ class Engine:
         self._incoming: deque[Request] = deque()  # filled by any thread, drained by step()
         self._aborts: deque[str | None] = deque()  # None: every request
         self._ids = itertools.count()
+        # children waiting for their parent's prompt (num_waiting): each counter has one writer thread
+        self._unforked_added = self._unforked_done = 0
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
         use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.graphs: CUDAGraphRunner | None = None
@@ -374,6 +447,18 @@ class Engine:
         (see check_request). With truncate_to_context, params.max_tokens is only an upper bound: a
         request with more than the room left in the context stops at its end (finish_reason
         "length") instead of being refused."""
+        callback = None if on_output is None else lambda j, out: on_output(out)
+        return self.add_choices(prompt, params, 1, callback, request_id, truncate_to_context)[0]
+
+    def add_choices(self, prompt: str | list[int], params: SamplingParams | None = None, n: int = 1,
+                    on_output: Callable[[int, RequestOutput], None] | None = None,
+                    request_id: str | None = None, truncate_to_context: bool = False) -> list[Request]:
+        """Queue n choices of one prompt (thread-safe; OpenAI's `n`) sharing one prefill: the first is
+        computed, the others are forked from it when its prompt is in (module docstring). Choice j
+        draws with seed params.seed + j when a seed is given. on_output(j, out) gets choice j's
+        outputs. Request ids: request_id (or a new one), then "<id>-1", "<id>-2", ..."""
+        if n < 1:
+            raise ValueError(f"n must be positive, got {n}")
         params = params or self.sampling_params()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -381,12 +466,20 @@ class Engine:
             prompt = self.tokenizer.encode(prompt)
         prompt = list(prompt)
         self.check_request(prompt, None if truncate_to_context else params.max_tokens)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        req = Request(request_id or f"req-{next(self._ids)}", prompt, params, stop_ids, gen, on_output)
-        self._incoming.append(req)
-        return req
+        base_id = request_id or f"req-{next(self._ids)}"
+        reqs = []
+        for j in range(n):
+            sp = params if j == 0 or params.seed is None else replace(params, seed=(params.seed + j) % 2**63)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
+            callback = None if on_output is None else functools.partial(on_output, j)
+            reqs.append(Request(base_id if j == 0 else f"{base_id}-{j}", prompt, sp, stop_ids, gen, callback))
+        for lo in range(0, n, self.max_batch):  # groups that fit the batch: a parent and its children
+            reqs[lo].children = reqs[lo + 1:lo + self.max_batch]
+            self._unforked_added += len(reqs[lo].children)
+            self._incoming.append(reqs[lo])
+        return reqs
 
     def check_request(self, prompt_ids: list[int], max_tokens: int | None) -> None:
         """The engine's request limits, in one place: a non-empty prompt of token ids in the
@@ -427,8 +520,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet admitted (queued or preempted)."""
-        return len(self._incoming) + len(self.waiting)
+        """Requests not yet running (queued, preempted, or choices waiting to be forked)."""
+        return len(self._incoming) + len(self.waiting) + self._unforked_added - self._unforked_done
 
     def has_unfinished(self) -> bool:
         return bool(self._incoming or self.waiting or self.running)
@@ -476,15 +569,15 @@ class Engine:
             self.cache.copy_blocks(batch.copies)  # 3. copy-on-write, then one forward
             inputs = self._build_batch(batch)
             logits = self._forward(inputs, batch.is_decode_only)
-            for req, n in batch.rows:
+            for req, n in batch.rows:  # 4. bookkeeping, prompt logprobs, forks, sampling
                 p, a = len(req.prompt_ids), req.num_computed
                 self.num_prompt_tokens += min(a + n, p) - min(a, p)  # prompt positions computed (again)
                 req.num_computed += n
                 self.blocks.commit(req.id, req.token_ids, req.num_computed)
-            if inputs.samplers:  # 4. sample, stop conditions
-                tokens = sample(logits, [r.params for r in inputs.samplers],
-                                [r.generator for r in inputs.samplers]).tolist()
-                outputs += [(r, self._advance(r, t)) for r, t in zip(inputs.samplers, tokens)]
+            if inputs.prompt_spans:
+                self._prompt_logprobs(logits, inputs.prompt_spans)
+            if inputs.samplers:
+                outputs += self._sample(logits, inputs)
             self.num_steps += 1
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.scheduler.finish(req)
@@ -505,10 +598,12 @@ class Engine:
 
     def _build_batch(self, batch: ScheduledBatch) -> StepInputs:
         """The packed batch of a schedule: token ids, positions and pool slots of every row, block
-        tables and lengths of the decode rows, the chunks' ranges, and which logits to compute (the
-        last token of each sequence whose tokens are all in this step)."""
+        tables and lengths of the decode rows, the chunks' ranges, and which logits to compute: the
+        last token of each sequence whose tokens are all in this step, and for a request asking for
+        prompt logprobs, every prompt position of the row whose logprob it still lacks (all but the
+        prompt's last position, which is the sampling row)."""
         bs = self.block_size
-        inp = StepInputs([], [], [], [], [], [], [], [])
+        inp = StepInputs([], [], [], [], [], [], [], [], [])
         for req, n in batch.rows:
             a, table = req.num_computed, self.blocks.tables[req.id]
             lo = len(inp.ids)
@@ -520,7 +615,14 @@ class Engine:
                 inp.decode_lens.append(a + 1)
             else:
                 inp.chunks.append((lo, lo + n, a, table))
+            if req.prompt_logprobs is not None:  # positions p predict prompt token p + 1
+                first = max(a, len(req.prompt_logprobs) - 1)  # a recompute skips what is done
+                last = min(a + n, len(req.prompt_ids) - 1)
+                if first < last:
+                    inp.prompt_spans.append((req, len(inp.logits_indices), first, last - first))
+                    inp.logits_indices += range(lo + first - a, lo + last - a)
             if a + n == len(req.token_ids):
+                inp.sample_rows.append(len(inp.logits_indices))
                 inp.logits_indices.append(len(inp.ids) - 1)
                 inp.samplers.append(req)
         return inp
@@ -543,22 +645,88 @@ class Engine:
         return self.model(ids.to(dev)[None], positions_BT=pos.to(dev)[None], kv_cache=state,
                           logits_indices=torch.tensor(inp.logits_indices, dtype=torch.long, device=dev))
 
-    def _advance(self, req: Request, token: int) -> RequestOutput:
+    PROMPT_LOGPROBS_ROWS = 512  # rows per log_softmax: bounds its fp32 temporaries (2 x rows x vocab)
+
+    def _prompt_logprobs(self, logits: Tensor, spans: list[tuple[Request, int, int, int]]) -> None:
+        """Logprobs of the prompt tokens predicted by the spans' logits rows, appended to each request."""
+        rows, targets, tops = [], [], []
+        for req, r0, p0, count in spans:
+            assert len(req.prompt_logprobs) == p0 + 1, "prompt logprobs are computed in order"
+            rows += range(r0, r0 + count)
+            targets += req.prompt_ids[p0 + 1:p0 + 1 + count]
+            tops += [req.params.prompt_logprobs] * count
+        step, entries = self.PROMPT_LOGPROBS_ROWS, []
+        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        for i in range(0, len(rows), step):
+            entries += token_logprobs(logits[idx[i:i + step]], targets[i:i + step], tops[i:i + step])
+        k = 0
+        for req, _, _, count in spans:
+            req.prompt_logprobs += entries[k:k + count]
+            k += count
+
+    def _sample(self, logits: Tensor, inp: StepInputs) -> list[tuple[Request, RequestOutput]]:
+        """Fork the children of samplers whose prompt is now in, then sample one token for every
+        sequence (a child from its parent's row), with logprobs and penalty state as asked."""
+        reqs, rows = [], []
+        for req, row in zip(inp.samplers, inp.sample_rows):
+            reqs.append(req)
+            rows.append(row)
+            for child in req.children:  # n > 1: the children share the parent's blocks from here on
+                self.scheduler.fork(req, child)
+                child.prompt_logprobs = req.prompt_logprobs
+                reqs.append(child)
+                rows.append(row)
+            self._unforked_done += len(req.children)
+            req.children = []
+        logits_RV = logits if rows == list(range(logits.shape[0])) else \
+            logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        params = [r.params for r in reqs]
+        states = None
+        if any(p.has_penalties for p in params):
+            vocab = logits_RV.shape[-1]
+            for r in reqs:
+                if r.params.has_penalties and r.penalty is None:
+                    r.penalty = PenaltyState(r.prompt_ids, vocab, device=logits_RV.device)
+            states = [r.penalty for r in reqs]
+        tokens_R = sample(logits_RV, params, [r.generator for r in reqs], states)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        entries: list[TokenLogprob | None] = [None] * len(reqs)
+        if want:  # from the raw logits (vLLM's default): the model's own distribution
+            at = torch.tensor(want, dtype=torch.long, device=logits_RV.device)
+            got = token_logprobs(logits_RV[at], tokens_R[at], [params[i].logprobs for i in want])
+            for i, e in zip(want, got):
+                entries[i] = e
+        outputs = []
+        for r, t, e in zip(reqs, tokens_R.tolist(), entries):
+            if r.penalty is not None:
+                r.penalty.update(t)
+            outputs.append((r, self._advance(r, t, e)))
+        return outputs
+
+    def _advance(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         """Account for one sampled token: stop token, max_tokens, context, stop strings, new text."""
         req.num_generated += 1
         new_ids = []
+        new_logprobs = None if req.logprobs is None else []
         if token in req.stop_ids:
             req.finish_reason = "stop"
         else:
             req.output_ids.append(token)
             req.token_ids.append(token)
             new_ids.append(token)
+            if req.logprobs is not None:
+                req.logprobs.append(logprob)
+                new_logprobs.append(logprob)
             self.num_generated_tokens += 1
             if req.num_generated >= req.params.max_tokens or len(req.token_ids) >= self.max_len:
                 req.finish_reason = "length"  # the context is full: the last token is never fed
         new_text = self._release_text(req)
+        prompt_lps = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            prompt_lps, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
         return RequestOutput(req.id, new_ids, new_text, req.finish_reason is not None, req.finish_reason,
-                             len(req.prompt_ids), req.num_generated)
+                             len(req.prompt_ids), req.num_generated, logprobs=new_logprobs,
+                             prompt_logprobs=prompt_lps)
 
     def _release_text(self, req: Request) -> str:
         """New text since the last call; finds stop strings and holds back what could start one."""
@@ -579,22 +747,42 @@ class Engine:
         return new
 
     def _abort(self, request_id: str | None) -> list[tuple[Request, RequestOutput]]:
-        """Finish matching requests (all when request_id is None) as aborted and free their blocks."""
-        hits = [r for r in list(self.waiting) + self.running
-                if (request_id is None or r.id == request_id) and r.finish_reason is None]
+        """Finish matching requests (all when request_id is None) as aborted and free their blocks.
+        A choice still waiting to be forked just leaves its parent; an aborted parent whose children
+        still wait hands them to the first one, which takes its place at the head of the queue (and
+        recomputes the prompt, mostly from the prefix cache)."""
+        def match(r: Request) -> bool:
+            return (request_id is None or r.id == request_id) and r.finish_reason is None
+
+        hits = []
+        for parent in list(self.waiting) + self.running:
+            hits += [c for c in parent.children if match(c)]
+            parent.children = [c for c in parent.children if not match(c)]
+        self._unforked_done += len(hits)
         for req in hits:
             req.finish_reason = "abort"
+        for req in [r for r in list(self.waiting) + self.running if match(r)]:
+            req.finish_reason = "abort"
+            hits.append(req)
             self.scheduler.finish(req)
+            if req.children:
+                heir, heir.children, req.children = req.children[0], req.children[1:], []
+                self._unforked_done += 1
+                self.scheduler.waiting.appendleft(heir)
         return [(r, RequestOutput(r.id, [], "", True, "abort", len(r.prompt_ids), r.num_generated))
                 for r in hits]
 
     def fail_all(self, message: str) -> None:
         """Finish every request with finish_reason "error" (after an exception in step)."""
+        parents = list(self._incoming) + list(self.waiting) + self.running
         outputs = []
-        for req in list(self._incoming) + list(self.waiting) + self.running:
+        for req in parents + [c for r in parents for c in r.children]:
             req.finish_reason, req.error = "error", message
             outputs.append((req, RequestOutput(req.id, [], "", True, "error", len(req.prompt_ids),
                                                req.num_generated, error=message)))
+        for req in parents:
+            self._unforked_done += len(req.children)
+            req.children = []
         self._incoming.clear()
         for req in list(self.waiting) + list(self.running):
             self.scheduler.finish(req)

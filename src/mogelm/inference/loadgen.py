@@ -6,11 +6,12 @@
     print(format_summary(res))
 
 Each request streams a completion (`ignore_eos`, so it generates exactly max_tokens tokens) of a
-synthetic prompt; at most `concurrency` are in flight. Reported: errors, wall time, requests/s,
-output tokens/s, and per request TTFT (time to the first text chunk), TPOT (time per output token
-after the first: (latency - TTFT) / (tokens - 1)) and end-to-end latency, as mean / p50 / p90 / p99
-in milliseconds. The load is bounded: num_requests in total, each with `timeout`, all within
-`deadline`. Needs httpx (the `serve` extra).
+synthetic prompt (words, or with `prompt_tokens` that many random token ids in [0, prompt_vocab),
+1000 by default, which any real vocabulary holds); at most `concurrency` are in flight. Reported:
+errors, wall time, requests/s, output tokens/s, and per request TTFT (time to the first text
+chunk), TPOT (time per output token after the first: (latency - TTFT) / (tokens - 1)) and
+end-to-end latency, as mean / p50 / p90 / p99 in milliseconds. The load is bounded: num_requests
+in total, each with `timeout`, all within `deadline`. Needs httpx (the `serve` extra).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _summary(values: list[float]) -> dict:
     return {"mean": statistics.fmean(v), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
 
 
-async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float) -> dict:
+async def _one(client, model: str, prompt: str | list[int], max_tokens: int, timeout: float) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -93,14 +94,17 @@ async def _one(client, model: str, prompt: str, max_tokens: int, timeout: float)
 
 async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: int, prompt_words: int = 32,
                     model: str | None = None, timeout: float = 120.0, deadline: float = 600.0,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, prompt_tokens: int | None = None, prompt_vocab: int = 1000) -> dict:
     """Run the load and return the measurements (a JSON-ready dict). `model` None: the first one
     /v1/models lists. Failed requests are counted in "errors", never raised."""
     import httpx
 
     base = url.rstrip("/").removesuffix("/v1")
     rng = random.Random(seed)
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(num_requests)]
+    if prompt_tokens:
+        prompts = [[rng.randrange(prompt_vocab) for _ in range(prompt_tokens)] for _ in range(num_requests)]
+    else:
+        prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(num_requests)]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
         if model is None:
@@ -126,7 +130,8 @@ async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: i
     ms = lambda xs: {k: (None if v is None else round(v * 1e3, 2)) for k, v in _summary(xs).items()}
     return {
         "url": base, "model": model, "concurrency": concurrency, "requests": num_requests,
-        "max_tokens": max_tokens, "prompt_words": prompt_words, "completed": len(ok), "errors": len(errors),
+        "max_tokens": max_tokens, "prompt_words": None if prompt_tokens else prompt_words,
+        "prompt_tokens": prompt_tokens, "completed": len(ok), "errors": len(errors),
         "error_examples": errors[:3],
         "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
         "mean_prompt_tokens": round(statistics.fmean([r["prompt_tokens"] for r in ok]), 1) if ok else None,

@@ -4,7 +4,8 @@ mogelm/inference/server.py uses these.
 
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "tools": [...]})
     check_fields(body.model_extra)            # APIError(400, "`tools` is not supported ...", "tools")
-    completion_logprobs(tokenizer, [TokenLogprob(...), ...])   # {"tokens", "token_logprobs", ...}
+    completion_logprobs(tokenizer, ids, [TokenLogprob(...), ...])   # {"tokens", "token_logprobs", ...}
+    lp = ChoiceLogprobs(prompt_ids); lp.add(out); lp.completion(tokenizer)   # what is new since last time
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}; `param` names the field.
 Request models allow extra keys so that check_fields can name them (pydantic would only say
@@ -13,6 +14,8 @@ Request models allow extra keys so that check_fields can name them (pydantic wou
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -20,6 +23,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mogelm.inference.sampling import TokenLogprob
+
+if TYPE_CHECKING:
+    from mogelm.inference.engine import RequestOutput
 
 MAX_N = 16  # choices per request
 
@@ -30,14 +36,6 @@ UNSUPPORTED_FIELDS = frozenset({
     "parallel_tool_calls", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
     "service_tier", "store", "metadata", "verbosity",
 })
-# Accepted and validated, but not served until the engine delivers them (stage 2 of issue 15: the
-# engine returns logprobs and keeps penalty state); each is a 400 naming the parameter until its
-# entry is removed here. See served_features for what triggers each one.
-NOT_YET_SERVED = {
-    "logprobs": "the engine returns each generated token's logprobs (RequestOutput.logprobs)",
-    "prompt_logprobs": "the engine returns the prompt's logprobs (echo with logprobs)",
-    "penalties": "the engine keeps a PenaltyState per request and passes it to sample()",
-}
 
 
 # --- request bodies ----------------------------------------------------------------------------
@@ -164,23 +162,7 @@ def check_fields(extra: dict | None, messages: list[ChatMessage] = ()) -> None:
         raise APIError(400, f"`{name}` is not supported by this server", name, "unsupported")
 
 
-def served_features(body: SamplingFields) -> list[tuple[str, str]]:
-    """(NOT_YET_SERVED key, request field) for each such feature the request asks for."""
-    used = []
-    if isinstance(body, CompletionRequest):
-        if body.logprobs is not None:
-            used.append(("logprobs", "logprobs"))
-            if body.echo:
-                used.append(("prompt_logprobs", "echo"))
-    elif body.logprobs:
-        used.append(("logprobs", "logprobs"))
-    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-        if getattr(body, name) not in (None, off):
-            used.append(("penalties", name))
-    return used
-
-
-# --- logprobs in the OpenAI shapes (served once the engine fills RequestOutput.logprobs) --------
+# --- logprobs in the OpenAI shapes (from RequestOutput.logprobs / prompt_logprobs) ---------------
 def _token_str(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
@@ -188,7 +170,9 @@ def _token_str(tokenizer, token_id: int) -> str:
 def completion_logprobs(tokenizer, token_ids: list[int], entries: list[TokenLogprob | None],
                         text_offset: int = 0) -> dict:
     """The legacy completions `logprobs` object, one position per token id: tokens, token_logprobs,
-    top_logprobs (token string -> logprob; the chosen token included, as vLLM does) and text_offset.
+    top_logprobs (token string -> logprob; the chosen token included, as vLLM does) and text_offset
+    (characters before each token's string, counted from `text_offset`: a stream's later chunks
+    continue where the previous ended).
     A None entry (the first prompt token under echo: nothing precedes it) has null logprob and top,
     and still takes its position: lm-eval reads `token_logprobs[ctxlen:-1]` by position."""
     assert len(token_ids) == len(entries)
@@ -218,3 +202,38 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                         for e in entries]}
+
+
+class ChoiceLogprobs:
+    """One choice's logprobs as its RequestOutputs arrive: token ids and their TokenLogprobs (under
+    echo the prompt's first, from the first output's prompt_logprobs). `completion` / `chat` format
+    what was added since the previous call: the whole choice at the end of a request, or each
+    streamed chunk's tokens (text_offset continues across chunks)."""
+
+    def __init__(self, prompt_ids: list[int]):
+        self.prompt_ids = prompt_ids
+        self.ids: list[int] = []
+        self.entries: list[TokenLogprob | None] = []
+        self.sent = 0  # entries formatted so far
+        self.text_offset = 0
+
+    def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.ids += self.prompt_ids
+            self.entries += out.prompt_logprobs
+        if out.logprobs is not None:
+            self.ids += out.token_ids
+            self.entries += out.logprobs
+
+    def _take(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        lo, self.sent = self.sent, len(self.entries)
+        return self.ids[lo:], self.entries[lo:]
+
+    def completion(self, tokenizer) -> dict:
+        ids, entries = self._take()
+        out = completion_logprobs(tokenizer, ids, entries, self.text_offset)
+        self.text_offset += sum(len(t) for t in out["tokens"])
+        return out
+
+    def chat(self, tokenizer) -> dict:
+        return chat_logprobs(tokenizer, self._take()[1])

@@ -6,6 +6,7 @@ when the KV pool runs out of blocks.
     batch = sched.schedule()              # [(seq, n)], block copies, preempted sequences
     ...                                   # the engine runs the forward, then for each (seq, n):
     seq.num_computed += n; sched.blocks.commit(seq.id, seq.token_ids, seq.num_computed)
+    sched.fork(seq, child)                # child continues from seq, sharing its blocks (n > 1)
     sched.finish(seq)                     # finished or aborted: its blocks are released
 
 A sequence is its token ids (prompt, then generated tokens) and `num_computed`, the number of them
@@ -23,9 +24,14 @@ Per step (`schedule`):
      the waiting queue; it will recompute prompt + generated tokens, mostly from the prefix cache),
      until the decode fits (or it is itself the newest and is preempted). A prefill that does not
      fit waits. If nothing at all fits, the newest is preempted so the oldest can progress.
-  2. admission, FIFO, while no sequence was preempted this step, fewer than `max_batch` run and
-     budget is left: the prompt's cached prefix blocks are adopted (prefix cache), then its first
-     chunk is scheduled if its blocks fit with `watermark` blocks to spare.
+  2. admission, FIFO, while no sequence was preempted this step, its group fits in `max_batch`
+     running slots and budget is left: the prompt's cached prefix blocks are adopted (prefix cache;
+     not for a sequence whose `reads_prefix_cache` is False: it must compute every position), then
+     its first chunk is scheduled if its blocks fit with `watermark` blocks to spare.
+A sequence's group (optional attribute `group_size`, default 1) is itself plus the sequences that
+will be forked from it once its prompt is computed (n > 1 choices); their slots are reserved at
+admission. `fork(parent, child)` then makes the child a running sequence that shares every block
+of the parent (BlockManager.fork; the first write into a shared partial block copies it).
 Scheduled order: one-token rows first (the decode kernel's rows), then the chunks.
 
 A request that could never fit (more tokens than the pool holds for one sequence) is refused
@@ -47,6 +53,11 @@ class Sequence(Protocol):
     token_ids: list[int]  # prompt, then generated tokens
     num_computed: int  # tokens whose KV is in the pool
     num_preemptions: int
+    # optional: group_size (int, default 1), reads_prefix_cache (bool, default True); see above
+
+
+def group_size(seq: Sequence) -> int:
+    return getattr(seq, "group_size", 1)
 
 
 @dataclass
@@ -85,6 +96,17 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.id)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` (not queued, holding nothing) continues from `parent`'s computed tokens with the same
+        blocks, and runs from the next step on. Its slot was reserved by the parent's group_size."""
+        self.blocks.fork(parent.id, child.id)
+        child.num_computed = parent.num_computed
+        self.running.append(child)
+
+    def num_slots_used(self) -> int:
+        """Running slots taken: the running sequences and the children they will fork."""
+        return sum(group_size(s) for s in self.running)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
@@ -148,20 +170,26 @@ class Scheduler:
         return budget
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        """Step 2: waiting sequences, FIFO, with their cached prefix, while their first chunk fits."""
+        """Step 2: waiting sequences, FIFO, with their cached prefix, while their group (running
+        slots) and first chunk (blocks) fit."""
         bs = self.blocks.block_size
-        while self.waiting and len(self.running) < self.max_batch and budget > 0:
+        slots = self.num_slots_used()
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            hits = self.blocks.lookup_prefix(seq.token_ids)
+            if slots + group_size(seq) > self.max_batch:
+                break
+            reads = getattr(seq, "reads_prefix_cache", True)
+            hits = self.blocks.lookup_prefix(seq.token_ids) if reads else []
             cached = len(hits) * bs
             n = min(len(seq.token_ids) - cached, budget)
             need = self.blocks.blocks_to_adopt(hits) + -(-(cached + n) // bs) - len(hits)
             if need > self.blocks.num_free - (self.watermark if self.running else 0):
                 break
             self.waiting.popleft()
-            seq.num_computed = self.blocks.adopt_prefix(seq.id, seq.token_ids, hits)
+            seq.num_computed = self.blocks.adopt_prefix(seq.id, seq.token_ids, hits) if reads else 0
             ok = self._try_write(seq, n, batch)
             assert ok, "admission checked the free blocks"
             self.running.append(seq)
+            slots += group_size(seq)
             if n > 1:
                 budget -= n

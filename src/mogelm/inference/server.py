@@ -26,8 +26,7 @@ answers 413 to a body over the size limit before anything parses it.
 
 Invalid requests get a 4xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}}:
 unknown fields and fields the server does not implement (`tools`, `response_format`, ...) are a 400
-naming the field; fields accepted but not served until the engine delivers them are listed in one
-place, NOT_YET_SERVED (these shapes and checks live in mogelm/inference/protocol.py). Prompt and
+naming the field (these shapes and checks live in mogelm/inference/protocol.py). Prompt and
 context limits are the engine's (Engine.check_request raises RequestError), sampling values
 SamplingParams' own (InvalidSampling); both become a 400. A full queue is a 503 with Retry-After
 (counted in mogelm:requests_rejected_total), never a silent drop.
@@ -66,25 +65,22 @@ from mogelm.inference.engine import Engine, EngineThread, RequestError, RequestO
 from mogelm.inference.metrics import ServerMetrics, engine_stats
 from mogelm.inference.protocol import (
     MAX_N,
-    NOT_YET_SERVED,
     APIError,
     ChatMessage,
     ChatRequest,
+    ChoiceLogprobs,
     CompletionRequest,
     DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
     api_error_handler,
-    chat_logprobs,
     check_fields,
-    completion_logprobs,
     error_body,
     error_response,
     http_error_handler,
-    served_features,
     validation_error_handler,
 )
-from mogelm.inference.sampling import MAX_LOGPROBS, InvalidSampling, SamplingParams, TokenLogprob
+from mogelm.inference.sampling import MAX_LOGPROBS, InvalidSampling, SamplingParams
 
 log = logging.getLogger("mogelm.inference.server")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI; chat defaults to the rest of the context
@@ -403,8 +399,7 @@ def _logit_bias(s: ServerState, body: SamplingFields) -> dict[int, float] | None
 
 def _sampling_params(s: ServerState, body: SamplingFields, max_tokens: int, logprobs: int | None,
                      prompt_logprobs: int | None, extra_stop_ids=()) -> SamplingParams:
-    """Every sampling field validated by SamplingParams (400 invalid_value), then the ones the engine
-    does not deliver yet refused by name (400 unsupported, NOT_YET_SERVED)."""
+    """Every sampling field validated by SamplingParams (400 invalid_value naming the field)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         params = s.engine.sampling_params(
@@ -416,9 +411,6 @@ def _sampling_params(s: ServerState, body: SamplingFields, max_tokens: int, logp
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except InvalidSampling as e:
         raise APIError(400, str(e), e.param, "invalid_value") from None
-    for feature, name in served_features(body):
-        if feature in NOT_YET_SERVED:
-            raise APIError(400, f"`{name}` is not supported by this server yet", name, "unsupported")
     return params
 
 
@@ -494,9 +486,10 @@ def _log_request(request: Request, kind: str, body: SamplingFields, prompt_ids: 
 
 def _submit(s: ServerState, prompt_ids: list[list[int]], base: SamplingParams, n: int, truncate: bool,
             prompt_param: str, arrival: float) -> tuple[asyncio.Queue, list[str]]:
-    """Queue one engine request per choice: every prompt n times (seeds seed, seed+1, ... when given).
-    Returns (queue of (choice, output), request ids). The engine refuses what it cannot serve
-    (RequestError); that becomes a 400 naming `prompt_param` for the prompt."""
+    """Queue every prompt's n choices (Engine.add_choices: one prefill, the choices forked from it;
+    seeds seed, seed+1, ... when given). Choice i = prompt * n + j. Returns (queue of (choice,
+    output), request ids). The engine refuses what it cannot serve (RequestError); that becomes a
+    400 naming `prompt_param` for the prompt."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
@@ -508,18 +501,19 @@ def _submit(s: ServerState, prompt_ids: list[list[int]], base: SamplingParams, n
             pass
 
     ids: list[str] = []
-    for i, (prompt, j) in enumerate((p, j) for p in prompt_ids for j in range(n)):
-        sp = base if j == 0 or base.seed is None else \
-            SamplingParams(**{**base.__dict__, "seed": base.seed + j})
-        timer = s.metrics.request_timer(arrival)
+    for k, prompt in enumerate(prompt_ids):
+        timers = [s.metrics.request_timer(arrival) for _ in range(n)]
+
+        def on_output(j, out, k=k, timers=timers):
+            deliver((k * n + j, out), timers[j])
+
         try:
-            req = s.engine.add_request(prompt, sp, on_output=lambda out, i=i, t=timer: deliver((i, out), t),
-                                       truncate_to_context=truncate)
+            reqs = s.engine.add_choices(prompt, base, n, on_output, truncate_to_context=truncate)
         except RequestError as e:
             for rid in ids:
                 s.engine.abort(rid)
             raise APIError(400, e.message, prompt_param if e.param == "prompt" else e.param, e.code) from None
-        ids.append(req.id)
+        ids += [r.id for r in reqs]
     s.runner.wake()
     return queue, ids
 
@@ -536,29 +530,23 @@ async def _run_request(s: ServerState, request: Request, body: SamplingFields, b
     prompt_tokens = sum(len(p) for p in prompt_ids)
     queue, req_ids = _submit(s, prompt_ids, base, body.n, truncate,
                              "prompt" if kind == "text_completion" else "messages", arrival)
-    prefixes = [echo[i // body.n] if echo else "" for i in range(len(req_ids))]
+    num = len(req_ids)
+    prefixes = [echo[i // body.n] if echo else "" for i in range(num)]
+    # logprobs: one TokenLogprob per token id; under echo the prompt's come first (None for its
+    # first token), as OpenAI's `logprobs` shows them
+    lps = [ChoiceLogprobs(prompt_ids[i // body.n]) for i in range(num)] if base.logprobs is not None else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(s, kind, rid, now, queue, req_ids, prompt_tokens, include_usage,
-                                         prefixes), media_type="text/event-stream")
-    num = len(req_ids)
+                                         prefixes, lps), media_type="text/event-stream")
     texts, reasons, completion = list(prefixes), [None] * num, [0] * num
-    # Logprobs, once the engine delivers them (NOT_YET_SERVED): RequestOutput.logprobs holds one
-    # TokenLogprob per new token id, RequestOutput.prompt_logprobs (first output only) one per prompt
-    # token, None first. Under echo the prompt's positions come first, as OpenAI's `logprobs` shows.
-    ids: list[list[int]] = [list(prompt_ids[i // body.n]) if base.prompt_logprobs is not None else []
-                            for i in range(num)]
-    logprobs: list[list[TokenLogprob | None]] = [[] for _ in range(num)]
     try:
         while any(r is None for r in reasons):
             i, out = await queue.get()
             texts[i] += out.text
             completion[i] = out.completion_tokens
-            if base.prompt_logprobs is not None and getattr(out, "prompt_logprobs", None):
-                logprobs[i] = list(out.prompt_logprobs) + logprobs[i]
-            if base.logprobs is not None:
-                ids[i] += out.token_ids
-                logprobs[i] += getattr(out, "logprobs", None) or []
+            if lps is not None:
+                lps[i].add(out)
             if out.finished:
                 if out.finish_reason == "error":
                     raise APIError(500, out.error or "generation failed", None, "internal_error",
@@ -572,13 +560,11 @@ async def _run_request(s: ServerState, request: Request, body: SamplingFields, b
                 s.engine.abort(req_ids[i])
     tok = s.engine.tokenizer
     if kind == "text_completion":
-        choices = [{"index": i, "text": t,
-                    "logprobs": completion_logprobs(tok, ids[i], logprobs[i]) if base.logprobs is not None
-                    else None,
+        choices = [{"index": i, "text": t, "logprobs": lps[i].completion(tok) if lps else None,
                     "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
     else:
         choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                    "logprobs": chat_logprobs(tok, logprobs[i]) if base.logprobs is not None else None,
+                    "logprobs": lps[i].chat(tok) if lps else None,
                     "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(completion),
              "total_tokens": prompt_tokens + sum(completion)}
@@ -586,8 +572,13 @@ async def _run_request(s: ServerState, request: Request, body: SamplingFields, b
             "usage": usage}
 
 
-async def _stream(s: ServerState, kind, rid, now, queue, req_ids, prompt_tokens, include_usage, prefixes):
+async def _stream(s: ServerState, kind, rid, now, queue, req_ids, prompt_tokens, include_usage, prefixes,
+                  lps: list[ChoiceLogprobs] | None):
+    """Server-sent events of one request's choices. A chunk goes out when a choice has new text (or
+    finishes); logprobs ride with the chunk whose text their tokens produced (held-back text holds
+    them back too)."""
     obj = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+    tok = s.engine.tokenizer
     pending = set(range(len(req_ids)))
     completion = [0] * len(req_ids)
     unsent = list(prefixes)  # echoed prompts go out with each choice's first chunk
@@ -617,18 +608,22 @@ async def _stream(s: ServerState, kind, rid, now, queue, req_ids, prompt_tokens,
             if out.finish_reason == "abort":  # cut at the shutdown timeout: say so, do not just close
                 yield error_event(SHUTDOWN_CUT_MESSAGE, "server_error", "shutting_down")
                 break
+            if lps is not None:
+                lps[i].add(out)
             text, unsent[i] = unsent[i] + out.text, ""
             if not text and not out.finished:
                 continue
             reason = out.finish_reason if out.finished else None
             if kind == "text_completion":
-                yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": reason}])
+                logprobs = lps[i].completion(tok) if lps else None
+                yield chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}])
             else:
+                logprobs = lps[i].chat(tok) if lps else None
                 delta = {"content": text} if text else {}
                 if text and out.finished:  # the last text, then a separate finish chunk
-                    yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
-                    delta = {}
-                yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
+                    yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+                    delta, logprobs = {}, None
+                yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
         if include_usage:
             total = sum(completion)
             yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,

@@ -22,6 +22,13 @@ Paged attention (the inference engine's KV pool, layout in kernels/attention.py)
 `paged_decode_attention` has a split-KV Triton kernel (kernels/triton_attention.py) and its PyTorch
 twin; `paged_prefill_attention` (a prompt chunk over its cached prefix) is PyTorch SDPA everywhere.
 
+Inference (issue 14): `add_rms_norm` (a block's residual add and the next norm), `qkv_bias_rope`
+(after one q|k|v GEMM), `swiglu_halves` (after one gate|up GEMM), `paged_kv_write` (keys and values
+into their pool slots) and the fp8 small-M paths of `linear_fp8` / `linear_fp8_swiglu` run as
+Triton kernels (triton_infer.py) in inference on CUDA and as their twins (torch_impl.py) elsewhere;
+training and the CPU keep the plain ops. fp8 "auto" activations pick weight-only or W8A8 per call
+size (`resolve_activations`, thresholds movable by the decode benchmark's sweep).
+
 Training (issue 17): `rms_norm`, `rope_qk`, `swiglu` (the model's memory-bound pieces) and
 `linear_cross_entropy` (the LM head's loss without the whole batch's logits) run as Triton
 kernels (triton_fused.py), `torch.compile` of their twins, or the twins themselves
@@ -155,14 +162,42 @@ expert_counts = torch_impl.expert_counts
 # "bf16") or rounded to e4m3 per token (W8A8, "fp8"). Twins in torch_impl (same rounding).
 # ----------------------------------------------------------------------------------------------
 
-FP8_ACTIVATIONS = ("bf16", "fp8")  # "bf16": weight-only (activations keep x's dtype); "fp8": W8A8
+# "bf16": weight-only (activations keep x's dtype); "fp8": W8A8; "auto": weight-only for decode-
+# sized inputs and W8A8 for large ones (thresholds below: each is the faster there on the H200)
+FP8_ACTIVATIONS = ("bf16", "fp8", "auto")
 quantize_rows_fp8 = torch_impl.quantize_rows_fp8
 dequantize_rows = torch_impl.dequantize_rows
+
+# "auto" routed experts: W8A8 from this many routed rows (T * K) on; weight-only below. Measured on
+# the H200 (2026-12-02): weight-only 1.49x bf16 at 8 rows against W8A8's 1.27x, equal at 64, W8A8
+# ahead at 512 (1.79x vs 1.74x) and 2048 (1.55x vs 1.27x) and for prefill. `mogelm bench decode`
+# measures both and may move it (set_fp8_auto_rows).
+FP8_EXPERTS_W8A8_ROWS = 512
+
+
+def set_fp8_auto_rows(experts: int | None = None, linear: int | None = None) -> None:
+    """Move the "auto" thresholds: routed rows from which experts run W8A8, and the largest M of
+    the weight-only small-M dense kernel (FP8_LINEAR_ROWS)."""
+    global FP8_EXPERTS_W8A8_ROWS, FP8_LINEAR_ROWS
+    if experts is not None:
+        FP8_EXPERTS_W8A8_ROWS = int(experts)
+    if linear is not None:
+        FP8_LINEAR_ROWS = int(linear)
 
 
 def _check_activations(activations: str) -> None:
     if activations not in FP8_ACTIVATIONS:
         raise ValueError(f"activations must be one of {FP8_ACTIVATIONS}, got {activations!r}")
+
+
+def resolve_activations(activations: str, rows: int, experts: bool) -> str:
+    """The concrete mode ("bf16" weight-only or "fp8" W8A8) of a call with `rows` input rows
+    (routed rows T * K for experts, tokens for a dense layer)."""
+    if activations != "auto":
+        return activations
+    if experts:
+        return "fp8" if rows >= FP8_EXPERTS_W8A8_ROWS else "bf16"
+    return "bf16" if rows <= FP8_LINEAR_ROWS else "fp8"
 
 
 def _autocast_input(x: Tensor) -> Tensor:
@@ -182,9 +217,11 @@ def routed_experts_fp8(
     down_q: Tensor, down_scale: Tensor, activations: str = "bf16",
 ) -> Tensor:
     """Inference-only routed experts with fp8 weights from quantize_experts_fp8. activations="bf16"
-    is weight-only; "fp8" also quantises activations per token (W8A8). Triton kernels on the triton
-    backend; the torch twin (torch_impl.routed_experts_fp8) rounds exactly where the kernels do."""
+    is weight-only; "fp8" also quantises activations per token (W8A8); "auto" picks by the routed
+    rows (resolve_activations). Triton kernels on the triton backend; the torch twin
+    (torch_impl.routed_experts_fp8) rounds exactly where the kernels do."""
     _check_activations(activations)
+    activations = resolve_activations(activations, expert_ids_TK.numel(), experts=True)
     x_TD = _autocast_input(x_TD)
     if resolve_backend(x_TD) == "triton":
         return _triton_module().routed_experts_fp8(
@@ -216,18 +253,50 @@ def _linear_fp8_scaled_mm(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bia
     return out.view(*lead, -1)
 
 
+# Weight-only fp8 linears with at most this many rows run the Triton small-M kernel
+# (triton_infer.linear_fp8_wo: 1 byte a weight read once); larger ones dequantise the weight in one
+# launch and run a bf16 GEMM. The decode benchmark may move it (set_fp8_linear_rows).
+FP8_LINEAR_ROWS = 256
+
+
+def _fp8_small_m(x: Tensor, weight_q: Tensor) -> bool:
+    """The Triton weight-only kernel applies: CUDA, triton backend, 16-bit x, few rows."""
+    return (resolve_backend(x) == "triton" and x.is_cuda and _infer_module() is not None
+            and x.dtype in (torch.bfloat16, torch.float16) and weight_q.stride(-1) == 1
+            and x.numel() // max(x.shape[-1], 1) <= FP8_LINEAR_ROWS)
+
+
 def linear_fp8(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
                activations: str = "fp8") -> Tensor:
     """y = x @ (weight_q * weight_scale[:, None])^T + bias for an e4m3 weight [N, K] with fp32
     per-output-channel scales [N]. "fp8" (W8A8): on the triton backend (the CUDA default)
-    torch._scaled_mm with per-token activation scales; "bf16" (weight-only): the weight is
-    dequantised to x's dtype, then one GEMM. Elsewhere (CPU, the torch/loop backends, shapes
-    _scaled_mm refuses) the twin torch_impl.linear_fp8 runs, with the same rounding."""
+    torch._scaled_mm with per-token activation scales; "bf16" (weight-only): on the triton backend,
+    up to FP8_LINEAR_ROWS rows the Triton small-M kernel (scales in the epilogue, fp32
+    accumulation), beyond that the weight dequantised to x's dtype in one launch, then one GEMM.
+    Elsewhere (CPU, the torch/loop backends, shapes _scaled_mm refuses) the twin
+    torch_impl.linear_fp8 runs, which rounds where the large-M path rounds. "auto": weight-only up
+    to FP8_LINEAR_ROWS rows, W8A8 beyond (resolve_activations)."""
     _check_activations(activations)
+    activations = resolve_activations(activations, x.numel() // max(x.shape[-1], 1), experts=False)
     x = _autocast_input(x)
     if activations == "fp8" and resolve_backend(x) == "triton" and scaled_mm_ok(x, weight_q):
         return _linear_fp8_scaled_mm(x, weight_q, weight_scale, bias)
+    if activations == "bf16" and resolve_backend(x) == "triton" and x.is_cuda and _infer_module() is not None:
+        if _fp8_small_m(x, weight_q):
+            return _infer_module().linear_fp8_wo(x, weight_q, weight_scale, bias)
+        w = _infer_module().dequantize_rows(weight_q, weight_scale, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
     return torch_impl.linear_fp8(x, weight_q, weight_scale, bias, activations)
+
+
+def linear_fp8_swiglu(x: Tensor, weight_q: Tensor, weight_scale: Tensor) -> Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for an e4m3 weight [gate (F rows); up (F rows)] [2F, K] with
+    per-row scales, weight-only: one Triton launch for decode-sized inputs (SwiGLU in the epilogue),
+    else linear_fp8 then swiglu (torch_impl.linear_fp8_swiglu is the twin)."""
+    x = _autocast_input(x)
+    if _fp8_small_m(x, weight_q):
+        return _infer_module().linear_fp8_wo(x, weight_q, weight_scale, swiglu=True)
+    return swiglu_halves(linear_fp8(x, weight_q, weight_scale, None, "bf16"))
 
 
 def paged_decode_attention(
@@ -247,6 +316,62 @@ def paged_decode_attention(
 
 # A prompt chunk over its cached prefix: PyTorch SDPA on every backend (kernels/attention.py).
 paged_prefill_attention = torch_attention.paged_prefill_attention
+
+
+@functools.cache
+def _infer_module():
+    """triton_infer (the fused inference kernels), or None when triton is unavailable."""
+    try:
+        return importlib.import_module("mogelm.kernels.triton_infer")
+    except ImportError:
+        return None
+
+
+def _inference_fast_path(*tensors: Tensor) -> bool:
+    """The fused inference kernels apply: the fused backend is triton (CUDA by default), nothing
+    needs a gradient and autocast is off (training and autocast keep the unfused ops)."""
+    x = tensors[0]
+    if fused_backend(x) != "triton" or _infer_module() is None or _autocast_dtype(x) is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(h, y) = (x + residual, rms_norm(h, weight, eps)): a block's residual add and the norm after
+    it. One Triton pass in inference on CUDA; otherwise the two ops as the model wrote them (so CPU
+    and training numerics are unchanged: torch_impl.add_rms_norm is the twin)."""
+    if _inference_fast_path(x, residual, weight) and x.shape == residual.shape:
+        return _infer_module().add_rms_norm(x, residual, weight, eps)
+    h = x + residual
+    return h, rms_norm(h, weight, eps)
+
+
+def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_BTd: Tensor, num_heads: int,
+                  num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q|k|v of one fused projection [B, T, (H + 2 Hkv) hd] -> q [B, H, T, hd], k, v [B, Hkv, T, hd]
+    with the bias added and RoPE on q and k: one Triton launch in inference on CUDA, else the twin
+    (torch_impl.qkv_bias_rope)."""
+    if _inference_fast_path(qkv_BTC, bias_C, cos_BTd, sin_BTd):
+        return _infer_module().qkv_bias_rope(qkv_BTC, bias_C, cos_BTd, sin_BTd, num_heads, num_kv_heads)
+    return torch_impl.qkv_bias_rope(qkv_BTC, bias_C, cos_BTd, sin_BTd, num_heads, num_kv_heads)
+
+
+def paged_kv_write(k_pool: Tensor, v_pool: Tensor, slots_N: Tensor, k_NHd: Tensor, v_NHd: Tensor,
+                   k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None) -> None:
+    """Keys and values of N tokens into their slots of one layer's paged pools (fp8 pools quantised
+    with per-head scales): one Triton launch for both on the triton backend (CUDA), else the twin
+    torch_impl.paged_kv_write."""
+    if resolve_backend(k_NHd) == "triton" and k_NHd.is_cuda and _infer_module() is not None:
+        return _infer_module().paged_kv_write(k_pool, v_pool, slots_N, k_NHd, v_NHd, k_scale_H, v_scale_H)
+    return torch_impl.paged_kv_write(k_pool, v_pool, slots_N, k_NHd, v_NHd, k_scale_H, v_scale_H)
+
+
+def swiglu_halves(x: Tensor) -> Tensor:
+    """silu(gate) * up of a fused [gate | up] projection x [..., 2F] -> [..., F]: one Triton launch
+    in inference on CUDA (no copies of the halves), else the twin torch_impl.swiglu_halves."""
+    if _inference_fast_path(x):
+        return _infer_module().swiglu_halves(x)
+    return torch_impl.swiglu_halves(x)
 
 
 def decode_attention_splits(num_rows: int, num_kv_heads: int, max_len: int,

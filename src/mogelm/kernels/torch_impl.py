@@ -241,3 +241,50 @@ def linear_cross_entropy(h_BTD: Tensor, weight_VD: Tensor, targets_BT: Tensor,
     logits = F.linear(h_BTD, weight_VD)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1),
                            ignore_index=ignore_index)
+
+
+# Inference ops (issue 14): the readable twins of kernels/triton_infer.py.
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(h, y): the residual add h = x + residual, then y = rms_norm(h) (the block's own code)."""
+    h = x + residual
+    return h, rms_norm(h, weight, eps)
+
+
+def qkv_bias_rope(qkv_BTC: Tensor, bias_C: Tensor | None, cos_BTd: Tensor, sin_BTd: Tensor, num_heads: int,
+                  num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q|k|v of one fused projection [B, T, (H + 2 Hkv) hd] -> q [B, H, T, hd] and k, v
+    [B, Hkv, T, hd]: the bias added, RoPE applied to q and k (as the unfused Attention does)."""
+    B, T, C = qkv_BTC.shape
+    hd = C // (num_heads + 2 * num_kv_heads)
+    x = qkv_BTC + bias_C if bias_C is not None else qkv_BTC
+    q, k, v = x.split([num_heads * hd, num_kv_heads * hd, num_kv_heads * hd], dim=-1)
+    q = q.reshape(B, T, num_heads, hd).transpose(1, 2)
+    k = k.reshape(B, T, num_kv_heads, hd).transpose(1, 2)
+    v = v.reshape(B, T, num_kv_heads, hd).transpose(1, 2)
+    q, k = rope_qk(q, k, cos_BTd, sin_BTd)
+    return q, k, v
+
+
+def paged_kv_write(k_pool: Tensor, v_pool: Tensor, slots_N: Tensor, k_NHd: Tensor, v_NHd: Tensor,
+                   k_scale_H: Tensor | None = None, v_scale_H: Tensor | None = None) -> None:
+    """Store keys/values of N tokens [N, Hkv, hd] at pool slots `slots_N` (int64) of one layer's
+    pools [P, bs, Hkv, hd]; an fp8 pool stores x / scale[head] clamped to the e4m3 range."""
+    for pool, x, scale in ((k_pool, k_NHd, k_scale_H), (v_pool, v_NHd, v_scale_H)):
+        flat = pool.view(-1, *pool.shape[2:])
+        if scale is None:
+            flat.index_copy_(0, slots_N, x.to(pool.dtype))
+        else:  # quantise with the head's scale, copy the bytes (no fp8 index_copy_ everywhere)
+            q = (x.float() / scale[:, None]).clamp(-448.0, 448.0).to(pool.dtype)
+            flat.view(torch.uint8).index_copy_(0, slots_N, q.view(torch.uint8))
+
+
+def swiglu_halves(x: Tensor) -> Tensor:
+    """silu(gate) * up for x [..., 2F] = [gate | up] (a fused gate/up projection's output)."""
+    gate, up = x.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
+def linear_fp8_swiglu(x: Tensor, weight_q: Tensor, weight_scale: Tensor) -> Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for an e4m3 [gate (F rows); up (F rows)] weight, weight-only."""
+    gate, up = linear_fp8(x, weight_q, weight_scale, None, "bf16").chunk(2, dim=-1)
+    return swiglu(gate, up)

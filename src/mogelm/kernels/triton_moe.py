@@ -61,7 +61,7 @@ from mogelm.kernels.triton_route import moge_route, moge_route_with_counts
 __all__ = [  # what ops.py, the benchmark and the tests use (routing and align live in their own modules)
     "DecodeConfig", "DispatchPlan", "GemmConfig", "MoEConfig", "align", "decode", "down",
     "gate_up", "get_config", "moge_route", "moge_route_with_counts", "quant_rows", "quantize_rows_fp8",
-    "routed_experts", "routed_experts_forward", "routed_experts_fp8",
+    "routed_experts", "routed_experts_forward", "routed_experts_fp8", "use_config_table",
 ]
 
 
@@ -250,6 +250,22 @@ def _config_table(device_name: str) -> dict:
     return {}
 
 
+_TABLE_OVERRIDE: dict = {}  # entries measured in this process (`mogelm bench decode --sections tune`)
+
+
+def use_config_table(table: dict | None) -> None:
+    """Take tiles from `table` (the configs/<device>.json schema) before the shipped table: its
+    S buckets are merged into the shipped ones per kind and shape, its entries winning ties. None
+    (or {}) restores the shipped table alone."""
+    _TABLE_OVERRIDE.clear()
+    _TABLE_OVERRIDE.update(table or {})
+
+
+def _shape_table(kind: str, shape: str, device_name: str) -> dict:
+    shipped = _config_table(device_name).get(kind, {}).get(shape) or {}
+    return {**shipped, **(_TABLE_OVERRIDE.get(kind, {}).get(shape) or {})}
+
+
 def _device_name(x: Tensor) -> str:
     return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
 
@@ -275,7 +291,7 @@ def _heuristic_config(num_rows: int, D: int, F: int, E: int, kind: str = "bf16")
 def _table_entry(kind: str, num_rows: int, D: int, F: int, E: int, device_name: str) -> dict | None:
     """The tuned entry with the smallest S bucket at or above num_rows (None: no entry, or far
     outside the tuned range)."""
-    table = _config_table(device_name).get(kind, {}).get(f"E={E},F={F},D={D}")
+    table = _shape_table(kind, f"E={E},F={F},D={D}", device_name)
     buckets = sorted(int(k) for k in table) if table else []
     if buckets and buckets[0] <= 4 * num_rows <= 16 * buckets[-1]:  # far outside the tuned range: heuristic
         return table[str(next((b for b in buckets if b >= num_rows), buckets[-1]))]

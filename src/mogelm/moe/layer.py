@@ -62,6 +62,9 @@ class MoGELayer(nn.Module):
             else None
         )
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # Inference that needs no routing statistics (the engine on CUDA: inference/fuse.py) sets this
+        # False: forward then returns (y, None) in eval mode, five small launches a layer fewer.
+        self.record_stats = True
 
     def reset_parameters(self, std: float | None = None, out_std: float | None = None) -> None:
         std = self.cfg.init_std if std is None else std
@@ -75,8 +78,9 @@ class MoGELayer(nn.Module):
         if self.shared_expert is not None:
             self.shared_expert.reset_parameters(std, out_std)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
-        """x [..., D] (e.g. [B, S, D]) -> (y of the same shape, MoEStats)."""
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats | None]:
+        """x [..., D] (e.g. [B, S, D]) -> (y of the same shape, MoEStats; None in eval mode with
+        record_stats off)."""
         cfg = self.cfg
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, x.shape[-1])
@@ -91,6 +95,8 @@ class MoGELayer(nn.Module):
         y_TD = self.dispatcher.combine(y_RD, ctx)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
+        if not (self.record_stats or self.training):
+            return y_TD.reshape(*lead, -1), None
 
         ids_TK = routing.expert_ids_TK.detach()
         T, K = ids_TK.shape

@@ -55,6 +55,11 @@ class Quant:
     compute: str  # peak_tflops key used for GEMMs
     comm_bytes: float = 2.0  # hidden states on the wire stay bf16 (TopoComm's int8 comms not modelled)
     embed_bytes: float = 2.0  # embedding and lm_head stay bf16 (not quantised in W8A8 checkpoints)
+    expert_bytes: float | None = None  # routed-expert weights when they differ from weight_bytes
+
+    @property
+    def expert_weight_bytes(self) -> float:
+        return self.weight_bytes if self.expert_bytes is None else self.expert_bytes
 
 
 QUANTS: dict[str, Quant] = {
@@ -64,6 +69,15 @@ QUANTS: dict[str, Quant] = {
     # int4 weights with one fp16 scale per 128 weights.
     "w4a8": Quant(name="w4a8", weight_bytes=0.5 + 2 / 128, act_bytes=1, kv_bytes=1, compute="int8"),
     "fp8": Quant(name="fp8", weight_bytes=1, act_bytes=1, kv_bytes=1, compute="fp8"),
+    # mogelm's fp8 decode recipes (quant.RECIPES), weight-only at decode sizes: e4m3 weights read,
+    # products in bf16. fp8-all: every linear but the router, embeddings and LM head; fp8-experts:
+    # the routed experts only. "-kv16": a bf16 KV cache instead of e4m3.
+    "fp8-all": Quant(name="fp8-all", weight_bytes=1, act_bytes=2, kv_bytes=1, compute="bf16"),
+    "fp8-all-kv16": Quant(name="fp8-all-kv16", weight_bytes=1, act_bytes=2, kv_bytes=2, compute="bf16"),
+    "fp8-experts": Quant(name="fp8-experts", weight_bytes=2, act_bytes=2, kv_bytes=1, compute="bf16",
+                         expert_bytes=1),
+    "fp8-experts-kv16": Quant(name="fp8-experts-kv16", weight_bytes=2, act_bytes=2, kv_bytes=2,
+                              compute="bf16", expert_bytes=1),
 }
 
 ROUTED_KERNELS = 5  # permute, gate_up grouped GEMM, SwiGLU, down grouped GEMM, unpermute+combine
@@ -115,7 +129,7 @@ def routed_experts_time(rows: float, touched: float, num_local: int, d: int, f_l
     if rows <= 0:
         return 0.0
     flops = 2.0 * rows * 3 * d * f_local
-    nbytes = (touched * 3 * d * f_local * quant.weight_bytes
+    nbytes = (touched * 3 * d * f_local * quant.expert_weight_bytes
               + rows * (2 * d * quant.act_bytes + 3 * f_local * 2))
     eff = hw.grouped_efficiency(rows / max(num_local, 1))
     if eff is None:
@@ -288,14 +302,16 @@ class StepCost:
 
 
 def step_cost(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, layout, *, tokens: int, seqs: int,
-              context: int, phase: str, routing: str | None = None, topk_skew: float = 1.0) -> StepCost:
+              context: int, phase: str, routing: str | None = None, topk_skew: float = 1.0,
+              eager: bool = False) -> StepCost:
     """Cost of one forward step: decode (tokens = seqs, each attending to `context` cached tokens)
     or prefill (seqs prompts of `context` tokens, tokens = seqs * context).
 
     `layout` is a layout.Layout (attn_dp, attn_tp, ep, etp, shared_tp; world = their products).
     routing overrides cfg.routing ("moge", anything else is costed as top-k); topk_skew is the
     busiest expert's load over the mean for a top-k router (1 = uniform; see expert_popularity).
-    Every layer is identical, so one layer is costed and multiplied by num_layers.
+    Every layer is identical, so one layer is costed and multiplied by num_layers. `eager` adds
+    the profile's host time per layer of an ungraphed step (mogelm's engine prefill; "host").
     """
     if phase not in ("decode", "prefill"):
         raise ValueError(f"phase must be decode or prefill, got {phase!r}")
@@ -341,7 +357,7 @@ def step_cost(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, layout, *, to
                                      k_top, ep, skew)
         f_local = cfg.moe_intermediate_size / etp
         layer.add("routed_experts", routed_experts_time(rows, touched, num_local, d, f_local, hw, quant))
-        weights += touched * 3 * d * f_local * quant.weight_bytes
+        weights += touched * 3 * d * f_local * quant.expert_weight_bytes
         ffn_width = cfg.shared_expert_intermediate_size
     else:
         ffn_width = cfg.dense_intermediate_size
@@ -362,4 +378,6 @@ def step_cost(cfg: ModelConfig, hw: HardwareProfile, quant: Quant, layout, *, to
     step.add("gemm", gemm_time(head_rows, cfg.vocab_size / tp, d, hw, quant, weight_bytes=quant.embed_bytes))
     step.add("comm_attention", allgather_time(tp, head_rows * 8.0, hw))  # per-shard max logit + index
     step.weight_read_s += cfg.vocab_size / tp * d * quant.embed_bytes / hw.bandwidth
+    if eager and hw.eager_layer_overhead_us:
+        step.add("host", L * hw.eager_layer_overhead_us * 1e-6)
     return step

@@ -22,6 +22,10 @@ Efficiency parameters (a small, fixed set per profile, documented in `sources`):
     decode_attention_kv_share  share of decode-attention time spent streaming the KV cache; the rest
                             (softmax, dequantisation, pipeline bubbles) is not hidden under it
     op_overhead_us          fixed time per kernel (launch, pipeline fill, synchronisation)
+    eager_layer_overhead_us host time per layer of an eager (not graph-captured) step of mogelm's
+                            engine that the device waits for (Python, launches of many small
+                            kernels: the prefill chunks' attention); 0 unless calibrated
+                            (sim/engine.py fits it on one measured prefill)
     grouped_gemm_curve      optional [[rows_per_expert, efficiency], ...] from `calibrate`: the expert
                             block's efficiency against the roofline ideal, interpolated in log(rows)
 """
@@ -93,6 +97,7 @@ class HardwareProfile:
     attention_efficiency: float = 0.5
     decode_attention_kv_share: float = 1.0
     op_overhead_us: float = 5.0
+    eager_layer_overhead_us: float = 0.0  # host time per layer of an eager (ungraphed) engine step
     grouped_gemm_curve: list[list[float]] = field(default_factory=list)
     links: list[LinkLevel]
     sources: dict[str, str] = field(default_factory=dict)
@@ -107,6 +112,9 @@ class HardwareProfile:
             if not 0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], "
                                  f"got {getattr(self, name)}")
+        if self.op_overhead_us < 0 or self.eager_layer_overhead_us < 0:
+            raise ValueError(f"profile {self.name!r}: op_overhead_us and eager_layer_overhead_us must be "
+                             ">= 0")
         if not self.peak_tflops:
             raise ValueError(f"profile {self.name!r}: peak_tflops is empty")
         sizes = [lk.group_size for lk in self.links]

@@ -114,7 +114,8 @@ def weight_bytes_per_device(cfg: ModelConfig, quant: Quant, lo: Layout) -> float
     attn = ((cfg.num_heads / lo.attn_tp + 2 * kv_heads) * hd * d + cfg.num_heads / lo.attn_tp * hd * d)
     per_layer = attn * quant.weight_bytes
     if cfg.is_moe:
-        per_layer += cfg.num_experts / lo.ep * 3 * d * cfg.moe_intermediate_size / lo.etp * quant.weight_bytes
+        per_layer += (cfg.num_experts / lo.ep * 3 * d * cfg.moe_intermediate_size / lo.etp
+                      * quant.expert_weight_bytes)
         per_layer += d * cfg.num_experts * 2.0  # router, bf16, replicated
         per_layer += 3 * d * cfg.shared_expert_intermediate_size / lo.shared_tp * quant.weight_bytes
     else:

@@ -1,4 +1,5 @@
-"""Check the simulator against the paper's Tables 5-7 and our H200 measurements (DESIGN.md section 5).
+"""Check the simulator against the paper's Tables 5-7 and our H200 measurements (DESIGN.md section 5,
+the microbenchmark, and mogelm's engine: data/h200_engine*.json through sim/engine.py).
 
     mogelm sim validate [--json]
     from mogelm.sim.validate import run_checks, format_table, h200_forecasts, format_forecasts
@@ -32,6 +33,7 @@ from mogelm.sim.cost import (
     routed_experts_time,
     routing_load,
 )
+from mogelm.sim.engine import decode_step_ms, fit_eager_overhead, load_measurements, prefill_tokens_per_s
 from mogelm.sim.hardware import HardwareProfile, load_profile
 from mogelm.sim.layout import H2P_8, decode_plan_at, plan_decode, plan_prefill
 
@@ -224,8 +226,43 @@ def _microbench_checks() -> list[Check]:
     return out
 
 
+def _engine_checks(hw: HardwareProfile | None = None) -> list[Check]:
+    """mogelm's engine on one H200 (sim/engine.py): every stored decode step and prefill run
+    (data/h200_engine*.json). The eager host time per layer is fitted on the first prefill row marked
+    "fit"; every other row is a prediction."""
+    hw = hw or load_profile("nvidia-h200")
+    runs = load_measurements()
+    fit_rows = [(r, m) for m in runs for r in m.get("prefill", []) if r.get("fit")]
+    cal = hw
+    if fit_rows:
+        r, _ = fit_rows[0]
+        cal = fit_eager_overhead(from_name("pangu-pro-moe-72b", num_layers=r["layers"]), hw, r)
+    out = []
+    for m in runs:
+        src = f"H200 engine {m['date']}"
+        for r in m.get("decode", []):
+            cfg = from_name("pangu-pro-moe-72b", num_layers=r["layers"])
+            pred = decode_step_ms(cfg, hw, QUANTS[r["quant"]], batch=r["batch"], context=r["context"])
+            what = f"decode step, {r['quant']}, batch {r['batch']} at {r['context']}, {r['layers']} layers"
+            out.append(Check(src, what, pred, r["step_ms"], "ms", OURS_TOL, note=r["method"]))
+        for r in m.get("prefill", []):
+            cfg = from_name("pangu-pro-moe-72b", num_layers=r["layers"])
+            pred = prefill_tokens_per_s(cfg, cal, QUANTS[r["quant"]], tokens_per_step=r["tokens_per_step"],
+                                        seqs_per_step=r["seqs_per_step"], prompt_len=r["prompt_len"],
+                                        steps=r["steps"])
+            fit = r.get("fit", False)
+            note = (f"set eager_layer_overhead_us = {cal.eager_layer_overhead_us:g}" if fit else
+                    f"eager host time {cal.eager_layer_overhead_us:g} us/layer; {r['method']}")
+            what = (f"prefill tokens/s, {r['quant']}, {r['steps']} steps of {r['seqs_per_step']} x "
+                    f"{r['prompt_len']}")
+            out.append(Check(src, what, pred, r["tokens_per_s"], "tok/s", OURS_TOL,
+                             role="fit" if fit else "prediction", note=note))
+    return out
+
+
 def run_checks() -> list[Check]:
-    return _paper_checks() + _h200_checks() + _calibration_checks() + _microbench_checks()
+    return (_paper_checks() + _h200_checks() + _calibration_checks() + _microbench_checks()
+            + _engine_checks())
 
 
 def h200_full_model(hw: HardwareProfile | None = None) -> dict:

@@ -5,6 +5,9 @@
     model = build_model(cfg, tc.seed, "cpu")       # seeded: the same weights for the same seed
     optimizer = build_optimizer(model, tc)         # AdamW, decay on matrices only; states fp32 or bf16
     lr = lr_at(step, tc, tc.total_steps())         # warm-up, then cosine to lr * min_lr_ratio
+
+Multi-token prediction: model_overrides={"mtp_depth": D} gives the model D MTP modules
+(mogelm.mtp) and the loop trains them with loss = CE + mtp_weight * mean over depths of their CE.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32, or bf16 (half the optimizer memory)
+    mtp_weight: float = 0.3  # lambda of the MTP loss (model_overrides["mtp_depth"] > 0; DeepSeek-V3: 0.3)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
@@ -59,6 +63,10 @@ class TrainConfig:
     resume: bool = False
     stop_after: int = 0  # stop (as if killed) after this step; for tests of --resume
     activation_checkpointing: str = "none"  # none | moe | full (Transformer.set_activation_checkpointing)
+
+    def __post_init__(self) -> None:
+        if not (self.mtp_weight >= 0 and math.isfinite(self.mtp_weight)):
+            raise UserError(f"--mtp-weight must be a finite number >= 0, got {self.mtp_weight}")
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.seq_len * self.grad_accum * world_size
@@ -112,6 +120,9 @@ def build_model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelC
         raise UserError(f"invalid model configuration: {e}") from None
     if cfg.max_seq_len < tc.seq_len:
         raise UserError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if cfg.mtp_depth >= tc.seq_len:
+        raise UserError(f"--mtp-depth {cfg.mtp_depth} leaves no positions to train in sequences of "
+                        f"--seq-len {tc.seq_len}; use a depth below the sequence length")
     return cfg
 
 

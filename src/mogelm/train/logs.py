@@ -5,8 +5,10 @@
     records = read_log(out / "log.jsonl")        # skips a last line cut by a kill
 
 log.jsonl holds one JSON object per line: "kind": "train" records (loss, aux, lr, grad_norm,
-tok_s, per-layer Imbalance Score "is<P>" and busiest/mean "mom<P>") and "kind": "val" records
-(val_loss, val_ppl, routing statistics of the validation batches).
+tok_s, per-layer Imbalance Score "is<P>" and busiest/mean "mom<P>"; with MTP modules also
+"mtp_loss", the mean over depths of their cross-entropy, and "mtp_loss_<d>" per depth d, while
+"loss" stays the main next-token loss) and "kind": "val" records (val_loss, val_ppl, routing
+statistics of the validation batches).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class Progress:
         elapsed = time.time() - self.t0
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else 0.0
-        line = (f"{self.label}step {done}/{self.total} loss {rec['loss']:.3f} {self._imbalance(rec)}"
+        mtp = f" mtp {rec['mtp_loss']:.3f}" if "mtp_loss" in rec else ""
+        line = (f"{self.label}step {done}/{self.total} loss {rec['loss']:.3f}{mtp} {self._imbalance(rec)}"
                 f"{rec['tok_s']:,.0f} tok/s ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         if self.tty:
             print("\r" + line.ljust(90), end="" if done != self.total else "\n", file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ from mogelm.errors import UserError
 from mogelm.evaluate import evaluate_batches
 from mogelm.fsutil import check_output_dir
 from mogelm.kernels import ops
+from mogelm.mtp import mtp_losses
 from mogelm.train.checkpointing import (
     find_checkpoints,
     flag_name,
@@ -286,12 +287,19 @@ def train(tc: TrainConfig, ctx=None, log=None, *, explicit=None,
             x_BT, y_BT = train_batch(td, tc, step, micro, rank, world)
             x_BT, y_BT = x_BT.to(device), y_BT.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out_m = model(x_BT, return_stats=True, head=False)
+                out_m = model(x_BT, return_stats=True, head=False, return_hidden=cfg.mtp_depth > 0)
                 # the LM head and its cross-entropy in one op (chunked on GPU: no whole-batch logits)
                 ce = ops.linear_cross_entropy(out_m.hidden, model.lm_head.weight, y_BT)
-                loss = ce + out_m.aux_loss
+                aux = out_m.aux_loss
+                loss = ce + aux
+                mtp_ce_D = None
+                if cfg.mtp_depth > 0:  # + lambda * mean over depths of the MTP cross-entropies
+                    mtp_out = model.mtp_forward(out_m.trunk_hidden, x_BT)
+                    mtp_ce_D = mtp_losses(mtp_out, y_BT)
+                    aux = aux + mtp_out.aux_loss
+                    loss = ce + aux + tc.mtp_weight * mtp_ce_D.mean()
             (loss / tc.grad_accum).backward()
-            step_stats.add_micro(ce, out_m.aux_loss, out_m.layer_stats)
+            step_stats.add_micro(ce, aux, out_m.layer_stats, mtp_ce_D)
         ctx.sync_gradients(model)
         grad_norm = ctx.clip_grad_norm(model, tc.grad_clip)
         optimizer.step()

@@ -58,11 +58,16 @@ class StepStats:
         self.aux = torch.zeros((), dtype=torch.float64, device=self.device)
         self.counts: list[Tensor] | None = None  # per layer, summed over the step's micro-batches
         self.last_stats: list = []
+        self.mtp: Tensor | None = None  # [D] per-depth MTP cross-entropy (mogelm.mtp), when trained
 
-    def add_micro(self, ce: Tensor, aux: Tensor, layer_stats: list) -> None:
-        """One micro-batch: its mean CE and aux loss (scalars) and its MoE layers' stats."""
+    def add_micro(self, ce: Tensor, aux: Tensor, layer_stats: list, mtp_ce_D: Tensor | None = None) -> None:
+        """One micro-batch: its mean CE and aux loss (scalars), its MoE layers' stats and, with MTP
+        modules, the per-depth MTP cross-entropies [D]."""
         self.ce += ce.detach().double() / self.grad_accum
         self.aux += aux.detach().double() / self.grad_accum
+        if mtp_ce_D is not None:
+            mtp = mtp_ce_D.detach().double() / self.grad_accum
+            self.mtp = mtp if self.mtp is None else self.mtp + mtp
         c = [s.counts_E.detach() for s in layer_stats]
         self.counts = c if self.counts is None else [a + b for a, b in zip(self.counts, c)]
         self.last_stats = layer_stats
@@ -74,7 +79,7 @@ class StepStats:
             tokens = self.last_stats[0].expert_ids_TK.shape[0]
             counts_LE = torch.stack([s.counts_E.detach() for s in self.last_stats])
             balance = balance_on_device(counts_LE, self.devices)
-        self.pending.append((step, lr, grad_norm, self.ce, self.aux, balance, tokens))
+        self.pending.append((step, lr, grad_norm, self.ce, self.aux, balance, tokens, self.mtp))
         self.start_step()
 
     def flush(self, ctx) -> tuple[list[dict], tuple[int, float] | None]:
@@ -85,18 +90,25 @@ class StepStats:
             return [], None
         parts = [torch.stack([p[3] for p in self.pending]), torch.stack([p[4] for p in self.pending])]
         parts += [p[5].flatten() for p in self.pending if p[5] is not None]
+        parts += [p[7] for p in self.pending if p[7] is not None]
         values = torch.cat(parts).tolist()  # the one device -> host copy
         n = len(self.pending)
         now = time.time()
         tok_s = self.tokens_per_step * n / max(now - self.t_last, 1e-9)
         self.t_last = now
         records, bad, offset = [], None, 2 * n
-        for i, (step, lr, grad_norm, _, _, balance, tokens) in enumerate(self.pending):
+        mtp_offset = offset + sum(p[5].numel() for p in self.pending if p[5] is not None)
+        for i, (step, lr, grad_norm, _, _, balance, tokens, mtp) in enumerate(self.pending):
             loss = ctx.all_reduce_mean(values[i])  # the global batch's loss, not this rank's slice
             if bad is None and not math.isfinite(loss):
                 bad = (step - 1, loss)
             rec = {"kind": "train", "step": step, "tokens": step * self.tokens_per_step, "loss": loss,
                    "aux": values[n + i], "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s}
+            if mtp is not None:  # the MTP modules' losses, global-batch means like the loss
+                per_depth = [ctx.all_reduce_mean(v) for v in values[mtp_offset: mtp_offset + mtp.numel()]]
+                mtp_offset += mtp.numel()
+                rec["mtp_loss"] = sum(per_depth) / len(per_depth)
+                rec.update({f"mtp_loss_{d}": v for d, v in enumerate(per_depth, start=1)})
             if balance is not None:
                 L = balance.shape[1]
                 for j, p in enumerate(self.devices):
