@@ -82,6 +82,20 @@ def ckpt4(ckpt, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def ckpt_mtp(ckpt, tmp_path_factory) -> Path:
+    """A debug model with one MTP module (random weights; config num_nextn_predict_layers 1)."""
+    d = tmp_path_factory.mktemp("mtp") / "ckpt"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_bytes((ckpt / f).read_bytes())
+    torch.manual_seed(2)
+    model = mogelm.Transformer(from_name("debug", mtp_depth=1))
+    assert model.mtp is not None
+    mogelm.save_pretrained(model, d)
+    return d
+
+
 # In the spawned ranks --------------------------------------------------------------------------------
 PROMPTS = ["The quick", "def add(a", "for i in", "Servers answer", "Mixture of grouped", "A small model",
            "print(i", "so every device", "return a", "The lazy dog"]
@@ -174,7 +188,41 @@ def _forward_cases(errors, name, group, cfg_overrides: dict):
         _check(errors, f"{name} {routing}/{dispatch} cached decode", got_decode, want_decode)
 
 
-def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4):
+def _fused_cases(errors, name, group):
+    """Shard, then fuse (the Engine's order on CUDA): FusedQKV / FusedSwiGLU over this rank's slices
+    give one process's logits; a model fused first is refused, not mis-sharded."""
+    from mogelm.inference.fuse import fuse_for_inference, is_fused
+    from mogelm.model import KVCache, Transformer
+    from mogelm.parallel.tensor_parallel import apply_tensor_parallel
+
+    torch.manual_seed(4)
+    cfg = from_name("debug")
+    model = Transformer(cfg).eval()
+    ids, step = torch.randint(0, cfg.vocab_size, (2, 9)), torch.randint(0, cfg.vocab_size, (2, 1))
+    with torch.no_grad():
+        want = model(ids)
+        cache = KVCache(cfg, 2, 16)
+        model(ids, positions_BT=torch.arange(9).expand(2, 9), kv_cache=cache)
+        want_decode = model(step, positions_BT=torch.full((2, 1), 9), kv_cache=cache)
+        fuse_for_inference(apply_tensor_parallel(model, group))
+        if not is_fused(model) or model.layers[0].mlp.shared_expert.gate_up.weight.shape[0] != \
+                2 * cfg.shared_expert_intermediate_size // 2:
+            errors.append(f"{name}: the sharded model was not fused over its slices")
+        got = model(ids)
+        cache = KVCache(model.cfg, 2, 16)
+        model(ids, positions_BT=torch.arange(9).expand(2, 9), kv_cache=cache)
+        got_decode = model(step, positions_BT=torch.full((2, 1), 9), kv_cache=cache)
+    _check(errors, f"{name} sharded then fused: logits", got, want)
+    _check(errors, f"{name} sharded then fused: cached decode", got_decode, want_decode)
+    try:
+        apply_tensor_parallel(fuse_for_inference(Transformer(cfg)), group)
+        errors.append(f"{name}: a fused model was sharded")
+    except ValueError as e:
+        if "is fused" not in str(e):
+            errors.append(f"{name}: fused model refused with {e}")
+
+
+def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4, ckpt_mtp):
     from mogelm.checkpoint import from_pretrained
 
     _init(rank, world, tmp)
@@ -185,12 +233,17 @@ def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4):
 
     _forward_cases(errors, "2 ranks", pair, {})
     _forward_cases(errors, "4 ranks", dist.group.WORLD, dict(num_heads=8, num_kv_heads=4))
-    for path, group, n in ((ckpt2, pair, 2), (ckpt4, dist.group.WORLD, 4)):
+    _fused_cases(errors, "2 ranks", pair)
+    # an MTP checkpoint: the trunk is served (its MTP modules dropped), as one process serves it
+    for path, group, n in ((ckpt2, pair, 2), (ckpt4, dist.group.WORLD, 4), (ckpt_mtp, pair, 2)):
         torch.manual_seed(5)  # the same tokens on every rank
         ids = torch.randint(0, 400, (2, 9))
         with torch.no_grad():
-            _check(errors, f"load_sharded at {n} ranks", load_sharded(path, sharder(group))(ids),
+            sharded = load_sharded(path, sharder(group))
+            _check(errors, f"load_sharded at {n} ranks ({Path(path).parent.name})", sharded(ids),
                    from_pretrained(path)(ids))
+        if sharded.mtp is not None or sharded.cfg.mtp_depth:
+            errors.append(f"{path}: the sharded model kept its MTP modules")
 
     _lockstep_round(errors, "4 ranks", ckpt4, dist.group.WORLD, control, rank == 0)
     _lockstep_round(errors, f"pair {rank // 2}", ckpt2, pair, pair_control, leader)
@@ -215,8 +268,8 @@ def _all_checks(rank, world, tmp, errors, ckpt2, ckpt4):
     engine._closed = True  # stop the heartbeat thread
 
 
-def test_tensor_parallel_and_lockstep_engine_equal_one_process(tmp_path, ckpt, ckpt4):
-    results = _spawn(_all_checks, tmp_path, world=4, timeout=300, args=(str(ckpt), str(ckpt4)))
+def test_tensor_parallel_and_lockstep_engine_equal_one_process(tmp_path, ckpt, ckpt4, ckpt_mtp):
+    results = _spawn(_all_checks, tmp_path, world=4, timeout=300, args=(str(ckpt), str(ckpt4), str(ckpt_mtp)))
     _assert_clean(results)
 
 

@@ -28,6 +28,12 @@ captures whole (NCCL collectives are captured like kernels). The sharded model's
 this rank's attention (num_heads / N, num_kv_heads / N, head_dim explicit), which is what the
 inference engine sizes its KV cache from; `model.tp_full_cfg` keeps the checkpoint's.
 
+Fusions and MTP: shard the unfused model (check_shardable refuses a fused or fp8 one), then fuse:
+inference/fuse.py's FusedQKV and FusedSwiGLU concatenate this rank's q/k/v heads and gate/up
+columns like any other model's (the Engine fuses on CUDA, after load_sharded). A model's MTP
+modules (mogelm.mtp) are dropped (model.mtp = None, cfg.mtp_depth = 0): the engine serves the
+trunk only, and speculative decoding from MTP under this layout is not built.
+
 Routing under this layout (`dispatch`):
   "moge"      MoGE (balanced groups): rank r's selections are the router's column block r (MoGE
               emits ids group by group): exactly T*K/N rows on every rank, fixed shapes.
@@ -267,14 +273,19 @@ def apply_tensor_parallel(model: Transformer, process_group, dispatch: str = "au
     cfg = model.cfg
     N, r = dist.get_world_size(process_group), dist.get_rank(process_group)
     validate_tp(cfg, N)
+    check_shardable(model)
     dispatch = resolve_dispatch(cfg, dispatch) if cfg.is_moe else "moge"
+    if model.mtp is not None:  # the engine serves the trunk; MTP blocks would need this layout too
+        model.mtp, cfg = None, cfg.replace(mtp_depth=0)
     model.tp_full_cfg, model.tp_dispatch = cfg, dispatch
     for name, p in list(model.named_parameters()):
         sl = shard_slice(name, cfg, r, N)
         if sl is not None:
             module_name, _, pname = name.rpartition(".")
-            setattr(model.get_submodule(module_name), pname,
-                    nn.Parameter(p.detach().narrow(*sl).clone(), requires_grad=False))
+            module = model.get_submodule(module_name)
+            setattr(module, pname, nn.Parameter(p.detach().narrow(*sl).clone(), requires_grad=False))
+            if isinstance(module, nn.Linear) and pname == "weight":  # keep the shapes it reports true
+                module.out_features, module.in_features = module.weight.shape
     hook = _all_reduce_output_hook(process_group, comm_timer)
     for block in model.layers:
         attn = block.self_attn
@@ -288,6 +299,24 @@ def apply_tensor_parallel(model: Transformer, process_group, dispatch: str = "au
             layer.dispatcher = make_tp_dispatcher(dispatch, process_group, cfg, r, N, comm_timer)
     model.cfg = local_config(cfg, N)
     return model
+
+
+def check_shardable(model: Transformer) -> None:
+    """ValueError unless `model` has the modules shard_slice names: the checkpoint's separate q/k/v
+    and gate/up projections as plain nn.Linear. Shard first, then fuse (inference.fuse concatenates
+    this rank's slices: the Engine does so on CUDA) and never quantise under this layout (an fp8
+    projection's scales and RowParallelLinear's F.linear do not split this way)."""
+    for name, module in model.named_modules():
+        if not name.startswith("layers."):
+            continue
+        if name.endswith(("self_attn.qkv_proj", "shared_expert.gate_up")):
+            raise ValueError(f"{name} is fused (mogelm.inference.fuse): apply tensor parallelism to the "
+                             "unfused model, then fuse_for_inference (the Engine fuses on CUDA)")
+        if name.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj") and type(module) is not nn.Linear \
+                and not isinstance(module, RowParallelLinear):
+            raise ValueError(f"{name} is a {type(module).__name__}: tensor parallelism shards bf16 / fp32 "
+                             "nn.Linear projections only (no fp8 under --nproc)")
 
 
 def make_tp_dispatcher(dispatch: str, process_group, cfg: ModelConfig, rank: int, N: int, timer=None):
