@@ -2,7 +2,8 @@
 real layout, built shard by shard on the GPUs — served by N = 2 or 4 ranks the way `mogelm serve
 --nproc N --ep N` runs it (mogelm.parallel.tensor_parallel: attention tensor-parallel over KV
 heads, experts by MoGE group, one all-reduce after attention and one after the MoE layer; the
-engine's CUDA-graph decode step over the paged KV cache), MoGE against top-k routing.
+engine's CUDA-graph decode step over the paged KV cache, with the engine's load-time fusions of
+inference/fuse.py applied after sharding unless --no-fuse), MoGE against top-k routing.
 
     NCCL_NVLS_ENABLE=0 PYTHONPATH=src torchrun --standalone --nproc-per-node 4 \\
         benchmarks/bench_serve_multi_gpu.py --out benchmarks/results/serve_4xh200      # ~4 min
@@ -61,6 +62,7 @@ import torch.distributed as dist
 
 from mogelm.config import from_name
 from mogelm.inference.engine import CUDAGraphRunner
+from mogelm.inference.fuse import fuse_for_inference
 from mogelm.inference.paged import PagedAttention, PagedKVCache
 from mogelm.model import Transformer
 from mogelm.moe.routing import build_router
@@ -211,9 +213,10 @@ def sim_collectives(batches, hidden: int, dtype, device, cuda: bool, iters: int)
     return rows
 
 
-def build_model(cfg, device, dtype, timer):
+def build_model(cfg, device, dtype, timer, fuse: bool):
     """The sharded model of this rank, built on the meta device and drawn on `device` (same seed on
-    every rank, so replicated weights agree: the ranks must route every token alike)."""
+    every rank, so replicated weights agree: the ranks must route every token alike); then, with
+    `fuse`, the engine's load-time fusions over this rank's slices (as `serve --nproc` runs on CUDA)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     apply_tensor_parallel(model, dist.group.WORLD, "moge", comm_timer=timer)
@@ -221,7 +224,8 @@ def build_model(cfg, device, dtype, timer):
     torch.manual_seed(0)
     with torch.no_grad():
         model.reset_parameters()
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return fuse_for_inference(model) if fuse else model
 
 
 class Routing:
@@ -281,6 +285,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed graph replays per point (eager: half)")
     p.add_argument("--quick", action="store_true", help="GPU smoke run: 4 layers, batches 1 and 64, ctx 1024")
     p.add_argument("--smoke", action="store_true", help="CPU + gloo, a tiny model, each path once")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="leave out the engine's load-time fusions (inference/fuse.py: q|k|v and the shared "
+                        "expert's gate|up in one GEMM each), which serve --nproc applies on CUDA")
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -304,7 +311,8 @@ def main(argv=None):
     t_start = time.time()
     result = {"date": datetime.date.today().isoformat(), "world": N, "layers": cfg.num_layers,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "rows": []}
+              "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "fused": not args.no_fuse,
+              "rows": []}
 
     result["ceilings"] = ceilings(cuda)
     log(f"ceilings (rank 0): {result['ceilings']}")
@@ -317,7 +325,7 @@ def main(argv=None):
         + ", ".join(f"B={b}: {v['step_ms']:.2f} ms" for b, v in result["comm_floor"].items()))
 
     timer, expert_timer = EventTimer(cuda), EventTimer(cuda)
-    model = build_model(cfg, device, dtype, timer)
+    model = build_model(cfg, device, dtype, timer, fuse=not args.no_fuse)
     routing = Routing(model, timer, device)
     counts: list[tuple[int, int]] = []  # (rows, experts with rows) per layer of the last counted pass
     counting = {"on": False}

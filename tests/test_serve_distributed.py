@@ -483,7 +483,7 @@ def test_multi_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["rows_busiest_over_mean"] == 1.0 for r in rows if r["routing"] == "moge")
     assert all(r["rows_busiest_over_mean"] >= 1.0 for r in rows)
     assert all(r["moge_speedup_vs_best_topk"] > 0 for r in rows if r["routing"] == "moge")
-    assert set(res["comm_floor"]) == {"1", "4"} and len(res["per_rank"]) == 2
+    assert set(res["comm_floor"]) == {"1", "4"} and len(res["per_rank"]) == 2 and res["fused"] is True
     # the simulator's calibration rows (mogelm.sim.calibrate's "collectives" format)
     [coll] = res["collectives"]
     assert coll["world"] == 2 and coll["bytes"] == 4 * 64 * 4  # B = 4 rows of hidden 64, fp32
@@ -497,6 +497,7 @@ def test_gpu_graphed_decode_with_nccl_all_reduces_equals_the_plain_engine(tmp_pa
     its all-reduces inside the engine's CUDA graphs, decodes like the plain engine, in bf16."""
     from mogelm.inference.chat import Tokenizer
     from mogelm.inference.distributed import LockstepEngine
+    from mogelm.inference.fuse import is_fused
 
     prompts = ["The quick", "def add(a", "for i in", "Servers answer"]
     params = SamplingParams(max_tokens=16, temperature=0)
@@ -510,6 +511,7 @@ def test_gpu_graphed_decode_with_nccl_all_reduces_equals_the_plain_engine(tmp_pa
         model = load_sharded(ckpt, sharder(dist.group.WORLD), "cuda", torch.bfloat16)
         engine = LockstepEngine(model, Tokenizer.from_dir(ckpt), control, **kw)
         assert engine.graphs is not None and sorted(engine.graphs.graphs) == [1, 2, 4]
+        assert is_fused(model)  # the engine fuses the sharded model on CUDA, as the plain one
         got = [c.token_ids for c in engine.generate(prompts, params)]
         engine.close()
     finally:
