@@ -517,3 +517,27 @@ def test_gpu_graphed_decode_with_nccl_all_reduces_equals_the_plain_engine(tmp_pa
     finally:
         dist.destroy_process_group()
     assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_gpu_generate_nproc_on_several_gpus_equals_one_gpu(nproc, ckpt, ckpt4):
+    """`mogelm generate --nproc N` on N GPUs (NCCL, the engine's CUDA graphs and fusions over each
+    rank's shard) prints one GPU's greedy tokens; fp32, so the all-reduces' summation order cannot
+    flip a greedy choice of the trained debug models. Skipped where fewer than N GPUs exist."""
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    path = ckpt if nproc == 2 else ckpt4  # 2 / 4 KV heads
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    prompts = ["The quick", "for i in", "def add(a"]
+    argv = [sys.executable, "-m", "mogelm", "generate", "--model", str(path), "--max-tokens", "16",
+            "--temperature", "0", "--json", "--device", "cuda", "--dtype", "float32",
+            "--gpu-memory-fraction", "0.3", "--nproc", str(nproc)]
+    for p in prompts:
+        argv += ["--prompt", p]
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = Engine.from_pretrained(path, device="cuda", dtype=torch.float32, max_batch=4,
+                                 gpu_memory_fraction=0.05)
+    want = one.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+    assert [o["token_ids"] for o in json.loads(run.stdout)] == [w.token_ids for w in want]
