@@ -8,8 +8,9 @@ Before torchrun starts (check): the flags, the machine (enough GPUs), the checkp
 against the layout (mogelm.parallel.tensor_parallel.validate_tp), so a bad flag is one message.
 The command then re-runs itself under torchrun (relaunch, mogelm.parallel.launch). In each worker
 (build_engine): join the process group (NCCL on CUDA, gloo on CPU) plus a gloo group for the
-engine's control messages, read this rank's slices of the checkpoint (load_sharded) and build the
-LockstepEngine. Rank 0 then serves or generates; the other ranks follow() until it closes.
+engine's control messages, read this rank's slices of the checkpoint (load_sharded; MTP modules
+are not loaded) and build the LockstepEngine (which, like Engine, applies inference/fuse.py's
+fusions to the shard on CUDA). Rank 0 then serves or generates; the other ranks follow() until it closes.
 Workers other than rank 0 ignore SIGINT/SIGTERM (they end when rank 0 closes or its channel
 breaks) and die with torchrun.
 """
