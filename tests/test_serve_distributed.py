@@ -313,6 +313,13 @@ def test_bad_multi_process_flags_are_one_line_errors(ckpt, capsys, argv, message
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_random_weights_with_nproc_is_a_one_line_error(capsys):
+    assert cli_main(["serve", "--random-weights", "debug", "--nproc", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --random-weights serves one GPU") and err.count("\n") == 1, err
+    assert "bench_serve_multi_gpu.py" in err
+
+
 # The real CLI under torchrun -------------------------------------------------------------------------
 def _children(pid: int) -> list[int]:
     out = []
