@@ -4,11 +4,13 @@ mogelm.inference.Engine: from_pretrained, sampling_params, generate).
     mogelm generate --model runs/demo/moge/final --prompt "def main(" --max-tokens 64
     mogelm generate --model DIR --prompt "import os" --prompt "class A" --temperature 0 --json
     mogelm generate --model DIR --chat --prompt "Write a haiku about experts"
+    mogelm generate --model DIR --nproc 2 --ep 2 --prompt "def main("     # the model over 2 processes
 
 --temperature 0 is greedy: deterministic, and equal to taking the argmax of the full (uncached)
 forward at every step. Omitted temperature / top-p / top-k come from the checkpoint's
 generation_config.json, else the Pangu docs' 0.6 / 0.95 / 50. Several --prompt flags are
-generated together in one batch (Engine.generate).
+generated together in one batch (Engine.generate). --nproc N shards the model over N processes
+(torchrun; commands/_lockstep.py): rank 0 generates and prints, the others follow its steps.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mogelm.commands import engine_flags
+from mogelm.commands import _lockstep, engine_flags
 from mogelm.errors import UserError
 
 
@@ -48,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "small CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON list with text, token ids and counts")
     engine_flags.add_arguments(p)
+    _lockstep.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,8 +65,25 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
-                                    quantize=args.quantize, **engine_flags.engine_kwargs(args))
+    engine_kwargs = dict(max_batch=args.max_batch, **engine_flags.engine_kwargs(args))
+    nproc = _lockstep.check(args, args.model, args.device)
+    if nproc == 1:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize,
+                                        **engine_kwargs)
+        return _generate(args, engine)
+    if not _lockstep.under_torchrun():
+        return _lockstep.relaunch(nproc)
+    engine = _lockstep.build_engine(args, args.model, args.device, dtype, engine_kwargs)
+    try:
+        if engine.rank != 0:
+            engine.follow()
+            return 0
+        return _generate(args, engine)
+    finally:
+        _lockstep.finish(engine)
+
+
+def _generate(args: argparse.Namespace, engine) -> int:
     prompts = args.prompt
     if args.chat:
         chat_stop = engine.tokenizer.chat_stop_token_ids()

@@ -3,6 +3,7 @@
     mogelm serve --model runs/demo/moge/final --port 8000
     mogelm serve --model DIR --host 127.0.0.1 --port 8000 --max-batch 16 --threads 1
     MOGELM_API_KEY=... mogelm serve --model DIR --host 0.0.0.0      # /v1/* then needs the key
+    mogelm serve --model DIR --nproc 4 --ep 4                        # 4 GPUs, one front end
     mogelm serve --random-weights pangu-pro-moe-72b --quantize fp8-all --kv-cache-dtype fp8 \
         --max-batch 256                          # BENCHMARK MODE: random weights, meaningless text
 
@@ -16,6 +17,11 @@ Loads the checkpoint into an Engine, builds the app (create_app), binds the port
 port is a one-line error) and runs uvicorn until SIGINT/SIGTERM, which drain running requests
 (then the process exits with status 0). Binding a non-loopback address without an API key prints
 a warning. Needs the `serve` extra (fastapi, uvicorn, prometheus-client).
+
+--nproc N (commands/_lockstep.py): the command re-runs itself under torchrun; every process loads
+its 1/N of the model and runs a LockstepEngine; rank 0 binds the port and serves, the others follow
+its steps. SIGTERM/SIGINT then drain for at most the launcher's grace (20 s) before every process
+is stopped; a process that dies ends the server with an `error:` line (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from mogelm.commands import engine_flags
+from mogelm.commands import _lockstep, engine_flags
 from mogelm.errors import UserError
 from mogelm.inference.server import DEFAULT_MAX_REQUEST_BYTES, create_app, listen_socket, serve
 from mogelm.quant import RECIPES
@@ -74,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest prompt accepted, in tokens (default: the context length)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     engine_flags.add_arguments(p)
+    _lockstep.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         raise UserError("--shutdown-timeout must be >= 0")
     if args.random_weights is not None:
+        if (args.nproc or 1) > 1 or (args.ep or 1) > 1 or _lockstep.under_torchrun():
+            raise UserError("--random-weights serves one GPU; across GPUs the 72B with random weights is "
+                            "benchmarks/bench_serve_multi_gpu.py (or serve a checkpoint with --model DIR "
+                            "--nproc N)")
         return _serve_random(args)
     if args.max_len is not None:  # refused, not clamped: the user asked for a context the model lacks
         context = read_config(args.model).max_seq_len
@@ -104,10 +115,38 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
-                                    max_len=args.max_len, chunk_size=args.chunk_size,
-                                    cuda_graphs=False if args.no_cuda_graphs else None,
-                                    quantize=args.quantize, **engine_flags.engine_kwargs(args))
+    engine_kwargs = dict(max_batch=args.max_batch, max_len=args.max_len, chunk_size=args.chunk_size,
+                         cuda_graphs=False if args.no_cuda_graphs else None,
+                         **engine_flags.engine_kwargs(args))
+    nproc = _lockstep.check(args, args.model, args.device)
+    if nproc > 1 and not _lockstep.under_torchrun():
+        _check_port(args.host, args.port)
+        return _lockstep.relaunch(nproc)
+    if nproc > 1:
+        engine = _lockstep.build_engine(args, args.model, args.device, dtype, engine_kwargs)
+        if engine.rank != 0:
+            engine.follow()
+            _lockstep.finish(engine)
+            return 0
+    else:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize,
+                                        **engine_kwargs)
+    try:
+        return _serve(args, engine)
+    finally:
+        if nproc > 1:
+            _lockstep.finish(engine)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Before torchrun starts: the port can be bound (else the one-line error, before any model loads)."""
+    try:
+        listen_socket(host, port).close()
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _serve(args: argparse.Namespace, engine) -> int:
     name = args.served_model_name or Path(args.model).resolve().name
     return _serve_engine(args, engine, name)
 
@@ -156,9 +195,9 @@ def _check_room(preset: str, recipe: str, dtype, device: str) -> None:
 
 
 def _serve_engine(args: argparse.Namespace, engine, name: str) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(engine, name, args.max_waiting, args.shutdown_timeout, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         sock = listen_socket(args.host, args.port)
     except OSError as e:
@@ -166,8 +205,10 @@ def _serve_engine(args: argparse.Namespace, engine, name: str) -> int:
     warning = exposure_warning(args.host, args.api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    nproc = getattr(engine, "world", 1)
+    where = f"{nproc} processes, {engine.device.type}" if nproc > 1 else f"{engine.device}"
     print(f"serving {name} ({engine.max_len}-token context, {engine.max_batch} sequences, "
-          f"{engine.stats()['kv_cache_tokens']}-token KV cache, {engine.device}) "
+          f"{engine.stats()['kv_cache_tokens']}-token KV cache, {where}) "
           f"on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
     serve(app, sock, args.log_level, args.shutdown_timeout, host=args.host)
     return 0

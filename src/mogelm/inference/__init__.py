@@ -6,7 +6,8 @@ steps, prefix caching, preemption), sampling, chat templates; the slotted cache 
     [out] = engine.generate(["def main("], SamplingParams(max_tokens=32, temperature=0))
 
 The OpenAI-compatible server is `mogelm.inference.server` (needs the `serve` extra: fastapi, uvicorn);
-it is not imported here.
+it is not imported here. Serving a model sharded over processes: `mogelm.inference.distributed`
+(LockstepEngine) and `mogelm.inference.shards` (load_sharded).
 """
 
 from mogelm.inference.cache import SlotKVCache

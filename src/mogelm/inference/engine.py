@@ -558,10 +558,11 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs: list[tuple[Request, RequestOutput]] = []
-        while self._incoming:  # 1. new requests and aborts
-            self.scheduler.add(self._incoming.popleft())
-        while self._aborts:
-            outputs += self._abort(self._aborts.popleft())
+        arrived, aborts = self._arrivals()  # 1. new requests and aborts
+        for req in arrived:
+            self.scheduler.add(req)
+        for request_id in aborts:
+            outputs += self._abort(request_id)
 
         batch = self.scheduler.schedule()  # 2. who runs, how many tokens
         if batch.rows:
@@ -582,6 +583,18 @@ class Engine:
             self.scheduler.finish(req)
         self._deliver(outputs)
         return [out for _, out in outputs]
+
+    def _arrivals(self) -> tuple[list[Request], list[str | None]]:
+        """The requests and aborts queued since the last step, taken off their queues (thread-safe).
+        The seam of the lockstep engine (mogelm.inference.distributed): there rank 0 broadcasts
+        exactly these and every other rank steps with what it received."""
+        arrived: list[Request] = []
+        while self._incoming:
+            arrived.append(self._incoming.popleft())
+        aborts: list[str | None] = []
+        while self._aborts:
+            aborts.append(self._aborts.popleft())
+        return arrived, aborts
 
     def _build_batch(self, batch: ScheduledBatch) -> StepInputs:
         """The packed batch of a schedule: token ids, positions and pool slots of every row, block

@@ -24,6 +24,10 @@ Modules:
                         gather_full_state (whole tensors for the one-process files)
     launch.py           relaunch(nproc): re-run the current `mogelm` command under torchrun
                         (workers: `python -m mogelm`, arguments in $MOGELM_ARGV)
+    tensor_parallel.py  serving across GPUs: apply_tensor_parallel (attention TP over KV heads,
+                        experts by expert group, shared expert TP, one all-reduce after attention
+                        and one after the MoE layer), the MoE dispatches of that layout, sharder
+                        (what inference.shards.load_sharded reads per rank)
 
 The training loop's contexts (one process, many) and the `mogelm train` checkpoint directory live
 in mogelm.train.context: parallel/ imports model and moe, never train.
