@@ -9,6 +9,7 @@ per row count. Writes sweep_decode_tiles.json under --out and prints the winners
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -57,21 +58,20 @@ def sweep_attention(bw: float, rows: int = 256, ctx: int = 2048) -> list[dict]:
             k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
             sc = torch.ones(Hkv, device="cuda", dtype=torch.float32)
         nbytes = 2 * k.numel() * k.element_size()
-        for bn in (32, 64, 128, 256):
-            for w in (4, 8):
-                for st in (2, 3, 4):
-                    cfg = ta.DecodeAttentionConfig(block_n=bn, num_warps=w, num_stages=st)
-                    try:
-                        ms = bench(partial(ta.paged_decode_attention, q, k, v, tables, lens, 0.088,
-                                           sc, sc, cfg=cfg))
-                    except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped
-                        print(f"attention {kv} {cfg}: {type(e).__name__}")
-                        continue
-                    out.append(dict(kv=kv, block_n=bn, num_warps=w, num_stages=st, ms=ms,
-                                    pct_floor=100 * nbytes / (ms * 1e-3) / (bw * 1e9)))
+        for bn, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)):
+            cfg = ta.DecodeAttentionConfig(block_n=bn, num_warps=w, num_stages=st)
+            try:
+                ms = bench(partial(ta.paged_decode_attention, q, k, v, tables, lens, 0.088,
+                                   sc, sc, cfg=cfg))
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile is skipped
+                print(f"attention {kv} {cfg}: {type(e).__name__}")
+                continue
+            out.append(dict(kv=kv, block_n=bn, num_warps=w, num_stages=st, ms=ms,
+                            pct_floor=100 * nbytes / (ms * 1e-3) / (bw * 1e9)))
         best = min((r for r in out if r["kv"] == kv), key=lambda r: r["ms"])
-        default = next(r for r in out if r["kv"] == kv and r["block_n"] == 64 and r["num_warps"] == 4
-                       and r["num_stages"] == 2)
+        dflt = ta.DEFAULT_FP8_CONFIG if kv == "fp8" else ta.DEFAULT_CONFIG
+        default = next(r for r in out if r["kv"] == kv and r["block_n"] == dflt.block_n
+                       and r["num_warps"] == dflt.num_warps and r["num_stages"] == dflt.num_stages)
         print(f"attention kv={kv} B={rows} ctx={ctx}: default {default['ms']:.3f} ms "
               f"({default['pct_floor']:.0f}% floor), best {best['ms']:.3f} ms ({best['pct_floor']:.0f}%) "
               f"block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']}")
@@ -113,12 +113,14 @@ def sweep_linear(bw: float) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--parts", default="attention,linear", help="comma list of attention, linear")
     args = ap.parse_args()
     t = time.perf_counter()
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s (eager do_bench, 2 GiB bf16)")
     res = dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(), copy_GBps=bw,
-               attention=sweep_attention(bw), linear=sweep_linear(bw))
+               attention=sweep_attention(bw) if "attention" in args.parts else [],
+               linear=sweep_linear(bw) if "linear" in args.parts else [])
     res["seconds"] = time.perf_counter() - t
     with open(os.path.join(args.out, "sweep_decode_tiles.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)

@@ -88,7 +88,7 @@ def test_triton_decode_kernel_block_larger_than_page_and_fp8_pool():
     tables, lens = random_tables(lens_list, bs, P, 10, gen)
     q = torch.randn(len(lens_list), H, hd, generator=gen)
     cfg = triton_attention.DecodeAttentionConfig(block_n=16)
-    for splits in (1, 2):
+    for splits in (1, 2, 3):
         plain = triton_attention.paged_decode_attention(q, k32, v32, tables, lens, 0.25, num_splits=splits,
                                                         cfg=cfg)
         assert_close(plain, reference(q, k32, v32, tables, lens, 0.25).float())

@@ -37,6 +37,42 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_kv_tile(k_ptr, v_ptr, table_row, t0, end, kv_head, offs_d, stride_kp, stride_kt, stride_kh,
+                  stride_vp, stride_vt, stride_vh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values [BLOCK_N, hd] of positions t0.. of one row (masked past `end`; all masked
+    when t0 >= end), with the mask."""
+    offs_t = t0 + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < end
+    block = tl.load(table_row + offs_t // PAGE, mask=t_mask, other=0).to(tl.int64)
+    in_block = offs_t % PAGE
+    k_rows = block * stride_kp + in_block * stride_kt + kv_head * stride_kh  # [BLOCK_N]
+    k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+    v_rows = block * stride_vp + in_block * stride_vt + kv_head * stride_vh
+    v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
+    return k, v, t_mask
+
+
+@triton.jit
+def _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale, KV_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One online-softmax step over a tile of keys/values; returns the new (m_i, l_i, acc)."""
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    elif KV_SCALE:
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
+    s = tl.where(t_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step holds >= 1 live key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,  # [N, H, hd] queries, unit stride along hd
     k_ptr,  # [P, bs, Hkv, hd] key pool of this layer (bf16/fp16/fp32 or fp8 e4m3)
@@ -92,30 +128,9 @@ def _paged_decode_kernel(
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
     table_row = tables_ptr + row.to(tl.int64) * stride_tn
     for t0 in range(start, end, BLOCK_N):
-        offs_t = t0 + tl.arange(0, BLOCK_N)
-        t_mask = offs_t < end
-        block = tl.load(table_row + offs_t // PAGE, mask=t_mask, other=0).to(tl.int64)
-        in_block = offs_t % PAGE
-        k_rows = block * stride_kp + in_block * stride_kt + kv_head * stride_kh  # [BLOCK_N]
-        k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        elif KV_SCALE:
-            k = k.to(tl.float16)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N]
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step holds >= 1 live key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = block * stride_vp + in_block * stride_vt + kv_head * stride_vh
-        v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=t_mask[:, None], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        elif KV_SCALE:
-            v = v.to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        k, v, t_mask = _load_kv_tile(k_ptr, v_ptr, table_row, t0, end, kv_head, offs_d, stride_kp,
+                                     stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, PAGE, BLOCK_N)
+        m_i, l_i, acc = _attend_tile(q, k, v, t_mask, m_i, l_i, acc, scale, KV_SCALE, UPCAST, PRECISION)
 
     if KV_SCALE:
         acc = acc * tl.load(v_scale_ptr + kv_head)
@@ -172,8 +187,11 @@ class DecodeAttentionConfig:
 DEFAULT_CONFIG = DecodeAttentionConfig()
 # e4m3 pools: half the bytes per key, so twice the keys per step keep as many bytes in flight.
 # Measured on the H200 (2026-12-02, B=256, ctx 2048, benchmarks/sweep_decode_tiles.py): bf16 pool
-# 64/4/2 at 102 % of its bytes floor; e4m3 64/4/2 42 %, 128/4/3 52 % (before the fp16 dots).
-DEFAULT_FP8_CONFIG = DecodeAttentionConfig(block_n=128, num_warps=4, num_stages=3)
+# 64/4/2 at 102 % of its bytes floor; e4m3 with bf16 dots 64/4/2 42 %, 128/4/3 52 %; with fp16
+# dots 128/4/2 55 %, 128/4/3 54 %. A register double buffer of the next tile ran at 13 % (spills).
+# The e4m3 stream stays at about half of its floor: the conversion between load and dot keeps the
+# loads out of the compiler's shared-memory pipeline (num_stages changes nothing).
+DEFAULT_FP8_CONFIG = DecodeAttentionConfig(block_n=128, num_warps=4, num_stages=2)
 
 
 @functools.cache
@@ -231,7 +249,8 @@ def paged_decode_attention(
         v_pool_PbHd.stride(0), v_pool_PbHd.stride(1), v_pool_PbHd.stride(2),
         tables_NM.stride(0), out.stride(0), out.stride(1),
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HEAD_DIM=hd, PAGE=bs, BLOCK_N=cfg.block_n,
-        NUM_SPLITS=num_splits, KV_SCALE=kv_scale, UPCAST=INTERPRET, PRECISION=precision(q_NHd.dtype),
+        NUM_SPLITS=num_splits, KV_SCALE=kv_scale, UPCAST=INTERPRET,
+        PRECISION=precision(q_NHd.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
