@@ -22,7 +22,7 @@ import argparse
 import importlib
 import sys
 
-from mogelm.errors import UserError
+from mogelm.errors import UserError, run_for_user
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -86,21 +86,17 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[st
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def run() -> int:
         parser, _ = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):
             parser.print_help()
             return 0 if not argv else 2
         args.explicit = explicit_options(args._parser, argv[argv.index(args.command) + 1:])
-        status = args._run(args)
-        return int(status or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return args._run(args)
+
+    return run_for_user(run)
 
 
 if __name__ == "__main__":

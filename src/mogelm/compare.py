@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mogelm.errors import UserError
+from mogelm.errors import UserError, run_for_user
 from mogelm.fsutil import check_output_dir
 from mogelm.train import TrainConfig, find_checkpoints, prepare_data, read_log, resolve_device, train
 from mogelm.train.context import LocalContext
@@ -145,17 +145,14 @@ def _train_worker() -> int:
     """`python -m mogelm.compare`, started by _train_concurrently: train the one model whose
     TrainConfig is in $MOGELM_TRAIN_CONFIG; exit status 0, or 2 after a one-line error."""
     tc = TrainConfig.from_dict(json.loads(os.environ[TRAIN_CONFIG_ENV]))
-    try:
+
+    def run() -> int:
         res = train(tc)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if res.get("final_val"):  # None when an earlier run already finished
-        print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
-    return 0
+        if res.get("final_val"):  # None when an earlier run already finished
+            print(f"final validation loss {res['final_val']['val_loss']:.4f}; checkpoint {res['final_dir']}")
+        return 0
+
+    return run_for_user(run)
 
 
 def run_comparison(cc: CompareConfig) -> dict:
