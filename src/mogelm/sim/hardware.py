@@ -30,7 +30,7 @@ Efficiency parameters (a small, fixed set per profile, documented in `sources`):
     eager_layer_overhead_us host time per layer of an eager (not graph-captured) step of mogelm's
                             engine that the device waits for (Python, launches of many small
                             kernels: the prefill chunks' attention); 0 unless calibrated
-                            (sim/engine.py fits it on one measured prefill)
+                            (sim/engine.py fits it per measurement file, on its own fit row)
     grouped_gemm_curve      optional [[rows_per_expert, efficiency], ...] from `calibrate`: the expert
                             block's efficiency against the roofline ideal, interpolated in log(rows)
 """
