@@ -164,11 +164,18 @@ def dense_ffn_time(rows: float, d: int, f_local: float, hw: HardwareProfile, qua
 
 def attention_decode_time(seqs: float, context: float, heads: float, kv_heads: float, head_dim: int,
                           hw: HardwareProfile, quant: Quant) -> float:
-    """One decode step of attention on one device: reads every cached K and V once."""
+    """One decode step of attention on one device: reads every cached K and V once.
+
+    The KV stream runs at bandwidth x decode_attention_kv_share, and for an 8-bit cache
+    (kv_bytes < 2) at decode_attention_fp8_kv_efficiency of that: the kernel's rate over its bytes
+    relative to the bf16 kernel's (hardware.py).
+    """
     flops = 4.0 * seqs * context * heads * head_dim  # QK^T and PV
     nbytes = seqs * context * 2 * kv_heads * head_dim * quant.kv_bytes
     t_compute = flops / (hw.peak_flops("bf16") * hw.attention_efficiency)
     t_kv = nbytes / hw.bandwidth / hw.decode_attention_kv_share
+    if quant.kv_bytes < 2:
+        t_kv /= hw.decode_attention_fp8_kv_efficiency
     return max(t_compute, t_kv) + hw.op_overhead
 
 

@@ -21,11 +21,16 @@ Efficiency parameters (a small, fixed set per profile, documented in `sources`):
     attention_efficiency    fraction of peak for attention math (prefill; decode is bandwidth-bound)
     decode_attention_kv_share  share of decode-attention time spent streaming the KV cache; the rest
                             (softmax, dequantisation, pipeline bubbles) is not hidden under it
+    decode_attention_fp8_kv_efficiency  KV byte rate of the decode-attention kernel over an 8-bit
+                            KV cache (e4m3 on the GPUs) relative to the same kernel over a bf16 one:
+                            the 8-bit kernel dequantises every key and value before its dots, so it
+                            need not stream half the bytes in half the time. 1 = as efficient (the
+                            default; the Ascend profiles' int8 KV). Measured, not guessed, where set
     op_overhead_us          fixed time per kernel (launch, pipeline fill, synchronisation)
     eager_layer_overhead_us host time per layer of an eager (not graph-captured) step of mogelm's
                             engine that the device waits for (Python, launches of many small
                             kernels: the prefill chunks' attention); 0 unless calibrated
-                            (sim/engine.py fits it on one measured prefill)
+                            (sim/engine.py fits it per measurement file, on its own fit row)
     grouped_gemm_curve      optional [[rows_per_expert, efficiency], ...] from `calibrate`: the expert
                             block's efficiency against the roofline ideal, interpolated in log(rows)
 """
@@ -96,6 +101,7 @@ class HardwareProfile:
     grouped_gemm_factor: float = 1.0
     attention_efficiency: float = 0.5
     decode_attention_kv_share: float = 1.0
+    decode_attention_fp8_kv_efficiency: float = 1.0
     op_overhead_us: float = 5.0
     eager_layer_overhead_us: float = 0.0  # host time per layer of an eager (ungraphed) engine step
     grouped_gemm_curve: list[list[float]] = field(default_factory=list)
@@ -108,7 +114,8 @@ class HardwareProfile:
             if getattr(self, name) <= 0:
                 raise ValueError(f"profile {self.name!r}: {name} must be positive")
         for name in ("mem_efficiency", "gemm_efficiency", "grouped_gemm_factor", "attention_efficiency",
-                     "decode_attention_kv_share", "usable_memory_fraction"):
+                     "decode_attention_kv_share", "decode_attention_fp8_kv_efficiency",
+                     "usable_memory_fraction"):
             if not 0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], "
                                  f"got {getattr(self, name)}")

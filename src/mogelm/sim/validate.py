@@ -12,6 +12,9 @@ measurements. `role` says how independent a row is:
     fit         a profile parameter was set from this number (listed so the table is complete)
     check       a ratio the paper states (e.g. weight transfer share), compared for consistency
 
+An engine row the model is known to miss is listed in KNOWN_MISSES with the reason found in the
+numbers; its note starts with "known miss" (no parameter is set per row to hide it).
+
 Paper runs are W8A8 with 2,048-token inputs (PAPER.md section 6.7); decode KV length is taken as
 2,048. The dense baselines are not named in the paper; PAPER.md derives Qwen2.5-32B/72B-like
 shapes from its KV and communication ratios, and those shapes are used here.
@@ -33,7 +36,14 @@ from mogelm.sim.cost import (
     routed_experts_time,
     routing_load,
 )
-from mogelm.sim.engine import decode_step_ms, fit_eager_overhead, load_measurements, prefill_tokens_per_s
+from mogelm.sim.engine import (
+    decode_step_ms,
+    file_profile,
+    fp8_kv_pair,
+    kv_rate_ratio,
+    load_measurements,
+    prefill_tokens_per_s,
+)
 from mogelm.sim.hardware import HardwareProfile, load_profile
 from mogelm.sim.layout import H2P_8, decode_plan_at, plan_decode, plan_prefill
 
@@ -226,20 +236,44 @@ def _microbench_checks() -> list[Check]:
     return out
 
 
+# Engine rows the model is known to miss, with the reason found in the numbers (not tuned away: a
+# parameter set per row would hide the gap). tests/test_sim.py checks that the misses are exactly these.
+KNOWN_MISSES = {
+    ("h200_engine_2026-12-02_fp8.json", "prefill tokens/s, fp8, 4 steps of 16 x 512"):
+        "the 4 steps of 16 x 512 take 592 ms each where the model says 481 (264 device + 217 host); "
+        "over the 1 x 2048 fit row the measured time per extra prompt token is 49 us, the model's "
+        "W8A8 device time 31 us (bf16: 56 us): either W8A8 at prefill sizes is not ~1.8x bf16 in "
+        "this run or the host time grows with the prompts per step (16 chunk-attention calls per "
+        "layer, not 1); two rows cannot tell which (src/mogelm/sim/README.md)",
+}
+
+
 def _engine_checks(hw: HardwareProfile | None = None) -> list[Check]:
     """mogelm's engine on one H200 (sim/engine.py): every stored decode step and prefill run
-    (data/h200_engine*.json). The eager host time per layer is fitted on the first prefill row marked
-    "fit"; every other row is a prediction."""
+    (data/h200_engine*.json). Fitted, one row each: the eager host time per layer on each file's own
+    prefill row marked "fit" (one engine version per file), and the e4m3/bf16 decode-attention byte
+    rate (the profile's decode_attention_fp8_kv_efficiency) on the largest batch measured with both
+    KV dtypes. Every other row is a prediction."""
     hw = hw or load_profile("nvidia-h200")
-    runs = load_measurements()
-    fit_rows = [(r, m) for m in runs for r in m.get("prefill", []) if r.get("fit")]
-    cal = hw
-    if fit_rows:
-        r, _ = fit_rows[0]
-        cal = fit_eager_overhead(from_name("pangu-pro-moe-72b", num_layers=r["layers"]), hw, r)
     out = []
-    for m in runs:
+    for m in load_measurements():
         src = f"H200 engine {m['date']}"
+        cal = file_profile(m, hw)
+        pair = fp8_kv_pair(m)
+        if pair:
+            fp8_row, bf16_row = pair
+            cfg = from_name("pangu-pro-moe-72b")
+            t = {r["quant"]: attention_decode_time(r["batch"], r["context"], cfg.num_heads, cfg.num_kv_heads,
+                                                   cfg.head_dim, hw, QUANTS[r["quant"]]) for r in pair}
+            pred = (fp8_row["kv_bytes_per_layer"] / t[fp8_row["quant"]]) / (
+                bf16_row["kv_bytes_per_layer"] / t[bf16_row["quant"]])
+            what = (f"decode attention KV byte rate, e4m3 / bf16 cache, batch {fp8_row['batch']} at "
+                    f"{fp8_row['context']} ({fp8_row['quant']})")
+            out.append(Check(src, what,
+                             pred, kv_rate_ratio(fp8_row, bf16_row), "x", OURS_TOL, role="fit",
+                             note=f"set decode_attention_fp8_kv_efficiency = "
+                                  f"{hw.decode_attention_fp8_kv_efficiency:g} (per-layer attention core of "
+                                  "the step breakdown)"))
         for r in m.get("decode", []):
             cfg = from_name("pangu-pro-moe-72b", num_layers=r["layers"])
             pred = decode_step_ms(cfg, hw, QUANTS[r["quant"]], batch=r["batch"], context=r["context"])
@@ -251,10 +285,13 @@ def _engine_checks(hw: HardwareProfile | None = None) -> list[Check]:
                                         seqs_per_step=r["seqs_per_step"], prompt_len=r["prompt_len"],
                                         steps=r["steps"])
             fit = r.get("fit", False)
-            note = (f"set eager_layer_overhead_us = {cal.eager_layer_overhead_us:g}" if fit else
-                    f"eager host time {cal.eager_layer_overhead_us:g} us/layer; {r['method']}")
             what = (f"prefill tokens/s, {r['quant']}, {r['steps']} steps of {r['seqs_per_step']} x "
                     f"{r['prompt_len']}")
+            host = cal.eager_layer_overhead_us
+            note = (f"set eager_layer_overhead_us = {host:g} for this file" if fit else
+                    f"eager host time {host:g} us/layer (this file's fit); {r['method']}")
+            if (m["file"], what) in KNOWN_MISSES:
+                note = f"known miss: {KNOWN_MISSES[m['file'], what]}; {note}"
             out.append(Check(src, what, pred, r["tokens_per_s"], "tok/s", OURS_TOL,
                              role="fit" if fit else "prediction", note=note))
     return out
@@ -305,6 +342,8 @@ def format_table(checks: list[Check]) -> str:
                      f"{c.error * 100:+.1f} % | ±{c.tolerance * 100:.0f} % {flag} | {c.role} | {c.note} |")
     preds = [c for c in checks if c.role == "prediction"]
     lines.append("")
+    known = sum(not c.passed and c.note.startswith("known miss") for c in checks)
     lines.append(f"{sum(c.passed for c in preds)}/{len(preds)} predictions within target; "
-                 f"{sum(c.passed for c in checks)}/{len(checks)} rows in all.")
+                 f"{sum(c.passed for c in checks)}/{len(checks)} rows in all"
+                 + (f"; {known} known engine miss(es), reason in the note." if known else "."))
     return "\n".join(lines)
