@@ -427,11 +427,22 @@ def from_pretrained(
         unexpected = sorted(n for n in weight_map if n not in used and not n.endswith("rotary_emb.inv_freq"))
         problems += [f"unexpected {n}" for n in unexpected]
         if problems:
-            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-            raise UserError(f"checkpoint {path} does not match its config: " + "; ".join(shown))
+            raise_mismatch(path, problems)
     finally:
         handles.clear()
+    return assign_loaded(model, state, device)
 
+
+def raise_mismatch(path, problems: list[str]) -> None:
+    """The one error listing what a checkpoint lacks or holds wrongly (the first 20 problems)."""
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    raise UserError(f"checkpoint {path} does not match its config: " + "; ".join(shown))
+
+
+def assign_loaded(model: Transformer, state: dict[str, Tensor], device) -> Transformer:
+    """Put the tensors read from a checkpoint into a meta-device skeleton (no copies), tie the
+    embeddings, compute the non-persistent buffers, and check nothing is left on the meta device."""
+    cfg = model.cfg
     model.load_state_dict(state, strict=False, assign=True)
     for mod in model.modules():  # assign=True copies requires_grad from the meta skeleton's params
         if isinstance(mod, (Fp8Linear, Fp8RoutedExperts)):

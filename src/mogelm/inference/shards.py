@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mogelm.checkpoint import _checkpoint_files, _open, _to_checkpoint_name
+from mogelm.checkpoint import _checkpoint_files, _open, _to_checkpoint_name, assign_loaded, raise_mismatch
 from mogelm.errors import UserError
 from mogelm.hf_config import read_config, read_quantization_config
-from mogelm.model import Transformer, rope_inv_freq
+from mogelm.model import Transformer
 
 SliceOf = Callable[[str], "tuple[int, int, int] | None"]
 
@@ -84,15 +84,7 @@ def load_sharded(path: str | Path, shard: Callable[[Transformer], SliceOf],
             if t is not None:
                 state[name] = t
         if problems:
-            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-            raise UserError(f"checkpoint {path} does not match its config: " + "; ".join(shown))
+            raise_mismatch(path, problems)
     finally:
         handles.clear()
-    model.load_state_dict(state, strict=False, assign=True)
-    model.requires_grad_(False)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, device)
-    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    assert not still_meta, f"parameters left on the meta device: {still_meta}"
-    return model
+    return assign_loaded(model, state, device).requires_grad_(False)
