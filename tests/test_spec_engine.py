@@ -307,3 +307,45 @@ def test_sampled_speculation_keeps_the_target_distribution(tiny, monkeypatch):
     monkeypatch.setattr(spec_decode, "accept_sampled", wrong_rule)
     stat_wrong, df, _ = chi_square(tiny, n, seed=0)
     assert stat_wrong > 2 * chi2_bound(df), (stat_wrong, df)
+
+
+# --- serving ---------------------------------------------------------------------------------------
+def test_server_with_ngram_speculation_same_text_and_metrics(base, tmp_path_factory, capsys):
+    import asyncio
+
+    import openai
+    from test_server import metric_samples, serving_in_thread
+
+    from mogelm.cli import main as cli_main
+    from mogelm.inference.loadgen import format_summary, load_test
+    from mogelm.inference.server import create_app
+
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("inference"))
+    engine = Engine.from_pretrained(ckpt, max_batch=4, speculative="ngram", draft_tokens=3)
+    with serving_in_thread(create_app(engine, "tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        for text in TEXTS[:3]:
+            got = client.completions.create(model="tiny", prompt=text, max_tokens=MAX_TOKENS, temperature=0)
+            want = base.generate([text], SamplingParams(max_tokens=MAX_TOKENS, temperature=0))[0]
+            assert got.choices[0].text == want.text
+        import httpx
+
+        scraped = metric_samples(httpx.get(url + "/metrics").text)
+        drafts = scraped[("mogelm:spec_decode_draft_tokens_total", ())]
+        accepted = scraped[("mogelm:spec_decode_accepted_tokens_total", ())]
+        assert drafts > 0 and 0 < accepted <= drafts
+        assert scraped[("mogelm:spec_decode_acceptance_rate", ())] == pytest.approx(accepted / drafts)
+        assert scraped[("mogelm:spec_decode_mean_accepted_length", ())] > 1
+        res = asyncio.run(load_test(url, concurrency=4, num_requests=4, max_tokens=8, prompt_words=8))
+        assert res["errors"] == 0 and res["speculative"]["verify_rows"] > 0
+        assert "speculative: acceptance rate" in format_summary(res)
+    # --speculative mtp on a checkpoint without MTP modules: one line, status 2
+    assert cli_main(["serve", "--model", str(ckpt), "--speculative", "mtp", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--mtp-depth" in err and "\n" not in err
+    assert cli_main(["generate", "--model", str(ckpt), "--prompt", TEXTS[0], "--max-tokens", "12",
+                     "--temperature", "0", "--speculative", "ngram", "--draft-tokens", "2"]) == 0
+    spec_out = capsys.readouterr().out
+    assert cli_main(["generate", "--model", str(ckpt), "--prompt", TEXTS[0], "--max-tokens", "12",
+                     "--temperature", "0"]) == 0
+    assert spec_out == capsys.readouterr().out

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    engine_flags.check_speculative(args, args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
                                     quantize=args.quantize, **engine_flags.engine_kwargs(args))

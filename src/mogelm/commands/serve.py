@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
                             f"use --max-len {context} or less (or leave it out)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    engine_flags.check_speculative(args, args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=args.max_batch,
                                     max_len=args.max_len, chunk_size=args.chunk_size,

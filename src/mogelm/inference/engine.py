@@ -357,8 +357,8 @@ class Engine:
         if speculative is not None:
             if speculative == "mtp" and getattr(model, "mtp", None) is None:
                 raise UserError("--speculative mtp needs a checkpoint with MTP modules (mtp_depth > 0 in its "
-                                "config): train one with `mogelm train --mtp-depth 1`, or use --speculative "
-                                "ngram")
+                                "config): train one with `mogelm train --mtp-depth 1`, or use "
+                                "--speculative ngram")
             self.spec = SpecConfig(speculative, draft_tokens,
                                    DEFAULT_SPEC_MAX_BATCH if spec_max_batch is None else spec_max_batch)
         use_mtp = self.spec is not None and self.spec.method == "mtp"
