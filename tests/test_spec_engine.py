@@ -349,3 +349,24 @@ def test_server_with_ngram_speculation_same_text_and_metrics(base, tmp_path_fact
     assert cli_main(["generate", "--model", str(ckpt), "--prompt", TEXTS[0], "--max-tokens", "12",
                      "--temperature", "0"]) == 0
     assert spec_out == capsys.readouterr().out
+
+
+def test_gpu_bench_quick_smoke(tmp_path):
+    """benchmarks/bench_spec_decode.py --quick runs every section on the CPU and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks/bench_spec_decode.py"), "--quick", "--device", "cpu",
+           "--batches", "1,2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_spec_decode.json").read_text())
+    assert "engine_error" not in res and "verify72b_error" not in res
+    assert not [row for row in res["engine"] if "error" in row]
+    assert {(row["method"], row["k"]) for row in res["engine"]} >= {("none", 0), ("ngram", 2), ("mtp", 2)}
+    assert all(row.get("same_output", 1.0) == 1.0 for row in res["engine"])
+    assert len(res["verify72b"]["ms"]) == 6 and res["prediction"]
+    assert "predicted 72B speedup" in r.stdout
