@@ -370,3 +370,33 @@ def test_gpu_bench_quick_smoke(tmp_path):
     assert all(row.get("same_output", 1.0) == 1.0 for row in res["engine"])
     assert len(res["verify72b"]["ms"]) == 6 and res["prediction"]
     assert "predicted 72B speedup" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_gpu_verify_steps_replay_cuda_graphs_with_equal_greedy_output(base, mtp_model, prompts, method):
+    """bf16 on the GPU with CUDA graphs: decode+verify steps replay the graphs captured for up to
+    max_batch x (k + 1) rows, and greedy output equals the graphed engine without drafts."""
+    src = mtp_model if method == "mtp" else base.model
+    model = type(src)(src.cfg)
+    model.load_state_dict(src.state_dict())
+    model = model.to("cuda", torch.bfloat16)
+    kw = dict(max_batch=4, block_size=16, chunk_size=16, gpu_memory_fraction=0.05)
+    params = SamplingParams(max_tokens=24, temperature=0)
+    plain = Engine(model, base.tokenizer, **kw)
+    want = [c.token_ids for c in plain.generate(prompts, params)]
+    eng = Engine(model, base.tokenizer, speculative=method, draft_tokens=3, **kw)
+    assert eng.graphs is not None and max(eng.graphs.graphs) == 4 * 4
+    assert eng.graphs.with_hidden == (method == "mtp")
+    rows = []
+    real = eng.graphs.__call__
+
+    def spy(ids, *args):
+        rows.append(len(ids))
+        return real(ids, *args)
+
+    eng.graphs = type("Spy", (), {"__call__": staticmethod(spy), "with_hidden": eng.graphs.with_hidden})()
+    got = run(eng, prompts, params)
+    assert [r.output_ids for r in got] == want
+    assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
+    assert max(rows) > 4, "verify steps (more rows than sequences) went through the graphs"
