@@ -62,10 +62,10 @@ from torch import Tensor
 from mogelm.inference.block_manager import NULL_BLOCK
 from mogelm.inference.paged import PagedAttention, PagedKVCache
 from mogelm.inference.sampling import filter_logits, processed_logits
-from mogelm.inference.speculative import accept_greedy, accept_sampled
+from mogelm.inference.speculative import accept_sampled
 
 METHODS = ("ngram", "mtp")
-DEFAULT_SPEC_MAX_BATCH = 32  # benchmarks/notes_spec.md: the predicted break-even is between 64 and 256
+DEFAULT_SPEC_MAX_BATCH = 64  # benchmarks/notes_spec.md: 72B gain predicted through 64, marginal at 256
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ class MTPRunner:
 
 def verify(logits_NV: Tensor, verifiers: list[tuple[object, int, int]]) -> list[tuple[int, int]]:
     """The accept rule for every verify row: (num_accepted, next token) per (request, first logits
-    row, k). Greedy requests: argmax equality (accept_greedy) on the processed logits (logit_bias);
+    row, k). Greedy requests: argmax equality (speculative.accept_greedy's rule, on host lists) on
+    the processed logits (logit_bias);
     sampled: accept_sampled on the sampler's probabilities (temperature, top-k, top-p) with the
     request's generator, drafts deterministic. One host sync for all greedy rows."""
     if not verifiers:
@@ -142,8 +143,10 @@ def verify(logits_NV: Tensor, verifiers: list[tuple[object, int, int]]) -> list[
     out, at = [], 0
     for req, _, k in verifiers:
         drafts = req.token_ids[len(req.token_ids) - k:]
-        if req.params.greedy:
-            num, nxt = accept_greedy(torch.tensor([argmax[at:at + k + 1]]), torch.tensor([drafts]))
+        if req.params.greedy:  # accept_greedy's rule on host lists (no per-request tensor ops)
+            target = argmax[at:at + k + 1]
+            num = next((i for i in range(k) if drafts[i] != target[i]), k)
+            out.append((num, target[num]))
         else:
             p = req.params
             probs = filter_logits(x_NV[at:at + k + 1],
@@ -152,6 +155,6 @@ def verify(logits_NV: Tensor, verifiers: list[tuple[object, int, int]]) -> list[
                                   torch.full((k + 1,), p.top_p, device=dev))
             num, nxt = accept_sampled(probs[None], torch.tensor([drafts], device=dev),
                                       generator=req.generator)
-        out.append((int(num[0]), int(nxt[0])))
+            out.append((int(num[0]), int(nxt[0])))
         at += k + 1
     return out
