@@ -25,8 +25,9 @@ of them have their KV in the pool. One `step()`:
      for the prompt positions of a request that asks for prompt logprobs);
   4. commits full blocks to the prefix cache; computes the prompt logprobs asked for; forks the
      children of parents whose prompt is now in; samples the next token of every sequence whose
-     tokens are all in (with their logprobs when asked), checks stop conditions (stop token, stop
-     string, max_tokens, context full) and frees finished sequences.
+     tokens are all in (with their logprobs when asked), or verifies its drafts (speculative
+     decoding, below), checks stop conditions (stop token, stop string, max_tokens, context full)
+     and frees finished sequences.
 
 Positions are explicit (token i of a sequence sits at position i), so batching changes nothing:
 greedy output equals decoding each prompt alone and equals the uncached forward (tests). A
@@ -38,7 +39,8 @@ step is profiled and the pool takes what is left of `gpu_memory_fraction` of the
 (`kv_cache_tokens` overrides); on CPU it holds `kv_cache_tokens` or max_batch x max_len tokens, so
 no sequence is ever preempted by default. The context limit (max_len) is at most the pool's
 capacity, so any accepted request fits alone. `stats()` reports blocks total/used/free, prefix-cache
-queries/hits, running/waiting and preemptions (for metrics).
+queries/hits, running/waiting, preemptions and speculative decoding's counters (for metrics).
+With MTP drafting the pool holds one more layer (the MTP block's KV).
 
 What a request can ask for beyond its tokens (the request life cycle; all from the RAW logits of
 the step, i.e. the model's own distribution before bias, penalties and temperature, vLLM's default):
@@ -65,8 +67,16 @@ the step, i.e. the model's own distribution before bias, penalties and temperatu
     max_batch choices; a larger n is split into groups, later groups find the prompt in the prefix
     cache). Aborting a parent whose children still wait hands the group to its first child.
 
-Extension points: speculative decoding appends k draft tokens to a sequence, schedules k + 1 rows
-(several positions of one sequence in one forward) and rolls back with BlockManager.truncate.
+Speculative decoding (speculative="ngram" | "mtp", draft_tokens=k; spec_decode.py has the whole
+story): before scheduling, every decoding request that may speculate gets up to k drafts appended
+to its token_ids (Request.num_draft); the scheduler runs it as a verify row of k + 1 tokens, which
+_build_batch lays out as k + 1 decode rows of the paged kernel (one block table, lengths
+position + 1), so a decode+verify step replays a CUDA graph like a decode step (buckets up to
+max_batch x (k + 1) rows); after the forward _verify applies the accept rule, emits the accepted
+drafts and the target's token through _advance one by one (every stop check as without drafts),
+and truncates the request's blocks to the positions whose tokens stand. With MTP the forward also
+returns the trunk's hidden states and _mtp_rows runs the MTP module over them for the next drafts.
+Speculation pauses while more than spec_max_batch sequences run; penalised requests never draft.
 The engine works on token ids; the tokenizer (optional) is used only for text prompts, stop strings
 and the text it returns. fp32 on CPU, bf16 on CUDA by default.
 """
