@@ -101,6 +101,8 @@ class MTPRunner:
         assert model.mtp is not None and len(cache.k) > model.cfg.num_layers
         self.model, self.module, self.cache = model, model.mtp[0], cache
         self.layer, self.block_size = model.cfg.num_layers, block_size
+        if hasattr(self.module.block.mlp, "record_stats"):  # as fuse_for_inference does for the trunk
+            self.module.block.mlp.record_stats = False
 
     def run(self, hidden_MD: Tensor, token_ids: list[int], positions: list[int],
             tables: list[list[int]]) -> Tensor:
