@@ -4,12 +4,13 @@
 #     of 512 in 8 groups, top-8, shared 2048, vocab 32768: 0.91 B active, 1.31 B in all; the 0.91B
 #     config of benchmarks/bench_train.py with 16 instead of 64 experts, so the checkpoint
 #     (weights + AdamW state, fp32) is ~16 GB instead of ~45 GB on /tmp) with --mtp-depth 1 on the
-#     first 6 MB of the embedded corpus: STEPS (400) steps of 16 x 1,024 tokens, ~2-3 minutes;
+#     first 6 MB of the embedded corpus: STEPS (350) steps of 16 x 1,024 tokens, ~2-3 minutes
+#     (killed after TRAIN_TIMEOUT = 270 s: then only the 72B section runs);
 #     the checkpoint goes to $CKPT_DIR/final (default /tmp/spec_1b);
 #  2. benchmarks/bench_spec_decode.py: decode tokens/s with and without drafts (n-gram, MTP; k = 1..3)
 #     at batch 1, 16, 64, 256 on held-out prompts (documents past the 6 MB), greedy, plus acceptance;
 #     the 72B layout's verify cost per draft length (random weights, fp8 experts, 2 and 4 layers
-#     scaled to 48) and the predicted speedup. ~3-4 minutes.
+#     scaled to 48) and the predicted speedup. ~3-4 minutes (no new measurement after 240 s).
 # Writes $OUT/train.log, $OUT/bench.log, $OUT/bench_spec_decode.json (table at the end of bench.log).
 #
 #   OUT=benchmarks/results/spec_h200_$(date +%F) bash benchmarks/run_spec_h200.sh
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 CKPT_DIR=${CKPT_DIR:-/tmp/spec_1b}
-STEPS=${STEPS:-400}
+STEPS=${STEPS:-350}
 MAX_BYTES=${MAX_BYTES:-6000000}
 t0=$(date +%s)
 
@@ -44,12 +45,12 @@ json.dump(cfg.to_dict(), open(sys.argv[1], "w"))
 EOF
     MODEL=(--config "$CFG")
     TRAIN=(--seq-len 1024 --batch-size 16 --lr 1e-3 --device cuda)
-    BENCH=(--max-bytes "$MAX_BYTES")
+    BENCH=(--max-bytes "$MAX_BYTES" --budget-s "${BENCH_BUDGET:-240}")
 fi
 
 echo "== train: $STEPS steps (log: $OUT/train.log)"
 rm -rf "$CKPT_DIR"
-timeout "${TRAIN_TIMEOUT:-300}" $PY -m mogelm train "${MODEL[@]}" --mtp-depth 1 --mtp-weight 0.3 \
+timeout "${TRAIN_TIMEOUT:-270}" $PY -m mogelm train "${MODEL[@]}" --mtp-depth 1 --mtp-weight 0.3 \
     --max-bytes "$MAX_BYTES" --max-steps "$STEPS" "${TRAIN[@]}" --eval-every 200 --eval-batches 4 \
     --save-every 100000 --out "$CKPT_DIR" --progress lines >"$OUT/train.log" 2>&1
 rc=$?
