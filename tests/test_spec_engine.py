@@ -3,8 +3,9 @@
 Greedy output with n-gram or MTP drafts (k = 1..4) equals decoding without drafts token for token,
 under continuous batching with mixed prefill + verify steps, with preemption (a tiny KV pool) and
 with aborts; the block accounting is checked after every step (no sequence holds a block past
-ceil(computed / block size), every block is free after a drain); drafts never carry a request past
-max_tokens, a stop token or a stop string; penalised requests fall back to ordinary decoding;
+ceil(computed / block size), every block is free after a drain; blocks committed while verifying
+serve later prompts from the prefix cache); n > 1 choices draft on their own; drafts never carry
+a request past max_tokens, a stop token or a stop string; penalised requests fall back to ordinary decoding;
 logprobs equal the non-speculative ones; MTP drafts equal the reference MTPDrafter's; sampled
 speculative decoding keeps the target distribution (chi-square over a tiny vocabulary, and a wrong
 accept rule fails the same bound); the CLI refuses --speculative mtp without MTP modules.
@@ -104,10 +105,15 @@ def run(eng: Engine, prompts, params, abort_at: dict | None = None) -> list:
 def test_greedy_equal_under_continuous_batching(base, mtp_model, prompts, method, k):
     model = mtp_model if method == "mtp" else base.model
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    first = reference(model, base.tokenizer, prompts[:1], params)[0]
+    # a last prompt that continues the first one's output: it runs after the first has finished and
+    # reads the blocks that request committed while verifying drafts (prefix cache)
+    prompts = prompts + [prompts[0] + first.token_ids[:12]]
     ref = reference(model, base.tokenizer, prompts, params)
-    # 3 slots for 6 prompts, 8-token chunks: prefill chunks and verify rows share steps
+    # 3 slots for 7 prompts, 8-token chunks: prefill chunks and verify rows share steps
     eng = Engine(model, base.tokenizer, max_batch=3, chunk_size=8, speculative=method, draft_tokens=k)
     reqs = run(eng, prompts, params)
+    assert eng.blocks.prefix_hits >= 32  # block 1 (positions 16-31) holds tokens decoded with drafts
     assert [r.output_ids for r in reqs] == [c.token_ids for c in ref]
     assert [r.text for r in reqs] == [c.text for c in ref]
     assert [r.finish_reason for r in reqs] == [c.finish_reason for c in ref]
@@ -189,6 +195,33 @@ def test_penalties_fall_back_and_logprobs_match(base, prompts):
             assert a.token_id == b.token_id and a.rank == b.rank
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_n_choices_speculate_independently(base, prompts):
+    """n > 1: the forked choices draft and verify on their own; greedy choices all equal the
+    reference, seeded sampled choices are reproducible, every block comes back."""
+    tok = base.tokenizer
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    want = reference(base.model, tok, prompts[:2], greedy)
+    eng = Engine(base.model, tok, max_batch=6, speculative="ngram", draft_tokens=3)
+    groups = [eng.add_choices(p, greedy, n=3) for p in prompts[:2]]
+    while eng.has_unfinished():
+        eng.step()
+        eng.blocks.check()
+    for g, w in zip(groups, want):
+        assert [c.output_ids for c in g] == [w.token_ids] * 3
+    assert eng.stats()["spec_decode_accepted_tokens_total"] > 0 and eng.blocks.num_used == 0
+
+    def sampled():
+        e = Engine(base.model, tok, max_batch=6, speculative="ngram", draft_tokens=3)
+        cs = e.add_choices(prompts[0], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=5), n=3)
+        while e.has_unfinished():
+            e.step()
+        return [c.output_ids for c in cs], e.stats()["spec_decode_num_drafts_total"]
+
+    first, drafts = sampled()
+    assert drafts > 0 and sampled() == (first, drafts)
+    assert len({tuple(c) for c in first}) > 1, "the choices draw with their own seeds"
 
 
 def test_mtp_drafts_equal_the_reference_drafter(base, mtp_model, prompts):
