@@ -395,6 +395,10 @@ class Engine:
         if kv_dtype == FP8:
             with torch.inference_mode():
                 calibrate_kv_scales(model, self.cache)
+                if use_mtp:  # the MTP layer (drafts only): the widest of the trunk's per-head scales
+                    L = cfg.num_layers
+                    for scales in (self.cache.k_scale, self.cache.v_scale):
+                        scales[L].copy_(torch.stack(scales[:L]).amax(0))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch, self.chunk_size)
         self.max_blocks_per_seq = -(-self.max_len // block_size)

@@ -46,7 +46,8 @@ run after scheduling (their positions are then allocated), write tentative KV th
 step's real rows overwrite, and cost k - 1 more one-block forwards. Deeper MTP modules (depth
 >= 2) are not used by the engine (only module 1 is chained), which is documented in
 docs/speculative.md. The MTP KV of a block found in the prefix cache, or shared with forked
-choices, may come from another sequence; that changes drafts, never the output.
+choices, may come from another sequence; that changes drafts, never the output. With an fp8 KV
+cache the MTP layer takes the widest of the trunk's calibrated per-head scales.
 
 Legend: N packed rows, D hidden, V vocabulary, R verify rows of one request (k + 1).
 """
