@@ -243,6 +243,17 @@ def test_mtp_drafts_equal_the_reference_drafter(base, mtp_model, prompts):
     assert agree == len(seen)
 
 
+def test_fp8_kv_cache_with_mtp_drafts(base, mtp_model, prompts):
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    want = reference(mtp_model, base.tokenizer, prompts, params, kv_cache_dtype="fp8")
+    eng = Engine(mtp_model, base.tokenizer, max_batch=3, kv_cache_dtype="fp8", speculative="mtp",
+                 draft_tokens=2)
+    L = mtp_model.cfg.num_layers
+    assert torch.equal(eng.cache.k_scale[L], torch.stack(eng.cache.k_scale[:L]).amax(0))
+    assert [r.output_ids for r in run(eng, prompts, params)] == [c.token_ids for c in want]
+    assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
+
+
 def test_speculative_mtp_needs_mtp_modules(base):
     with pytest.raises(UserError, match="--mtp-depth"):
         Engine(base.model, base.tokenizer, speculative="mtp")
