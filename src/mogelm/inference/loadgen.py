@@ -10,7 +10,10 @@ synthetic prompt (words, or with `prompt_tokens` that many random token ids in [
 1000 by default, which any real vocabulary holds); at most `concurrency` are in flight. Reported:
 errors, wall time, requests/s, output tokens/s, and per request TTFT (time to the first text
 chunk), TPOT (time per output token after the first: (latency - TTFT) / (tokens - 1)) and
-end-to-end latency, as mean / p50 / p90 / p99 in milliseconds. The load is bounded: num_requests
+end-to-end latency, as mean / p50 / p90 / p99 in milliseconds; when the server speculates
+(its /metrics has the spec_decode_* counters, read before and after the load), the run's draft
+tokens, accepted tokens, verify rows, acceptance rate and mean accepted length ("speculative",
+None otherwise). The load is bounded: num_requests
 in total, each with `timeout`, all within `deadline`. Needs httpx (the `serve` extra).
 """
 
