@@ -6,7 +6,8 @@ with aborts; the block accounting is checked after every step (no sequence holds
 ceil(computed / block size), every block is free after a drain; blocks committed while verifying
 serve later prompts from the prefix cache); n > 1 choices draft on their own; drafts never carry
 a request past max_tokens, a stop token or a stop string; penalised requests fall back to ordinary decoding;
-logprobs equal the non-speculative ones; MTP drafts equal the reference MTPDrafter's; sampled
+logprobs equal the non-speculative ones; MTP drafts equal the reference MTPDrafter's (draft 1) and
+full causal forwards of the chaining rule (drafts 2..k); sampled
 speculative decoding keeps the target distribution (chi-square over a tiny vocabulary, and a wrong
 accept rule fails the same bound); the CLI refuses --speculative mtp without MTP modules.
 """
@@ -252,6 +253,44 @@ def test_fp8_kv_cache_with_mtp_drafts(base, mtp_model, prompts):
     assert torch.equal(eng.cache.k_scale[L], torch.stack(eng.cache.k_scale[:L]).amax(0))
     assert [r.output_ids for r in run(eng, prompts, params)] == [c.token_ids for c in want]
     assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
+
+
+@torch.no_grad()
+def chained_mtp_reference(model, seq: list[int], k: int) -> list[int]:
+    """k greedy drafts after seq (its last token pending) by MTP module 1 chained on its own output,
+    from full causal forwards of the module's block (no cache): the rule spec_decode documents."""
+    m, p = model.mtp[0], len(seq) - 1
+    x = torch.tensor([seq])
+    h0 = model(x[:, :p], return_hidden=True).trunk_hidden  # trunk rows 0..p-1
+    u = m.eh_proj(torch.cat([m.enorm(model.embed_tokens(x[:, 1:p + 1])), m.hnorm(h0)], dim=-1))
+    drafts = []
+    for _ in range(k):
+        n = u.shape[1]
+        cos, sin = model.rotary(torch.arange(n)[None])
+        out, _ = m.block(u, cos, sin)
+        h = out[:, -1:]
+        drafts.append(int(model.lm_head(m.norm(h))[0, -1].argmax()))
+        emb = model.embed_tokens(torch.tensor([[drafts[-1]]]))
+        nxt = m.eh_proj(torch.cat([m.enorm(emb), m.hnorm(h)], dim=-1))
+        u = torch.cat([u, nxt], dim=1)
+    return drafts
+
+
+def test_chained_mtp_drafts_equal_the_reference(base, mtp_model, prompts):
+    """Drafts 2..k (module 1 chained on its own output, over the paged MTP cache) equal full
+    causal forwards of the same rule."""
+    eng = Engine(mtp_model, base.tokenizer, max_batch=3, chunk_size=8, speculative="mtp", draft_tokens=3)
+    seen = []
+    real = eng._mtp_chain
+
+    def chain(batch):
+        real(batch)
+        seen.extend((list(r.token_ids[:-3]), r.token_ids[-3:]) for r, n in batch.rows if r.num_draft == 3)
+
+    eng._mtp_chain = chain
+    run(eng, prompts, SamplingParams(max_tokens=12, temperature=0))
+    assert len(seen) > 10
+    assert all(chained_mtp_reference(mtp_model, ids, 3) == d for ids, d in seen)
 
 
 def test_speculative_mtp_needs_mtp_modules(base):
