@@ -464,7 +464,7 @@ def test_gpu_verify_steps_replay_cuda_graphs_with_equal_greedy_output(base, mtp_
     model = type(src)(src.cfg)
     model.load_state_dict(src.state_dict())
     model = model.to("cuda", torch.bfloat16)
-    kw = dict(max_batch=4, block_size=16, chunk_size=16, gpu_memory_fraction=0.05)
+    kw = dict(max_batch=4, block_size=16, chunk_size=16, kv_cache_tokens=8192)  # run() checks every block
     params = SamplingParams(max_tokens=24, temperature=0)
     plain = Engine(model, base.tokenizer, **kw)
     want = [c.token_ids for c in plain.generate(prompts, params)]
