@@ -455,6 +455,31 @@ def test_gpu_bench_quick_smoke(tmp_path):
     assert "predicted 72B speedup" in r.stdout
 
 
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_verify_steps_through_the_graph_runner_on_cpu(base, mtp_model, prompts, method):
+    """The CUDA-graph path on the CPU (CUDAGraphRunner replays eagerly there): decode+verify steps go
+    through the bucketed static buffers (padding rows to the null block), MTP graphs also return the
+    hidden states, and greedy output stays equal."""
+    from mogelm.inference.engine import CUDAGraphRunner, decode_buckets
+
+    model = mtp_model if method == "mtp" else base.model
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    want = [c.token_ids for c in reference(model, base.tokenizer, prompts, params)]
+    eng = Engine(model, base.tokenizer, max_batch=3, chunk_size=8, speculative=method, draft_tokens=3)
+    runner = CUDAGraphRunner(model, eng.cache, decode_buckets(12), eng.max_blocks_per_seq,
+                             with_hidden=method == "mtp")
+    rows = []
+
+    def graphs(ids, *args):
+        rows.append(len(ids))
+        return runner(ids, *args)
+
+    eng.graphs = type("Spy", (), {"__call__": staticmethod(graphs), "with_hidden": runner.with_hidden})()
+    assert [r.output_ids for r in run(eng, prompts, params)] == want
+    assert max(rows) > 3 and any(r not in runner.buckets for r in rows), "verify rows, padded buckets"
+    assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["ngram", "mtp"])
 def test_gpu_verify_steps_replay_cuda_graphs_with_equal_greedy_output(base, mtp_model, prompts, method):

@@ -255,13 +255,28 @@ class StepInputs:
     row_starts: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
+class _EagerReplay:
+    """Stands in for a captured CUDA graph on a CPU (tests of the runner's bucketing and padding):
+    replay() runs the forward again and copies its results into the same output tensors."""
+
+    def __init__(self, fn: Callable[[], Tensor | tuple[Tensor, ...]]):
+        self.fn, self.out = fn, fn()
+
+    def replay(self) -> None:
+        new = self.fn()
+        for o, n in zip(*((x,) if isinstance(x, Tensor) else x for x in (self.out, new))):
+            o.copy_(n)
+
+
 class CUDAGraphRunner:
     """Decode-only steps replayed from CUDA graphs, one per bucketed batch size.
 
     Each graph runs the model on static buffers: ids/positions [1, b], pool slots [b], block tables
     [b, max_blocks] and live lengths [b] (a PagedAttention over them, with the decode kernel's split
     factor fixed for b). Before a replay the live rows are copied in; rows past them write to the
-    null block and have length 0 (their attention output is zero and their logits unused)."""
+    null block and have length 0 (their attention output is zero and their logits unused). On a CPU
+    (tests only; the engine captures graphs on CUDA alone) the "graphs" replay eagerly on the same
+    static buffers."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, buckets: list[int], max_blocks: int,
                  with_hidden: bool = False):
@@ -284,6 +299,10 @@ class CUDAGraphRunner:
                           return_hidden=True).trunk_hidden[0]
                 return model.lm_head(model.norm(x)), x  # [b, V], [b, D]
 
+            if device.type != "cuda":  # CPU (tests): the same static buffers, replayed eagerly
+                graph = _EagerReplay(fwd)
+                self.graphs[b] = (graph, ids, pos, state, graph.out)
+                continue
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up (allocator, lazy init, Triton compiles) off the capture
