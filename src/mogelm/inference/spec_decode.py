@@ -31,7 +31,9 @@ is bound by reading the weights, so the extra positions are almost free; at larg
 bound by compute and k + 1 times the tokens cost nearly k + 1 times the time while only
 1 + E[accepted] tokens come out. The engine therefore speculates only while the running batch has
 at most `spec_max_batch` sequences (default DEFAULT_SPEC_MAX_BATCH, from the H200 prediction in
-benchmarks/notes_spec.md); above it every request decodes normally (MTP drafting pauses too).
+benchmarks/notes_spec.md); above it every request decodes normally and MTP drafting pauses too
+(its block would cost one layer per step; positions decoded meanwhile get no MTP KV, which only
+weakens those sequences' drafts once speculation resumes).
 
 MTP drafts (`MTPRunner`). The model's first MTP module (mogelm.mtp) predicts token t + 2 from the
 trunk's pre-norm hidden state at t and the embedding of token t + 1. Its transformer block has
