@@ -13,8 +13,9 @@ token t+d, and predicts token t+d+1:
 
 Depth d has T-d rows (positions 0..T-d-1 of a T-token input): the others have no token t+d.
 In training (mogelm.train) the loss is  CE(main) + lambda * mean_d CE(depth d)  (mtp_losses
-below); at inference a module drafts the token after next for speculative decoding (stage 2:
-mogelm.inference.drafters names the interface, the engine does not use MTP yet).
+below); at inference module 1 drafts the token after next for speculative decoding
+(mogelm.inference.spec_decode runs it over the engine's paged cache; drafters.MTPDrafter is the
+uncached reference).
 
     model = Transformer(cfg.replace(mtp_depth=1))
     out = model(ids_BT, return_stats=True, return_hidden=True)     # out.trunk_hidden [B, T, D]

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    engine_flags.check_speculative(args, args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine_kwargs = dict(max_batch=args.max_batch, **engine_flags.engine_kwargs(args))
     nproc = _lockstep.check(args, args.model, args.device)

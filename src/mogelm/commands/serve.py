@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
                             f"use --max-len {context} or less (or leave it out)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    engine_flags.check_speculative(args, args.model)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine_kwargs = dict(max_batch=args.max_batch, max_len=args.max_len, chunk_size=args.chunk_size,
                          cuda_graphs=False if args.no_cuda_graphs else None,

@@ -14,9 +14,9 @@ always allowed: that step then advances by fewer tokens, never wrongly.
   followed it. Needs no model and no training; it pays off on text that repeats itself (code,
   quoting the prompt, lists).
 - MTPDrafter: the model's own multi-token prediction modules (mogelm.mtp), greedy. This is the
-  reference version: one full forward of the model per call. The engine does NOT draft with MTP
-  yet (stage 2 of issue 16 adds drafting from the engine's cached hidden states and the
-  `--speculative mtp|ngram` serving flag); this class defines what that must propose.
+  reference version: one full forward of the model per call. The engine drafts with MTP module 1
+  over its paged cache instead (inference/spec_decode.py, MTPRunner), and its draft 1 equals this
+  class's (tests/test_spec_engine.py); the engine's n-gram drafts are NgramDrafter's.
 
 Pure code: no engine, no cache; the tests pin proposals on hand-made sequences.
 """
@@ -79,7 +79,7 @@ class MTPDrafter:
     at row t-1 sees the trunk's hidden state chain and the embedding of token t-1+j and predicts
     token t+j: draft j. Depth j >= 2 needs draft j-1 as its input token, so the drafts are made
     one at a time, each appended before the next forward. Reference implementation: full
-    forwards, no cache (the engine's cached version is stage 2)."""
+    forwards, no cache (the engine's cached version: spec_decode.MTPRunner)."""
 
     def __init__(self, model):
         if getattr(model, "mtp", None) is None:

@@ -25,8 +25,9 @@ of them have their KV in the pool. One `step()`:
      for the prompt positions of a request that asks for prompt logprobs);
   4. commits full blocks to the prefix cache; computes the prompt logprobs asked for; forks the
      children of parents whose prompt is now in; samples the next token of every sequence whose
-     tokens are all in (with their logprobs when asked), checks stop conditions (stop token, stop
-     string, max_tokens, context full) and frees finished sequences.
+     tokens are all in (with their logprobs when asked), or verifies its drafts (speculative
+     decoding, below), checks stop conditions (stop token, stop string, max_tokens, context full)
+     and frees finished sequences.
 
 Positions are explicit (token i of a sequence sits at position i), so batching changes nothing:
 greedy output equals decoding each prompt alone and equals the uncached forward (tests). A
@@ -38,7 +39,8 @@ step is profiled and the pool takes what is left of `gpu_memory_fraction` of the
 (`kv_cache_tokens` overrides); on CPU it holds `kv_cache_tokens` or max_batch x max_len tokens, so
 no sequence is ever preempted by default. The context limit (max_len) is at most the pool's
 capacity, so any accepted request fits alone. `stats()` reports blocks total/used/free, prefix-cache
-queries/hits, running/waiting and preemptions (for metrics).
+queries/hits, running/waiting, preemptions and speculative decoding's counters (for metrics).
+With MTP drafting the pool holds one more layer (the MTP block's KV).
 
 What a request can ask for beyond its tokens (the request life cycle; all from the RAW logits of
 the step, i.e. the model's own distribution before bias, penalties and temperature, vLLM's default):
@@ -65,8 +67,16 @@ the step, i.e. the model's own distribution before bias, penalties and temperatu
     max_batch choices; a larger n is split into groups, later groups find the prompt in the prefix
     cache). Aborting a parent whose children still wait hands the group to its first child.
 
-Extension points: speculative decoding appends k draft tokens to a sequence, schedules k + 1 rows
-(several positions of one sequence in one forward) and rolls back with BlockManager.truncate.
+Speculative decoding (speculative="ngram" | "mtp", draft_tokens=k; spec_decode.py has the whole
+story): before scheduling, every decoding request that may speculate gets up to k drafts appended
+to its token_ids (Request.num_draft); the scheduler runs it as a verify row of k + 1 tokens, which
+_build_batch lays out as k + 1 decode rows of the paged kernel (one block table, lengths
+position + 1), so a decode+verify step replays a CUDA graph like a decode step (buckets up to
+max_batch x (k + 1) rows); after the forward _verify applies the accept rule, emits the accepted
+drafts and the target's token through _advance one by one (every stop check as without drafts),
+and truncates the request's blocks to the positions whose tokens stand. With MTP the forward also
+returns the trunk's hidden states and _mtp_rows runs the MTP module over them for the next drafts.
+Speculation pauses while more than spec_max_batch sequences run; penalised requests never draft.
 The engine works on token ids; the tokenizer (optional) is used only for text prompts, stop strings
 and the text it returns. fp32 on CPU, bf16 on CUDA by default.
 """
@@ -102,6 +112,7 @@ from mogelm.inference.sampling import (
     token_logprobs,
 )
 from mogelm.inference.scheduler import ScheduledBatch, Scheduler
+from mogelm.inference.spec_decode import DEFAULT_SPEC_MAX_BATCH, MTPRunner, SpecConfig, may_speculate, verify
 from mogelm.kernels import ops
 from mogelm.model import Transformer
 
@@ -172,6 +183,11 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     children: list[Request] = field(default_factory=list)  # choices to fork once the prompt is in
+    # speculative decoding (spec_decode.py): drafts at the end of token_ids this step; MTP's next
+    # draft and the module's output hidden state it came from (for chaining), made after a step
+    num_draft: int = 0
+    mtp_draft: int | None = None
+    mtp_hidden: Tensor | None = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
@@ -233,6 +249,23 @@ class StepInputs:
     # prompt logprobs: (request, first logits row, first position, count): logits rows
     # r0 .. r0 + count - 1 are positions p0 .. p0 + count - 1 and predict prompt token p + 1
     prompt_spans: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    # speculative verify rows: (request, first logits row, number of drafts)
+    verifiers: list[tuple[Request, int, int]] = field(default_factory=list)
+    # every scheduled row: (request, first packed token, first position) (MTP rows after the step)
+    row_starts: list[tuple[Request, int, int]] = field(default_factory=list)
+
+
+class _EagerReplay:
+    """Stands in for a captured CUDA graph on a CPU (tests of the runner's bucketing and padding):
+    replay() runs the forward again and copies its results into the same output tensors."""
+
+    def __init__(self, fn: Callable[[], Tensor | tuple[Tensor, ...]]):
+        self.fn, self.out = fn, fn()
+
+    def replay(self) -> None:
+        new = self.fn()
+        for o, n in zip(*((x,) if isinstance(x, Tensor) else x for x in (self.out, new))):
+            o.copy_(n)
 
 
 class CUDAGraphRunner:
@@ -241,10 +274,14 @@ class CUDAGraphRunner:
     Each graph runs the model on static buffers: ids/positions [1, b], pool slots [b], block tables
     [b, max_blocks] and live lengths [b] (a PagedAttention over them, with the decode kernel's split
     factor fixed for b). Before a replay the live rows are copied in; rows past them write to the
-    null block and have length 0 (their attention output is zero and their logits unused)."""
+    null block and have length 0 (their attention output is zero and their logits unused). On a CPU
+    (tests only; the engine captures graphs on CUDA alone) the "graphs" replay eagerly on the same
+    static buffers."""
 
-    def __init__(self, model: Transformer, cache: PagedKVCache, buckets: list[int], max_blocks: int):
-        self.buckets, self.graphs = sorted(buckets), {}
+    def __init__(self, model: Transformer, cache: PagedKVCache, buckets: list[int], max_blocks: int,
+                 with_hidden: bool = False):
+        """with_hidden: the graphs also return the trunk's pre-norm hidden states (MTP drafting)."""
+        self.buckets, self.graphs, self.with_hidden = sorted(buckets), {}, with_hidden
         device = cache.k[0].device
         pool = None
         for b in sorted(buckets, reverse=True):  # largest first, so smaller graphs reuse its memory pool
@@ -256,8 +293,16 @@ class CUDAGraphRunner:
                                    torch.zeros(b, dtype=torch.int32, device=device), num_splits=splits)
 
             def fwd(ids=ids, pos=pos, state=state):
-                return model(ids, positions_BT=pos, kv_cache=state)[0]  # [b, V]
+                if not with_hidden:
+                    return model(ids, positions_BT=pos, kv_cache=state)[0]  # [b, V]
+                x = model(ids, positions_BT=pos, kv_cache=state, head=False,
+                          return_hidden=True).trunk_hidden[0]
+                return model.lm_head(model.norm(x)), x  # [b, V], [b, D]
 
+            if device.type != "cuda":  # CPU (tests): the same static buffers, replayed eagerly
+                graph = _EagerReplay(fwd)
+                self.graphs[b] = (graph, ids, pos, state, graph.out)
+                continue
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up (allocator, lazy init, Triton compiles) off the capture
@@ -271,8 +316,9 @@ class CUDAGraphRunner:
             self.graphs[b] = (graph, ids, pos, state, logits)
 
     def __call__(self, ids_R: Tensor, pos_R: Tensor, slots_R: Tensor, tables_RW: Tensor,
-                 lens_R: Tensor) -> Tensor:
-        """Logits [R, V] of one decode step over R rows (host or device tensors)."""
+                 lens_R: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [R, V] of one decode step over R rows (host or device tensors); with_hidden:
+        (logits, trunk hidden [R, D])."""
         R, W = tables_RW.shape
         b = next(s for s in self.buckets if s >= R)
         graph, ids, pos, state, logits = self.graphs[b]
@@ -287,6 +333,8 @@ class CUDAGraphRunner:
             state.slots_N[R:].fill_(NULL_BLOCK)  # slot 0 = offset 0 of the null block
             state.lens_R[R:].zero_()
         graph.replay()
+        if self.with_hidden:
+            return logits[0][:R], logits[1][:R]
         return logits[:R]
 
 
@@ -306,6 +354,9 @@ class Engine:
         kv_cache_dtype: str | torch.dtype | None = None,
         prefix_caching: bool = True,
         fuse: bool | None = None,
+        speculative: str | None = None,
+        draft_tokens: int = 3,
+        spec_max_batch: int | None = None,
     ):
         """max_batch: sequences running at once (the largest decode batch); max_len: context per
         sequence (default the model's); chunk_size: prompt tokens per step (default 256 on CPU, 2048 on
@@ -313,7 +364,9 @@ class Engine:
         max_batch x max_len, CUDA what gpu_memory_fraction leaves after weights and activations);
         kv_cache_dtype: None/"auto" (the model's dtype) or "fp8" (e4m3, per-head scales calibrated at
         start-up); prefix_caching: reuse cached blocks of identical prompt prefixes; fuse: apply the
-        load-time fusions of inference/fuse.py to the model, in place (default: on CUDA)."""
+        load-time fusions of inference/fuse.py to the model, in place (default: on CUDA);
+        speculative: None, "ngram" or "mtp" (spec_decode.py), with up to draft_tokens drafts per
+        step while at most spec_max_batch sequences run (default DEFAULT_SPEC_MAX_BATCH)."""
         cfg = model.cfg
         p = next(model.parameters())
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, p.device
@@ -329,6 +382,16 @@ class Engine:
         if not 0 < gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
         self.max_batch, self.block_size = max_batch, block_size
+        self.spec: SpecConfig | None = None
+        if speculative is not None:
+            if speculative == "mtp" and getattr(model, "mtp", None) is None:
+                raise UserError("--speculative mtp needs a checkpoint with MTP modules (mtp_depth > 0 in its "
+                                "config): train one with `mogelm train --mtp-depth 1`, or use "
+                                "--speculative ngram")
+            self.spec = SpecConfig(speculative, draft_tokens,
+                                   DEFAULT_SPEC_MAX_BATCH if spec_max_batch is None else spec_max_batch)
+        use_mtp = self.spec is not None and self.spec.method == "mtp"
+        pool_layers = cfg.num_layers + int(use_mtp)  # MTP module 1 keeps its KV in one more layer
         self.chunk_size = chunk_size or (2048 if on_cuda else 256)
         max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         kv_dtype = {None: p.dtype, "auto": p.dtype, "fp8": FP8}.get(kv_cache_dtype, kv_cache_dtype)
@@ -338,7 +401,7 @@ class Engine:
         if kv_cache_tokens is not None:
             num_blocks = -(-kv_cache_tokens // block_size) + 1
         elif on_cuda:
-            num_blocks = self._blocks_for_memory(gpu_memory_fraction, kv_dtype)
+            num_blocks = self._blocks_for_memory(gpu_memory_fraction, kv_dtype, pool_layers)
         else:
             num_blocks = max_batch * -(-max_len // block_size) + 1
         self.max_len = min(max_len, (num_blocks - 1) * block_size)
@@ -347,10 +410,14 @@ class Engine:
                         max_len)
         self.max_len_model = max_len
         self.cache = PagedKVCache(cfg, num_blocks, block_size, device=p.device, dtype=p.dtype,
-                                  kv_dtype=kv_dtype)
+                                  kv_dtype=kv_dtype, num_layers=pool_layers)
         if kv_dtype == FP8:
             with torch.inference_mode():
                 calibrate_kv_scales(model, self.cache)
+                if use_mtp:  # the MTP layer (drafts only): the widest of the trunk's per-head scales
+                    L = cfg.num_layers
+                    for scales in (self.cache.k_scale, self.cache.v_scale):
+                        scales[L].copy_(torch.stack(scales[:L]).amax(0))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch, self.chunk_size)
         self.max_blocks_per_seq = -(-self.max_len // block_size)
@@ -363,6 +430,12 @@ class Engine:
         # children waiting for their parent's prompt (num_waiting): each counter has one writer thread
         self._unforked_added = self._unforked_done = 0
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
+        self.spec_drafts = self.spec_accepted = self.spec_verifies = 0  # counters (stats())
+        self.mtp = MTPRunner(model, self.cache, block_size) if use_mtp else None
+        if self.spec is not None and self.spec.method == "ngram":
+            from mogelm.inference.drafters import NgramDrafter
+
+            self.ngram = NgramDrafter()
         use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.graphs: CUDAGraphRunner | None = None
         if use_graphs:
@@ -370,14 +443,17 @@ class Engine:
                 raise ValueError("cuda_graphs=True needs the model on a CUDA device")
             try:
                 with torch.inference_mode():
-                    self.graphs = CUDAGraphRunner(model, self.cache, decode_buckets(max_batch),
-                                                  self.max_blocks_per_seq)
+                    # verify rows are decode rows: up to (k + 1) per sequence while speculating
+                    rows = max_batch if self.spec is None else max(
+                        max_batch, min(max_batch, self.spec.max_batch) * (self.spec.k + 1))
+                    self.graphs = CUDAGraphRunner(model, self.cache, decode_buckets(rows),
+                                                  self.max_blocks_per_seq, with_hidden=use_mtp)
             except Exception as e:  # a model op that cannot be captured: fall back to eager decode
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
 
     MAX_BLOCKS = 1 << 20  # 16 M tokens at block size 16: plenty; keeps the host-side lists small
 
-    def _blocks_for_memory(self, fraction: float, kv_dtype: torch.dtype) -> int:
+    def _blocks_for_memory(self, fraction: float, kv_dtype: torch.dtype, num_layers: int) -> int:
         """Pool blocks that fit in this engine's share of the device memory (`fraction` of the total,
         as vLLM's gpu_memory_utilization: per instance) after its weights, the activation peak of its
         largest step (profiled: a forward of chunk_size + max_batch tokens), the logits of max_batch
@@ -400,7 +476,7 @@ class Engine:
         reserve = activations + 4 * self.max_batch * cfg.vocab_size * 4 + (512 << 20)  # + fp32 logits, margin
         share = fraction * total - weights - reserve  # this engine's share, after weights and a step
         budget = min(share, free - reserve)
-        per_block = PagedKVCache.bytes_per_block(cfg, self.block_size, kv_dtype)
+        per_block = PagedKVCache.bytes_per_block(cfg, self.block_size, kv_dtype, num_layers)
         blocks = min(int(budget // per_block), self.MAX_BLOCKS)
         gib = 2**30
         if blocks < 2:
@@ -552,7 +628,17 @@ class Engine:
             prefix_cache_hit_rate=blocks["prefix_cache_hits_total"] / queries if queries else 0.0,
             num_preemptions_total=self.scheduler.num_preemptions, engine_steps_total=self.num_steps,
             prompt_tokens_computed_total=self.num_prompt_tokens,
-            generated_tokens_total=self.num_generated_tokens)
+            generated_tokens_total=self.num_generated_tokens, **self.spec_stats())
+
+    def spec_stats(self) -> dict[str, int | float]:
+        """Speculative decoding's counters (zero without it): draft tokens proposed and accepted,
+        verify rows run (one per sequence and step), the acceptance rate (accepted / drafts) and the
+        mean accepted length (tokens emitted per verify row, the corrected or bonus token included:
+        1 + accepted / verify rows)."""
+        d, a, v = self.spec_drafts, self.spec_accepted, self.spec_verifies
+        return dict(spec_decode_draft_tokens_total=d, spec_decode_accepted_tokens_total=a,
+                    spec_decode_num_drafts_total=v, spec_decode_acceptance_rate=a / d if d else 0.0,
+                    spec_decode_mean_accepted_length=1 + a / v if v else 0.0)
 
     # --- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -564,12 +650,21 @@ class Engine:
         for request_id in aborts:
             outputs += self._abort(request_id)
 
+        speculating = self._propose_drafts()
+        if self.mtp is not None and not speculating:
+            for req in self.running:  # MTP rows pause with speculation: their drafts go stale
+                req.mtp_draft = req.mtp_hidden = None
         batch = self.scheduler.schedule()  # 2. who runs, how many tokens
         if batch.rows:
             self.cache.copy_blocks(batch.copies)  # 3. copy-on-write, then one forward
+            if self.mtp is not None and speculating:
+                self._mtp_chain(batch)
             inputs = self._build_batch(batch)
-            logits = self._forward(inputs, batch.is_decode_only)
+            logits, hidden = self._forward(inputs, batch.is_decode_only, self.mtp is not None and speculating)
+            verifying = {id(r) for r, _, _ in inputs.verifiers}
             for req, n in batch.rows:  # 4. bookkeeping, prompt logprobs, forks, sampling
+                if id(req) in verifying:
+                    continue  # after the accept rule (_verify)
                 p, a = len(req.prompt_ids), req.num_computed
                 self.num_prompt_tokens += min(a + n, p) - min(a, p)  # prompt positions computed (again)
                 req.num_computed += n
@@ -578,6 +673,10 @@ class Engine:
                 self._prompt_logprobs(logits, inputs.prompt_spans)
             if inputs.samplers:
                 outputs += self._sample(logits, inputs)
+            if inputs.verifiers:
+                outputs += self._verify(logits, inputs)
+            if hidden is not None:
+                self._mtp_rows(hidden, inputs)
             self.num_steps += 1
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.scheduler.finish(req)
@@ -607,9 +706,16 @@ class Engine:
         for req, n in batch.rows:
             a, table = req.num_computed, self.blocks.tables[req.id]
             lo = len(inp.ids)
+            inp.row_starts.append((req, lo, a))
             inp.ids += req.token_ids[a:a + n]
             inp.positions += range(a, a + n)
             inp.slots += [table[p // bs] * bs + p % bs for p in range(a, a + n)]
+            if req.num_draft and n == 1 + req.num_draft:  # verify: n decode rows, all with logits
+                inp.decode_tables += [table] * n
+                inp.decode_lens += range(a + 1, a + n + 1)
+                inp.verifiers.append((req, len(inp.logits_indices), req.num_draft))
+                inp.logits_indices += range(lo, lo + n)
+                continue
             if n == 1:
                 inp.decode_tables.append(table)
                 inp.decode_lens.append(a + 1)
@@ -627,8 +733,10 @@ class Engine:
                 inp.samplers.append(req)
         return inp
 
-    def _forward(self, inp: StepInputs, decode_only: bool) -> Tensor:
-        """Logits [len(inp.logits_indices), V] of one step."""
+    def _forward(self, inp: StepInputs, decode_only: bool, want_hidden: bool = False
+                 ) -> tuple[Tensor, Tensor | None]:
+        """Logits [len(inp.logits_indices), V] of one step, and with want_hidden the trunk's
+        pre-norm hidden state of every packed token [N, D] (MTP drafting), else None."""
         dev = self.device
         width = max((len(t) for t in inp.decode_tables), default=1)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in inp.decode_tables]  # numpy: 3x faster here
@@ -636,14 +744,20 @@ class Engine:
         lens = torch.tensor(inp.decode_lens, dtype=torch.int32)
         ids, pos = torch.tensor(inp.ids), torch.tensor(inp.positions)
         slots = torch.tensor(inp.slots)
+        idx = torch.tensor(inp.logits_indices, dtype=torch.long, device=dev)
         if decode_only and self.graphs is not None:
-            logits = self.graphs(ids, pos, slots, tables, lens)
-            return logits[torch.tensor(inp.logits_indices, dtype=torch.long, device=logits.device)]
+            out = self.graphs(ids, pos, slots, tables, lens)
+            logits, hidden = out if self.graphs.with_hidden else (out, None)
+            return logits[idx], hidden if want_hidden else None
         chunks = [PrefillChunk(lo, hi, start, torch.tensor(table, dtype=torch.int32, device=dev))
                   for lo, hi, start, table in inp.chunks]
         state = PagedAttention(self.cache, slots.to(dev), tables.to(dev), lens.to(dev), chunks)
-        return self.model(ids.to(dev)[None], positions_BT=pos.to(dev)[None], kv_cache=state,
-                          logits_indices=torch.tensor(inp.logits_indices, dtype=torch.long, device=dev))
+        if not want_hidden:
+            return self.model(ids.to(dev)[None], positions_BT=pos.to(dev)[None], kv_cache=state,
+                              logits_indices=idx), None
+        x = self.model(ids.to(dev)[None], positions_BT=pos.to(dev)[None], kv_cache=state, head=False,
+                       return_hidden=True).trunk_hidden.flatten(0, 1)  # [N, D]
+        return self.model.lm_head(self.model.norm(x[idx])), x  # as the model's logits_indices path
 
     PROMPT_LOGPROBS_ROWS = 512  # rows per log_softmax: bounds its fp32 temporaries (2 x rows x vocab)
 
@@ -702,6 +816,112 @@ class Engine:
                 r.penalty.update(t)
             outputs.append((r, self._advance(r, t, e)))
         return outputs
+
+    # --- speculative decoding (spec_decode.py) ----------------------------------------------------
+    def _propose_drafts(self) -> bool:
+        """Append drafts to every decoding request that may speculate; False when speculation is off
+        this step (none configured, or more than spec.max_batch sequences running). Drafts stop
+        short of max_tokens and of the context: a draft that cannot be emitted is never computed."""
+        spec = self.spec
+        if spec is None or len(self.running) > spec.max_batch:
+            return False
+        for req in self.running:
+            if req.num_draft or len(req.token_ids) - req.num_computed != 1 or not may_speculate(req):
+                continue
+            k = min(spec.k, req.params.max_tokens - req.num_generated - 1, self.max_len - len(req.token_ids))
+            if k <= 0:
+                continue
+            if self.mtp is not None:  # draft 1 from the last step; the rest chained after scheduling
+                drafts = [] if req.mtp_draft is None else [req.mtp_draft] * k
+            else:
+                drafts = self.ngram.propose(req.token_ids, k)
+            req.token_ids += drafts
+            req.num_draft = len(drafts)
+        return True
+
+    def _mtp_chain(self, batch: ScheduledBatch) -> None:
+        """Drafts 2..k of MTP verify rows: module 1 chained on its own output (spec_decode.py), one
+        batched forward per extra draft, at positions the scheduler just allocated."""
+        reqs = [r for r, n in batch.rows
+                if r.num_draft > 1 and n == 1 + r.num_draft and r.mtp_hidden is not None]
+        hidden = {id(r): r.mtp_hidden for r in reqs}
+        for i in range(1, max((r.num_draft for r in reqs), default=1)):
+            reqs = [r for r in reqs if r.num_draft > i]
+            a = [r.num_computed for r in reqs]  # the pending token's position; its drafts follow
+            out = self.mtp.run(torch.stack([hidden[id(r)] for r in reqs]),
+                               [r.token_ids[p + i] for r, p in zip(reqs, a)], [p + i - 1 for p in a],
+                               [self.blocks.tables[r.id] for r in reqs])
+            for j, (r, p, t) in enumerate(zip(reqs, a, self.mtp.draft(out))):
+                r.token_ids[p + i + 1] = t
+                hidden[id(r)] = out[j]
+
+    def _verify(self, logits: Tensor, inp: StepInputs) -> list[tuple[Request, RequestOutput]]:
+        """The accept rule on every verify row, then per request: emit the accepted drafts and the
+        target's token one by one through the usual stop checks, keep the KV of the positions whose
+        tokens stand and free the blocks past them (BlockManager.truncate)."""
+        results = verify(logits, inp.verifiers)
+        outputs = []
+        for (req, r0, k), (num_acc, nxt) in zip(inp.verifiers, results):
+            a = req.num_computed
+            drafts = req.token_ids[len(req.token_ids) - k:]
+            del req.token_ids[len(req.token_ids) - k:]
+            req.num_draft = 0
+            self.spec_drafts += k
+            self.spec_accepted += num_acc
+            self.spec_verifies += 1
+            emitted = drafts[:num_acc] + [nxt]
+            entries: list[TokenLogprob | None] = [None] * len(emitted)
+            if req.logprobs is not None:  # each token from its own position's raw logits
+                rows = torch.arange(r0, r0 + len(emitted), device=logits.device)
+                entries = token_logprobs(logits[rows], emitted, req.params.logprobs)
+            outs = []
+            for t, e in zip(emitted, entries):
+                outs.append(self._advance(req, t, e))
+                if req.finish_reason is not None:
+                    break
+            # positions a .. a + num_acc hold the fed token and the accepted drafts; a stop token
+            # among them is not in token_ids, so keep only the positions whose tokens stand
+            req.num_computed = min(a + 1 + num_acc, len(req.token_ids))
+            self.blocks.truncate(req.id, req.num_computed)
+            self.blocks.commit(req.id, req.token_ids, req.num_computed)
+            outputs.append((req, self._merge(outs)))
+        return outputs
+
+    @staticmethod
+    def _merge(outs: list[RequestOutput]) -> RequestOutput:
+        """One output for several tokens emitted in one step (the last one's status)."""
+        if len(outs) == 1:
+            return outs[0]
+        last = outs[-1]
+        lps = None if last.logprobs is None else [e for o in outs for e in o.logprobs]
+        return replace(last, token_ids=[t for o in outs for t in o.token_ids],
+                       text="".join(o.text for o in outs), logprobs=lps,
+                       prompt_logprobs=outs[0].prompt_logprobs)
+
+    def _mtp_rows(self, hidden_ND: Tensor, inp: StepInputs) -> None:
+        """MTP module 1 over every position this step computed whose next token is now known (its KV
+        in the MTP layer), and the next draft of every request that goes on decoding."""
+        ids, pos, tables, rows, last = [], [], [], [], []
+        for req, lo, a in inp.row_starts:
+            if req.finish_reason is not None or req.num_computed <= a or not may_speculate(req):
+                continue
+            table = self.blocks.tables[req.id]
+            for p in range(a, req.num_computed):
+                ids.append(req.token_ids[p + 1])
+                pos.append(p)
+                tables.append(table)
+                rows.append(lo + p - a)
+            if len(req.token_ids) == req.num_computed + 1:  # decoding next: it needs a draft
+                last.append((req, len(ids) - 1))
+            else:
+                req.mtp_draft = req.mtp_hidden = None
+        if not ids:
+            return
+        out = self.mtp.run(hidden_ND[torch.tensor(rows, device=hidden_ND.device)], ids, pos, tables)
+        if last:
+            at = torch.tensor([i for _, i in last], device=out.device)
+            for (req, _), t, h in zip(last, self.mtp.draft(out[at]), out[at]):
+                req.mtp_draft, req.mtp_hidden = t, h
 
     def _advance(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         """Account for one sampled token: stop token, max_tokens, context, stop strings, new text."""

@@ -10,7 +10,10 @@ synthetic prompt (words, or with `prompt_tokens` that many random token ids in [
 1000 by default, which any real vocabulary holds); at most `concurrency` are in flight. Reported:
 errors, wall time, requests/s, output tokens/s, and per request TTFT (time to the first text
 chunk), TPOT (time per output token after the first: (latency - TTFT) / (tokens - 1)) and
-end-to-end latency, as mean / p50 / p90 / p99 in milliseconds. The load is bounded: num_requests
+end-to-end latency, as mean / p50 / p90 / p99 in milliseconds; when the server speculates
+(its /metrics has the spec_decode_* counters, read before and after the load), the run's draft
+tokens, accepted tokens, verify rows, acceptance rate and mean accepted length ("speculative",
+None otherwise). The load is bounded: num_requests
 in total, each with `timeout`, all within `deadline`. Needs httpx (the `serve` extra).
 """
 
@@ -111,6 +114,7 @@ async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: i
             r = await client.get("/v1/models")
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
+        spec_before = await _spec_counters(client)
         sem = asyncio.Semaphore(concurrency)
 
         async def bounded(prompt):
@@ -123,6 +127,7 @@ async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: i
         for t in pending:
             t.cancel()
         wall = time.perf_counter() - t0
+        spec_after = await _spec_counters(client)
     results = [t.result() for t in done] + [{"error": "deadline exceeded"}] * len(pending)
     ok = [r for r in results if r["error"] is None]
     errors = [r["error"] for r in results if r["error"] is not None]
@@ -139,7 +144,44 @@ async def load_test(url: str, concurrency: int, num_requests: int, max_tokens: i
         "ttft_ms": ms([r["ttft"] for r in ok]),
         "tpot_ms": ms([(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]),
         "latency_ms": ms([r["latency"] for r in ok]),
+        "speculative": _spec_summary(spec_before, spec_after),
     }
+
+
+SPEC_COUNTERS = ("spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total",
+                 "spec_decode_num_drafts_total")
+
+
+async def _spec_counters(client) -> dict[str, float] | None:
+    """The server's speculative-decoding counters from /metrics (None if it has none or no /metrics)."""
+    try:
+        r = await client.get("/metrics")
+        if r.status_code != 200:
+            return None
+    except Exception:  # an OpenAI-compatible server without /metrics: nothing to report
+        return None
+    found = {}
+    for line in r.text.splitlines():
+        name, _, value = line.partition(" ")
+        key = name.removeprefix("mogelm:")
+        if key in SPEC_COUNTERS:
+            found[key] = float(value)
+    return found if len(found) == len(SPEC_COUNTERS) else None
+
+
+def _spec_summary(before: dict | None, after: dict | None) -> dict | None:
+    """Drafts proposed and accepted during the run (differences of the counters), the acceptance
+    rate and the mean accepted length (tokens per verify row, the target's own token included);
+    None when the server did not speculate."""
+    if before is None or after is None:
+        return None
+    d = {k.removeprefix("spec_decode_").removesuffix("_total"): after[k] - before[k] for k in SPEC_COUNTERS}
+    if d["num_drafts"] <= 0:
+        return None
+    return {"draft_tokens": int(d["draft_tokens"]), "accepted_tokens": int(d["accepted_tokens"]),
+            "verify_rows": int(d["num_drafts"]),
+            "acceptance_rate": round(d["accepted_tokens"] / max(d["draft_tokens"], 1), 4),
+            "mean_accepted_length": round(1 + d["accepted_tokens"] / d["num_drafts"], 4)}
 
 
 def format_summary(res: dict) -> str:
@@ -155,5 +197,10 @@ def format_summary(res: dict) -> str:
         if s["mean"] is not None:
             lines.append(f"{name:8s} ms: mean {s['mean']:.1f}  p50 {s['p50']:.1f}  p90 {s['p90']:.1f}  "
                          f"p99 {s['p99']:.1f}")
+    spec = res.get("speculative")
+    if spec:
+        lines.append(f"speculative: acceptance rate {spec['acceptance_rate']:.3f}, mean accepted length "
+                     f"{spec['mean_accepted_length']:.2f} ({spec['accepted_tokens']}/{spec['draft_tokens']} "
+                     f"drafts over {spec['verify_rows']} verify rows)")
     lines += [f"error: {e}" for e in res["error_examples"]]
     return "\n".join(lines)

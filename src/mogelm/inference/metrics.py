@@ -29,7 +29,10 @@ the dashboards expect (an engine returns those it has):
   num_preemptions_total, generated_tokens_total         scheduler and engine counters
   prefix_cache_queries_total, prefix_cache_hits_total   tokens looked up / found in the prefix cache
   prefix_cache_hit_rate                                 hits / queries since start, in [0, 1]
-  spec_decode_draft_tokens_total, spec_decode_accepted_tokens_total, spec_decode_acceptance_rate
+  spec_decode_draft_tokens_total, spec_decode_accepted_tokens_total   drafts proposed / accepted
+  spec_decode_num_drafts_total                          verify rows (one per sequence and step)
+  spec_decode_acceptance_rate, spec_decode_mean_accepted_length   accepted / drafts; tokens per
+                                                        verify row (1 + accepted / verify rows)
 
 Each ServerMetrics has its own CollectorRegistry, so several apps in one process (tests) never share
 counters. prometheus_client is thread-safe: timers are fed from the engine thread.

@@ -34,6 +34,12 @@ admission. `fork(parent, child)` then makes the child a running sequence that sh
 of the parent (BlockManager.fork; the first write into a shared partial block copies it).
 Scheduled order: one-token rows first (the decode kernel's rows), then the chunks.
 
+Speculative decoding (engine): a decoding sequence may carry `num_draft` draft tokens appended to
+its token_ids (optional attribute, default 0). It then runs as a *verify* row of 1 + num_draft
+tokens, scheduled like a decode (no prompt budget) and placed with the one-token rows. When its
+blocks do not fit, its drafts are dropped (token_ids shortened, num_draft = 0) before anything is
+preempted; a preempted sequence always loses its drafts (they are never recomputed as tokens).
+
 A request that could never fit (more tokens than the pool holds for one sequence) is refused
 before it reaches the scheduler (Engine.check_request), so preemption always ends with the oldest
 sequence running alone at worst, and every admitted request finishes.
@@ -60,6 +66,24 @@ def group_size(seq: Sequence) -> int:
     return getattr(seq, "group_size", 1)
 
 
+def num_draft(seq: Sequence) -> int:
+    """Draft tokens at the end of seq.token_ids (speculative decoding; 0 for most sequences)."""
+    return getattr(seq, "num_draft", 0)
+
+
+def drop_drafts(seq: Sequence) -> None:
+    """Remove seq's draft tokens from its token_ids (not enough blocks for them, or preempted)."""
+    k = num_draft(seq)
+    if k:
+        del seq.token_ids[-k:]
+        seq.num_draft = 0
+
+
+def is_decode_row(seq: Sequence, n: int) -> bool:
+    """A one-token decode, or a verify row: the pending token plus all of seq's drafts."""
+    return n == 1 + num_draft(seq)
+
+
 @dataclass
 class ScheduledBatch:
     rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
@@ -72,7 +96,8 @@ class ScheduledBatch:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(n == 1 for _, n in self.rows)
+        """Every row decodes (one token, or a speculative verify row: one decode row per token)."""
+        return all(is_decode_row(s, n) for s, n in self.rows)
 
 
 class Scheduler:
@@ -109,6 +134,7 @@ class Scheduler:
         return sum(group_size(s) for s in self.running)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        drop_drafts(seq)
         self.running.remove(seq)
         self.blocks.free(seq.id)
         seq.num_computed = 0
@@ -146,7 +172,7 @@ class Scheduler:
             self._preempt(self.running[-1], batch)  # partial prefills hold every block: free the newest
         if not batch.preempted:
             self._admit(batch, budget)
-        batch.rows.sort(key=lambda row: row[1] > 1)  # one-token rows first (stable)
+        batch.rows.sort(key=lambda row: not is_decode_row(*row))  # one-token and verify rows first (stable)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch) -> int:
@@ -156,6 +182,12 @@ class Scheduler:
         while i < len(self.running):  # oldest first
             seq = self.running[i]
             left = len(seq.token_ids) - seq.num_computed
+            if num_draft(seq) and left == 1 + num_draft(seq):  # a verify row: all its tokens, or none
+                if self._try_write(seq, left, batch):
+                    i += 1
+                    continue
+                drop_drafts(seq)  # no room for the drafts: decode one token as usual
+                left = 1
             if left == 1:
                 while not self._try_write(seq, 1, batch):
                     victim = self.running[-1]  # the newest (seq itself at worst)
