@@ -117,6 +117,11 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("port-out-of-range", ["--model", "{ckpt}", "--port", "70000"], "--port must be in"),
         ("threads-0", ["--model", "{ckpt}", "--threads", "0"], "--threads must be positive"),
         ("max-len-0", ["--model", "{ckpt}", "--max-len", "0"], "--max-len must be positive"),
+        ("speculative-mtp-without-mtp", ["--model", "{ckpt}", "--speculative", "mtp"], "has no MTP modules"),
+        ("speculative-with-nproc", ["--model", "{ckpt}", "--speculative", "ngram", "--nproc", "2", "--device",
+                                    "cpu"], "--speculative with --nproc > 1 is not supported"),
+        ("draft-tokens-0", ["--model", "{ckpt}", "--speculative", "ngram", "--draft-tokens", "0"],
+         "--draft-tokens must be at least 1"),
     ],
     "bench": [
         ("timeout-0", ["serve", "--timeout", "0"], "--timeout must be a positive number"),

@@ -59,6 +59,9 @@ def check(args: argparse.Namespace, model_dir: str, device: str | None) -> int:
                         "and of the attention heads (data-parallel replicas are not implemented)")
     if nproc == 1:
         return 1
+    if getattr(args, "speculative", None):
+        raise UserError("--speculative with --nproc > 1 is not supported: speculative decoding runs in one "
+                        "process (leave --speculative out, or serve on one GPU)")
     if getattr(args, "quantize", None):
         raise UserError("--quantize with --nproc > 1 is not supported: several processes serve bf16 / fp32 "
                         "checkpoints (leave --quantize out)")
