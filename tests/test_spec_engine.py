@@ -45,7 +45,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1)
+    # on the CPU even where CUDA exists: mtp_model copies this unfused fp32 model's weights (on a GPU
+    # from_pretrained would fuse q|k|v and gate|up, and the copy failed there on 2026-12-02)
+    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1,
+                                  device="cpu")
 
 
 @pytest.fixture(scope="module")
