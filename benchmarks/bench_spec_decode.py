@@ -113,7 +113,10 @@ def engine_run(model, tok, prompts, B: int, method: str | None, k: int, gen: int
                  kv_cache_tokens=B * (P + gen + k + 64), speculative=method, draft_tokens=k,
                  spec_max_batch=B if forced else None)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
-    eng.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+    # warm-up at the measured batch: every row count the timed steps use (decode, verify, MTP drafts)
+    # compiles its Triton kernels here, not inside the timing (the first H200 run's MTP rows were
+    # erratic: k = 1 slower than k = 3, which points at compilation inside the timed region)
+    eng.generate(prompts[:B], SamplingParams(max_tokens=2 * (k + 1) + 2, temperature=0, ignore_eos=True))
     before = eng.stats()
     reqs = [eng.add_request(p, params) for p in prompts[:B]]
     while any(r.num_generated == 0 for r in reqs):  # prefill: every request has its first token
