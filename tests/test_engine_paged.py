@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_inference import argmax_reference, build_checkpoint
+from test_inference import argmax_reference, cpu_engine
 
 from mogelm.inference import Engine, SamplingParams
 from mogelm.inference.cache import slotted_greedy
@@ -30,19 +30,12 @@ TEXTS = [
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_inference._one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    # on the CPU even where CUDA exists: the gpu tests copy this fp32, unfused model to the GPU
-    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1,
-                                  device="cpu")
+    return cpu_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def build_checkpoint(root: Path) -> Path:
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _one_thread
+    torch.set_num_threads(1)  # see conftest.one_thread
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = mogelm.Transformer(mogelm.from_name("debug"))
@@ -72,6 +72,14 @@ def build_checkpoint(root: Path) -> Path:
     mogelm.save_pretrained(model, d)
     _BUILT["ckpt"] = d
     return d
+
+
+def cpu_engine(tmp_path_factory) -> Engine:
+    """An engine over the trained debug checkpoint on the CPU, even where CUDA exists: gpu tests copy
+    its fp32, unfused model to the GPU (from_pretrained on CUDA would fuse q|k|v and gate|up, and a
+    copy into an unfused model then fails: it did on the H200 on 2026-12-02)."""
+    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1,
+                                  device="cpu")
 
 
 @torch.no_grad()
@@ -93,13 +101,7 @@ def drained(engine) -> bool:
     return not engine.blocks.tables and engine.blocks.num_used == 0 and not engine.has_unfinished()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, two spinning OpenMP threads are ~30x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -31,12 +31,7 @@ TASKS = REPO / "tests" / "lm_eval_tasks"
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install '.[eval]')")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_inference._one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

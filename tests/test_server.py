@@ -42,12 +42,7 @@ from mogelm.inference.server import DrainingServer, create_app, encode_texts, li
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_inference._one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +88,7 @@ def serving_in_thread(app):
 
 
 @pytest.fixture(scope="module")
-def server(ckpt, _one_thread):
+def server(ckpt, one_thread):
     engine = Engine.from_pretrained(ckpt, max_batch=8, chunk_size=32)
     app = create_app(engine, MODEL)
     with serving_in_thread(app) as url:
@@ -801,7 +796,7 @@ def test_health_answers_within_100ms_while_a_maximal_request_is_tokenised(server
 
 
 @pytest.fixture(scope="module")
-def secured(ckpt, _one_thread):
+def secured(ckpt, one_thread):
     engine = Engine.from_pretrained(ckpt, max_batch=2)
     app = create_app(engine, MODEL, api_key="sekrit-key", max_request_bytes=4096)
     with serving_in_thread(app) as url:

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from test_inference import build_checkpoint
+from test_inference import build_checkpoint, cpu_engine
 
 import mogelm
 from mogelm.errors import UserError
@@ -35,20 +35,12 @@ TEXTS = [
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_inference._one_thread
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    # on the CPU even where CUDA exists: mtp_model copies this unfused fp32 model's weights (on a GPU
-    # from_pretrained would fuse q|k|v and gate|up, and the copy failed there on 2026-12-02)
-    return Engine.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("inference")), max_batch=1,
-                                  device="cpu")
+    return cpu_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
