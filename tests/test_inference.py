@@ -53,25 +53,34 @@ def build_checkpoint(root: Path) -> Path:
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see conftest.one_thread
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = mogelm.Transformer(mogelm.from_name("debug"))
-    data = torch.tensor(tok.encode(TEXT * 4).ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
-        x = torch.stack([data[s:s + 65] for s in starts])
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    assert loss.item() < 1.0, f"the fixture model did not learn its text (loss {loss.item():.2f})"
+    model, loss = train_on_text(mogelm.from_name("debug"), tok.encode(TEXT * 4).ids, seed=0)
+    assert loss < 1.0, f"the fixture model did not learn its text (loss {loss:.2f})"
     mogelm.save_pretrained(model, d)
     _BUILT["ckpt"] = d
     return d
+
+
+def train_on_text(cfg, ids: list[int], seed: int, steps: int = 60) -> tuple[mogelm.Transformer, float]:
+    """A model of `cfg` trained `steps` AdamW steps on random 64-token windows of `ids`, on one
+    intra-op thread (see conftest.one_thread); returns it and its last loss."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = mogelm.Transformer(cfg)
+        data = torch.tensor(ids)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
+            x = torch.stack([data[s:s + 65] for s in starts])
+            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model, loss.item()
 
 
 def cpu_engine(tmp_path_factory) -> Engine:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_inference import SPECIAL, TEXT, build_checkpoint
+from test_inference import SPECIAL, TEXT, build_checkpoint, train_on_text
 from test_parallel import _assert_clean, _check, _init, _spawn
 
 import mogelm
@@ -58,25 +58,9 @@ def ckpt4(ckpt, tmp_path_factory) -> Path:
         (d / f).write_bytes((ckpt / f).read_bytes())
     from mogelm.inference.chat import Tokenizer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tok = Tokenizer.from_dir(d)
-        data = torch.tensor(tok.encode(TEXT * 4))
-        gen = torch.Generator().manual_seed(1)
-        torch.manual_seed(1)
-        model = mogelm.Transformer(from_name("debug", num_heads=8, num_kv_heads=4))
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(60):
-            starts = torch.randint(0, len(data) - 65, (8,), generator=gen)
-            x = torch.stack([data[s:s + 65] for s in starts])
-            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert loss.item() < 1.5, f"the kv-4 fixture model did not learn its text (loss {loss.item():.2f})"
+    ids = Tokenizer.from_dir(d).encode(TEXT * 4)
+    model, loss = train_on_text(from_name("debug", num_heads=8, num_kv_heads=4), ids, seed=1)
+    assert loss < 1.5, f"the kv-4 fixture model did not learn its text (loss {loss:.2f})"
     assert SPECIAL  # the tokenizer above carries the inference tests' special tokens
     mogelm.save_pretrained(model, d)
     return d
