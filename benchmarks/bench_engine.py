@@ -56,6 +56,7 @@ from mogelm.inference.cache import SlotGraphDecoder, SlotKVCache, prefill
 from mogelm.inference.paged import PagedAttention
 from mogelm.kernels import ops
 from mogelm.kernels import triton_attention as ta
+from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import Transformer
 from mogelm.moe.layer import MoGELayer
 
@@ -200,15 +201,7 @@ def bench_decode(models, batches, ctxs, bw, wb, res):
 
 def graph_ms(fn) -> float:
     """Median ms of replays of fn captured in a CUDA graph (after a warm-up on a side stream)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_cuda_graph(fn)
     return do_bench(g.replay, warmup=10, rep=50, return_mode="median")
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import mogelm
 from mogelm.kernels import ops
+from mogelm.kernels.cuda_graphs import capture_cuda_graph
 
 D, FE, E, G = 5120, 1344, 64, 8  # hidden, expert width, experts, groups (top-1 per group)
 SHARED = 5376
@@ -59,15 +60,7 @@ def graph_ms(fn) -> float:
     """Median ms of replays of fn captured in a CUDA graph."""
     from triton.testing import do_bench
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_cuda_graph(fn)
     return do_bench(g.replay, warmup=5, rep=40, return_mode="median")
 
 

@@ -28,6 +28,7 @@ from triton.testing import do_bench
 
 from mogelm.kernels import ops, torch_impl
 from mogelm.kernels import triton_moe as tm
+from mogelm.kernels.cuda_graphs import capture_cuda_graph
 
 SHAPES = {  # D, F, E, groups, experts per group per token, renormalise, shared width
     "pangu": dict(D=5120, F=1344, E=64, G=8, kp=1, renorm=False, shared=5376),
@@ -46,15 +47,7 @@ def timed(fn, graph: bool) -> float:
     """Median ms of fn (eager) or of replays of its CUDA graph."""
     if not graph:
         return do_bench(fn, warmup=10, rep=60, return_mode="median")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_cuda_graph(fn)
     return do_bench(g.replay, warmup=10, rep=60, return_mode="median")
 
 

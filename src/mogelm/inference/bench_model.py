@@ -72,6 +72,7 @@ from mogelm.inference.fuse import fuse_for_inference
 from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache
 from mogelm.inference.sampling import SamplingParams
 from mogelm.kernels import ops
+from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import RMSNorm, Transformer, rope_inv_freq
 from mogelm.moe.experts import Fp8RoutedExperts, RoutedExperts, output_std
 from mogelm.moe.layer import MoGELayer
@@ -140,15 +141,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.
         return statistics.median(times) * 1e3
     from triton.testing import do_bench
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     ms = do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
     del graph
     return ms

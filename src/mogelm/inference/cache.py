@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from mogelm.config import ModelConfig
+from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import KVCache, Transformer
 
 
@@ -119,15 +120,7 @@ class SlotGraphDecoder:
             def fwd(ids=ids, pos=pos, rows=rows):
                 return decode_one_token(model, rows, ids, pos, kv_len=cache.max_len + 1)
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up (allocator, lazy init) off the capture
-                for _ in range(2):
-                    fwd()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = fwd()
+            graph, logits = capture_cuda_graph(fwd, pool=pool)
             pool = graph.pool()
             self.graphs[b] = (graph, ids, pos, logits)
 

@@ -114,6 +114,7 @@ from mogelm.inference.sampling import (
 from mogelm.inference.scheduler import ScheduledBatch, Scheduler
 from mogelm.inference.spec_decode import DEFAULT_SPEC_MAX_BATCH, MTPRunner, SpecConfig, may_speculate, verify
 from mogelm.kernels import ops
+from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import Transformer
 
 log = logging.getLogger("mogelm.inference")
@@ -303,15 +304,7 @@ class CUDAGraphRunner:
                 graph = _EagerReplay(fwd)
                 self.graphs[b] = (graph, ids, pos, state, graph.out)
                 continue
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up (allocator, lazy init, Triton compiles) off the capture
-                for _ in range(2):
-                    fwd()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = fwd()
+            graph, logits = capture_cuda_graph(fwd, pool=pool)
             pool = graph.pool()
             self.graphs[b] = (graph, ids, pos, state, logits)
 
