@@ -258,6 +258,22 @@ def test_tensor_parallel_and_lockstep_engine_equal_one_process(tmp_path, ckpt, c
 
 
 # Pure checks -----------------------------------------------------------------------------------------
+def test_lockstep_engine_overrides_keep_the_engine_signatures():
+    """Every Engine method the lockstep engine overrides takes the same arguments. The CUDA-only
+    `_blocks_for_memory` once fell behind (the engine grew a layer-count argument for the MTP layer)
+    and every `--nproc` start on a GPU failed with a TypeError that no CPU test reached."""
+    import inspect
+
+    from mogelm.inference.distributed import LockstepEngine
+
+    own = [n for n, f in vars(LockstepEngine).items()
+           if callable(f) and hasattr(Engine, n) and n != "__init__"]
+    assert "_blocks_for_memory" in own and "step" in own
+    for name in own:
+        want = list(inspect.signature(getattr(Engine, name)).parameters)
+        assert list(inspect.signature(getattr(LockstepEngine, name)).parameters) == want, name
+
+
 def test_layout_checks_name_what_does_not_divide():
     from mogelm.parallel.tensor_parallel import resolve_dispatch, shard_slice, validate_tp
 

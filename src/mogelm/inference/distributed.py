@@ -116,9 +116,9 @@ class LockstepEngine(Engine):
             self._heartbeat_thread.start()
 
     # --- setup ------------------------------------------------------------------------------------
-    def _blocks_for_memory(self, fraction: float, kv_dtype: torch.dtype) -> int:
+    def _blocks_for_memory(self, fraction: float, kv_dtype: torch.dtype, num_layers: int) -> int:
         """Each rank's measure, then the smallest: the block managers must be the same everywhere."""
-        mine = super()._blocks_for_memory(fraction, kv_dtype)
+        mine = super()._blocks_for_memory(fraction, kv_dtype, num_layers)
         fewest = torch.tensor([mine], dtype=torch.int64)
         dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self.control)
         return int(fewest.item())
