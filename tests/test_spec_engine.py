@@ -153,7 +153,7 @@ def test_drafts_end_exactly_at_max_tokens_stop_tokens_and_stop_strings(base, pro
     eng = Engine(base.model, tok, max_batch=4, speculative="ngram", draft_tokens=4)
     # without the cap at max_tokens, so drafts do run past the end and must be cut
     eng_nocap = Engine(base.model, tok, max_batch=4, speculative="ngram", draft_tokens=4)
-    eng_nocap._propose_drafts = lambda: _propose_uncapped(eng_nocap)
+    eng_nocap._propose_drafts = lambda k_now: _propose_uncapped(eng_nocap)
     for params in cases:
         want = reference(base.model, tok, prompts, params)
         for e in (eng, eng_nocap):
@@ -226,8 +226,8 @@ def test_mtp_drafts_equal_the_reference_drafter(base, mtp_model, prompts):
     seen = []
     real = eng._propose_drafts
 
-    def propose():
-        ok = real()
+    def propose(k_now):
+        ok = real(k_now)
         seen.extend((list(r.token_ids[:-1]), r.token_ids[-1]) for r in eng.running if r.num_draft)
         return ok
 
@@ -344,7 +344,7 @@ def chi_square(model, n: int, seed: int) -> tuple[float, int, float]:
     positions of the accept rule: t2 from the first, t3 from the second or a rejection's resample)."""
     eng = Engine(model, None, max_batch=256, chunk_size=4096, speculative="ngram", draft_tokens=2)
     eng.ngram = FixedDrafter()
-    eng._propose_drafts = lambda: _propose_uncapped(eng)  # 2 drafts even with 2 tokens to go
+    eng._propose_drafts = lambda k_now: _propose_uncapped(eng)  # 2 drafts even with 2 tokens to go
     params = [SamplingParams(max_tokens=3, temperature=1.0, seed=seed + i, ignore_eos=True) for i in range(n)]
     outs = eng.generate([PROMPT] * n, params)
     counts = torch.zeros(V_SMALL, V_SMALL)

@@ -34,8 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "modules, and verify them in one forward (same greedy output)")
     s.add_argument("--draft-tokens", type=int, default=3, help="drafts per sequence and step (default 3)")
     s.add_argument("--spec-max-batch", type=int, default=None,
-                   help="speculate only while at most this many sequences run (default: "
-                        "mogelm.inference.spec_decode.DEFAULT_SPEC_MAX_BATCH)")
+                   help="never speculate while more than this many sequences run (default: --max-batch "
+                        "with --spec-policy auto, 64 with fixed)")
+    s.add_argument("--spec-policy", choices=("auto", "fixed"), default=None,
+                   help="auto: measure what drafts earn and choose 0..--draft-tokens per batch size "
+                        "(default on CUDA); fixed: always --draft-tokens up to --spec-max-batch "
+                        "(default on CPU; seeded sampling repeats exactly)")
 
 
 MTP_MISSING = ("--speculative mtp needs a checkpoint with MTP modules (mtp_depth > 0 in its config): train "
@@ -64,4 +68,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(gpu_memory_fraction=args.gpu_memory_fraction, kv_cache_tokens=args.kv_cache_tokens,
                 kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                 prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
-                draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch)
+                draft_tokens=args.draft_tokens, spec_max_batch=args.spec_max_batch,
+                spec_policy=args.spec_policy)

@@ -89,6 +89,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -113,6 +114,7 @@ from mogelm.inference.sampling import (
 )
 from mogelm.inference.scheduler import ScheduledBatch, Scheduler
 from mogelm.inference.spec_decode import DEFAULT_SPEC_MAX_BATCH, MTPRunner, SpecConfig, may_speculate, verify
+from mogelm.inference.spec_policy import POLICIES, make_policy
 from mogelm.kernels import ops
 from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import Transformer
@@ -350,6 +352,7 @@ class Engine:
         speculative: str | None = None,
         draft_tokens: int = 3,
         spec_max_batch: int | None = None,
+        spec_policy: str | None = None,
     ):
         """max_batch: sequences running at once (the largest decode batch); max_len: context per
         sequence (default the model's); chunk_size: prompt tokens per step (default 256 on CPU, 2048 on
@@ -359,7 +362,10 @@ class Engine:
         start-up); prefix_caching: reuse cached blocks of identical prompt prefixes; fuse: apply the
         load-time fusions of inference/fuse.py to the model, in place (default: on CUDA);
         speculative: None, "ngram" or "mtp" (spec_decode.py), with up to draft_tokens drafts per
-        step while at most spec_max_batch sequences run (default DEFAULT_SPEC_MAX_BATCH)."""
+        step, never while more than spec_max_batch sequences run; spec_policy (spec_policy.py):
+        "auto" measures what speculation earns and picks 0..draft_tokens drafts per batch size
+        (default on CUDA; spec_max_batch then defaults to max_batch), "fixed" always drafts
+        draft_tokens up to spec_max_batch (default on CPU, with DEFAULT_SPEC_MAX_BATCH)."""
         cfg = model.cfg
         p = next(model.parameters())
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, p.device
@@ -381,8 +387,13 @@ class Engine:
                 raise UserError("--speculative mtp needs a checkpoint with MTP modules (mtp_depth > 0 in its "
                                 "config): train one with `mogelm train --mtp-depth 1`, or use "
                                 "--speculative ngram")
-            self.spec = SpecConfig(speculative, draft_tokens,
-                                   DEFAULT_SPEC_MAX_BATCH if spec_max_batch is None else spec_max_batch)
+            policy = spec_policy or ("auto" if on_cuda else "fixed")
+            if policy not in POLICIES:
+                raise ValueError(f"spec_policy must be one of {POLICIES}, got {spec_policy!r}")
+            if spec_max_batch is None:
+                spec_max_batch = max_batch if policy == "auto" else DEFAULT_SPEC_MAX_BATCH
+            self.spec = SpecConfig(speculative, draft_tokens, spec_max_batch)
+            self.spec_policy = make_policy(policy, draft_tokens, spec_max_batch)
         use_mtp = self.spec is not None and self.spec.method == "mtp"
         pool_layers = cfg.num_layers + int(use_mtp)  # MTP module 1 keeps its KV in one more layer
         self.chunk_size = chunk_size or (2048 if on_cuda else 256)
@@ -424,6 +435,7 @@ class Engine:
         self._unforked_added = self._unforked_done = 0
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
         self.spec_drafts = self.spec_accepted = self.spec_verifies = 0  # counters (stats())
+        self.spec_draft_length = 0  # the policy's choice for the last step
         self.mtp = MTPRunner(model, self.cache, block_size) if use_mtp else None
         if self.spec is not None and self.spec.method == "ngram":
             from mogelm.inference.drafters import NgramDrafter
@@ -627,11 +639,12 @@ class Engine:
         """Speculative decoding's counters (zero without it): draft tokens proposed and accepted,
         verify rows run (one per sequence and step), the acceptance rate (accepted / drafts) and the
         mean accepted length (tokens emitted per verify row, the corrected or bonus token included:
-        1 + accepted / verify rows)."""
+        1 + accepted / verify rows), and the draft length the policy chose for the last step (0: off)."""
         d, a, v = self.spec_drafts, self.spec_accepted, self.spec_verifies
         return dict(spec_decode_draft_tokens_total=d, spec_decode_accepted_tokens_total=a,
                     spec_decode_num_drafts_total=v, spec_decode_acceptance_rate=a / d if d else 0.0,
-                    spec_decode_mean_accepted_length=1 + a / v if v else 0.0)
+                    spec_decode_mean_accepted_length=1 + a / v if v else 0.0,
+                    spec_decode_draft_length=self.spec_draft_length)
 
     # --- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -643,7 +656,11 @@ class Engine:
         for request_id in aborts:
             outputs += self._abort(request_id)
 
-        speculating = self._propose_drafts()
+        t0 = time.perf_counter()
+        num_running = len(self.running)
+        k_now = self.spec_policy.choose(num_running) if self.spec is not None else 0
+        self.spec_draft_length = k_now
+        speculating = self._propose_drafts(k_now)
         if self.mtp is not None and not speculating:
             for req in self.running:  # MTP rows pause with speculation: their drafts go stale
                 req.mtp_draft = req.mtp_hidden = None
@@ -653,7 +670,9 @@ class Engine:
             if self.mtp is not None and speculating:
                 self._mtp_chain(batch)
             inputs = self._build_batch(batch)
-            logits, hidden = self._forward(inputs, batch.is_decode_only, self.mtp is not None and speculating)
+            accepted_before = self.spec_accepted
+            decode_only = batch.is_decode_only  # now: _verify resets the rows' num_draft it looks at
+            logits, hidden = self._forward(inputs, decode_only, self.mtp is not None and speculating)
             verifying = {id(r) for r, _, _ in inputs.verifiers}
             for req, n in batch.rows:  # 4. bookkeeping, prompt logprobs, forks, sampling
                 if id(req) in verifying:
@@ -671,6 +690,10 @@ class Engine:
             if hidden is not None:
                 self._mtp_rows(hidden, inputs)
             self.num_steps += 1
+            # what this draft length cost and earned (MTP's first step after a pause drafts nothing yet)
+            if self.spec is not None and decode_only and (self.mtp is None or inputs.verifiers or not k_now):
+                self.spec_policy.record(num_running, k_now, time.perf_counter() - t0, len(batch.rows),
+                                        self.spec_accepted - accepted_before)
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.scheduler.finish(req)
         self._deliver(outputs)
@@ -811,17 +834,17 @@ class Engine:
         return outputs
 
     # --- speculative decoding (spec_decode.py) ----------------------------------------------------
-    def _propose_drafts(self) -> bool:
-        """Append drafts to every decoding request that may speculate; False when speculation is off
-        this step (none configured, or more than spec.max_batch sequences running). Drafts stop
+    def _propose_drafts(self, k_now: int) -> bool:
+        """Append up to k_now drafts (the policy's choice) to every decoding request that may
+        speculate; False when speculation is off this step (none configured, or k_now 0). Drafts stop
         short of max_tokens and of the context: a draft that cannot be emitted is never computed."""
         spec = self.spec
-        if spec is None or len(self.running) > spec.max_batch:
+        if spec is None or k_now <= 0:
             return False
         for req in self.running:
             if req.num_draft or len(req.token_ids) - req.num_computed != 1 or not may_speculate(req):
                 continue
-            k = min(spec.k, req.params.max_tokens - req.num_generated - 1, self.max_len - len(req.token_ids))
+            k = min(k_now, req.params.max_tokens - req.num_generated - 1, self.max_len - len(req.token_ids))
             if k <= 0:
                 continue
             if self.mtp is not None:  # draft 1 from the last step; the rest chained after scheduling

@@ -33,6 +33,8 @@ the dashboards expect (an engine returns those it has):
   spec_decode_num_drafts_total                          verify rows (one per sequence and step)
   spec_decode_acceptance_rate, spec_decode_mean_accepted_length   accepted / drafts; tokens per
                                                         verify row (1 + accepted / verify rows)
+  spec_decode_draft_length                              drafts per sequence the policy chose for the
+                                                        last step (0: speculation off; spec_policy.py)
 
 Each ServerMetrics has its own CollectorRegistry, so several apps in one process (tests) never share
 counters. prometheus_client is thread-safe: timers are fed from the engine thread.

@@ -1,0 +1,167 @@
+"""When to speculate and with how many drafts: a fixed batch threshold, or a cost-aware rule that
+measures what speculation earns on this model, this device and this traffic.
+
+    policy = FixedSpecPolicy(k=3, max_batch=64)        # drafts k while at most 64 sequences run
+    policy = AdaptiveSpecPolicy(k=3, max_batch=256)    # measures, then picks 0..k per batch size
+    k_now = policy.choose(num_running)                 # before a step: drafts per sequence (0: off)
+    policy.record(num_running, k_now, seconds, rows, accepted)   # after a decode-only step
+
+Why measure. A verify step computes k + 1 positions per sequence and yields 1 + (accepted
+drafts) tokens. Whether that pays depends on quantities no formula here knows well: at small
+batch a step is bound by reading the weights and the extra positions are nearly free; at large
+batch it is bound by compute and the expert kernels see (k + 1)x the rows; the engine's host work
+per draft (drafting, the accept rule, rollback) weighs more the smaller the model; and the
+acceptance rate depends on the text. On one H200 (benchmarks/README.md, "Speculative decoding")
+n-gram drafts won 2.21x at batch 1 on a 1 B model and lost from batch 16, where the 72B layout
+was predicted to gain through 64 — so a fixed threshold is right for one model at best.
+
+The adaptive rule. Batch sizes fall into power-of-two buckets. For each bucket and each draft
+length j = 0..k it keeps a moving average of the wall time of a decode-only step per running
+sequence (prefill and mixed steps are not comparable and not recorded); for each j it keeps a
+moving average of the tokens a decoding sequence gets per step (1 + accepted drafts / rows, so
+sequences for which the drafter found nothing count too; j = 0 gives exactly 1). Before a step it
+picks the j with the most tokens per second, tokens(j) / time(bucket, j). An option never
+measured at a bucket is tried first (for `explore_steps` recorded steps, so an MTP drafter whose
+first step after a pause has no draft yet still gets measured), and every `explore_every`
+recorded steps at a bucket the least recently measured other option is tried again, so a
+change in the traffic (acceptance falls, the batch grows) is noticed; that costs at most
+explore_steps / explore_every of the steps at a worse setting.
+
+Determinism. The choice depends on measured times, so two runs of the same requests may speculate
+on different steps. Greedy output does not change (speculation never changes a greedy token);
+a seeded sampled request keeps the target distribution but draws its random numbers at other
+steps, so its text can differ between runs. Use the fixed policy where seeded sampling must
+repeat exactly. The lockstep (multi-process) engine never speculates (commands/_lockstep.py):
+ranks timing their steps would choose differently and run mismatched collectives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+POLICIES = ("auto", "fixed")
+
+
+def batch_bucket(num_running: int) -> int:
+    """The power of two at or above num_running (1, 2, 4, ...)."""
+    return 1 << max(num_running - 1, 0).bit_length()
+
+
+class FixedSpecPolicy:
+    """k drafts while at most max_batch sequences run, none above."""
+
+    def __init__(self, k: int, max_batch: int):
+        self.k, self.max_batch = k, max_batch
+
+    def choose(self, num_running: int) -> int:
+        return self.k if num_running <= self.max_batch else 0
+
+    def record(self, num_running: int, k: int, seconds: float, rows: int, accepted: int) -> None:
+        pass
+
+    def table(self) -> dict:
+        return {}
+
+
+@dataclass
+class _Option:
+    """What one draft length costs at one batch bucket."""
+    seconds_per_seq: float | None = None  # moving average
+    samples: int = 0
+    last_step: int = -1  # the bucket's step count when last recorded
+
+
+@dataclass
+class _Bucket:
+    options: dict[int, _Option] = field(default_factory=dict)
+    steps: int = 0  # recorded decode-only steps
+    exploring: int | None = None  # the draft length being tried
+    explore_left: int = 0  # recorded steps still wanted for it
+    explore_tries: int = 0  # choose() calls spent on it (gives up on an option that never records)
+    refreshed_at: int = 0  # b.steps at the last periodic re-measurement
+
+
+class AdaptiveSpecPolicy:
+    """The cost-aware rule of the module docstring."""
+
+    def __init__(self, k: int, max_batch: int, explore_every: int = 32, explore_steps: int = 2,
+                 alpha: float = 0.2, clock: Callable[[], float] = time.perf_counter):
+        self.k, self.max_batch = k, max_batch
+        self.explore_every, self.explore_steps, self.alpha = explore_every, explore_steps, alpha
+        self.clock = clock
+        self.buckets: dict[int, _Bucket] = {}
+        self.tokens = {0: 1.0}  # draft length -> moving average of tokens per decoding sequence and step
+
+    def choose(self, num_running: int) -> int:
+        if num_running > self.max_batch or num_running == 0:
+            return 0
+        b = self.buckets.setdefault(batch_bucket(num_running), _Bucket())
+        if b.exploring is not None:
+            b.explore_tries += 1
+            if b.explore_left > 0 and b.explore_tries <= 4 * self.explore_steps:
+                return b.exploring
+            b.exploring = None
+        unmeasured = [j for j in range(self.k, -1, -1) if j not in b.options]
+        if unmeasured:
+            return self._explore(b, unmeasured[0])
+        best = self._best(b)
+        if b.steps - b.refreshed_at >= self.explore_every and len(b.options) > 1:
+            # every explore_every steps: measure the least recently measured other option again
+            b.refreshed_at = b.steps
+            stale = min((j for j in b.options if j != best), key=lambda j: b.options[j].last_step)
+            return self._explore(b, stale)
+        return best
+
+    def _explore(self, b: _Bucket, j: int) -> int:
+        b.options.setdefault(j, _Option())
+        b.exploring, b.explore_left, b.explore_tries = j, self.explore_steps, 1
+        return j
+
+    def _best(self, b: _Bucket) -> int:
+        def rate(j: int) -> float:
+            o = b.options[j]
+            if o.seconds_per_seq is None:
+                return 0.0
+            return self.tokens.get(j, 1.0) / max(o.seconds_per_seq, 1e-12)
+        return max(sorted(b.options), key=rate)  # ties: the fewest drafts
+
+    def record(self, num_running: int, k: int, seconds: float, rows: int, accepted: int) -> None:
+        """One decode-only step that ran with draft length k: its wall time, its decoding sequences
+        (rows) and the drafts they accepted. Steps where the drafter found nothing count (their cost
+        is real); the engine leaves out MTP's first step after a pause, which has no draft yet."""
+        if rows <= 0:
+            return
+        b = self.buckets.setdefault(batch_bucket(num_running), _Bucket())
+        o = b.options.setdefault(k, _Option())
+        per_seq = seconds / rows
+        a = self.alpha if o.samples >= 2 else 1.0 / (o.samples + 1)  # average the first samples
+        old = per_seq if o.seconds_per_seq is None else o.seconds_per_seq
+        o.seconds_per_seq = (1 - a) * old + a * per_seq
+        o.samples += 1
+        b.steps += 1
+        o.last_step = b.steps
+        if k > 0:
+            t = 1.0 + accepted / rows
+            self.tokens[k] = t if k not in self.tokens else (1 - self.alpha) * self.tokens[k] + self.alpha * t
+        if b.exploring == k:
+            b.explore_left -= 1
+            if b.explore_left <= 0:
+                b.exploring = None
+
+    def table(self) -> dict:
+        """{bucket: {draft length: (ms per sequence-step, tokens per sequence-step, samples)}} and the
+        choice at each bucket now (benchmarks and /metrics read this)."""
+        out = {}
+        for size, b in sorted(self.buckets.items()):
+            rows = {j: (None if o.seconds_per_seq is None else round(o.seconds_per_seq * 1e3, 4),
+                        round(self.tokens.get(j, 1.0), 3), o.samples) for j, o in sorted(b.options.items())}
+            out[size] = dict(options=rows, best=self._best(b) if b.options else None)
+        return out
+
+
+def make_policy(name: str, k: int, max_batch: int, **kw):
+    if name not in POLICIES:
+        raise ValueError(f"speculative policy must be one of {POLICIES}, got {name!r}")
+    return AdaptiveSpecPolicy(k, max_batch, **kw) if name == "auto" else FixedSpecPolicy(k, max_batch)

@@ -1,0 +1,157 @@
+"""The speculation policies (inference/spec_policy.py): the cost-aware rule picks the draft length
+with the most tokens per second at each batch size, keeps re-measuring, and inside the engine
+switches speculation off when drafting costs more than it earns (and keeps it when it pays)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_inference import cpu_engine
+from test_spec_engine import TEXTS, reference, run
+
+from mogelm.inference import Engine, SamplingParams
+from mogelm.inference.spec_policy import AdaptiveSpecPolicy, FixedSpecPolicy, batch_bucket, make_policy
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return cpu_engine(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def prompts(base):
+    return [base.tokenizer.encode(t) for t in TEXTS]
+
+
+def drive(policy, batch: int, cost, tokens, steps: int) -> list[int]:
+    """Run `steps` decode steps of `batch` sequences through the policy with a known world: a step
+    with j drafts takes cost(j) seconds per sequence and yields tokens(j) tokens per sequence."""
+    chosen = []
+    for _ in range(steps):
+        j = policy.choose(batch)
+        accepted = round((tokens(j) - 1) * batch)
+        policy.record(batch, j, cost(j) * batch, batch, accepted)
+        chosen.append(j)
+    return chosen
+
+
+def test_buckets_are_powers_of_two():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17, 256)] == [1, 2, 4, 4, 8, 16, 32, 256]
+
+
+def test_fixed_policy_is_the_threshold_rule():
+    p = make_policy("fixed", 3, 64)
+    assert isinstance(p, FixedSpecPolicy) and [p.choose(n) for n in (1, 64, 65)] == [3, 3, 0]
+    with pytest.raises(ValueError, match="policy"):
+        make_policy("sometimes", 3, 64)
+
+
+@pytest.mark.parametrize("name,cost,tokens,best", [
+    # weights-bound (small batch): extra positions cost 10 % each, drafts accepted 80 %: k = 3 wins
+    ("small batch", lambda j: 1.0 + 0.1 * j, lambda j: 1 + sum(0.8 ** i for i in range(1, j + 1)), 3),
+    # compute-bound (large batch): extra positions cost 90 % each, 50 % accepted: no drafts wins
+    ("large batch", lambda j: 1.0 + 0.9 * j, lambda j: 1 + sum(0.5 ** i for i in range(1, j + 1)), 0),
+    # in between: one draft pays, more do not (1.7/1.3 = 1.31 > 1.97/1.9, 2.2/2.5)
+    ("middle", lambda j: 1.0 + 0.3 * j, lambda j: 1 + [0, 0.7, 0.97, 1.2][j], 1),
+])
+def test_adaptive_policy_finds_the_best_draft_length_and_explores_little(name, cost, tokens, best):
+    p = AdaptiveSpecPolicy(k=3, max_batch=256, explore_every=32, explore_steps=2)
+    chosen = drive(p, 16, cost, tokens, 640)
+    assert set(chosen[:8]) == {0, 1, 2, 3}, "every draft length is measured first"
+    settled = chosen[8:]
+    off_best = sum(j != best for j in settled)
+    assert settled[-1] == best or chosen[-2] == best
+    # re-measurement: explore_steps steps every explore_every (+ the first round), nothing else
+    assert off_best <= 2 * (len(settled) // 32 + 1), (name, off_best)
+    assert p.table()[16]["best"] == best
+
+
+def test_adaptive_policy_follows_a_change_in_acceptance():
+    """Drafts stop being accepted: within a few re-measurements the policy turns them off, and
+    turns them on again when acceptance comes back."""
+    p = AdaptiveSpecPolicy(k=2, max_batch=64, explore_every=16)
+    cost = lambda j: 1.0 + 0.2 * j  # noqa: E731
+    good = lambda j: 1 + 0.9 * j  # noqa: E731
+    bad = lambda j: 1.0  # noqa: E731
+    assert drive(p, 4, cost, good, 100)[-1] == 2
+    assert drive(p, 4, cost, bad, 200)[-20:].count(0) >= 17
+    assert drive(p, 4, cost, good, 300)[-20:].count(2) >= 17
+
+
+def test_adaptive_policy_respects_the_cap_and_buckets_separately():
+    p = AdaptiveSpecPolicy(k=2, max_batch=8)
+    assert p.choose(9) == 0 and p.choose(0) == 0
+    drive(p, 1, lambda j: 1 + 0.05 * j, lambda j: 1 + 0.9 * j, 60)
+    drive(p, 8, lambda j: 1 + 0.9 * j, lambda j: 1 + 0.3 * j, 60)
+    table = p.table()
+    assert table[1]["best"] == 2 and table[8]["best"] == 0
+
+
+def test_policy_table_reports_cost_and_tokens():
+    p = AdaptiveSpecPolicy(k=1, max_batch=8)
+    p.record(1, 1, 0.002, 1, 1)
+    p.record(2, 0, 0.002, 2, 0)
+    assert p.table()[1]["options"][1] == (2.0, 2.0, 1) and p.table()[2]["options"][0] == (1.0, 1.0, 1)
+
+
+# In the engine (CPU): the policy sees the real step times -----------------------------------------
+class OracleDrafter:
+    """Drafts the reference continuation (every draft accepted), optionally slowly."""
+
+    def __init__(self, full: list[int], sleep_s: float = 0.0):
+        self.full, self.sleep_s = full, sleep_s
+
+    def propose(self, ids, k):
+        time.sleep(self.sleep_s)
+        return self.full[len(ids):len(ids) + k]
+
+
+def _engine_with(base, full: list[int], slow_forward_s: float = 0.0, slow_draft_s: float = 0.0) -> Engine:
+    eng = Engine(base.model, base.tokenizer, max_batch=4, speculative="ngram", draft_tokens=2,
+                 spec_policy="auto")
+    eng.spec_policy.explore_every = 16
+    eng.ngram = OracleDrafter(full, slow_draft_s)
+    if slow_forward_s:  # a target whose step time hardly depends on its rows (weights-bound)
+        forward = eng._forward
+
+        def slow(*a, **kw):
+            time.sleep(slow_forward_s)
+            return forward(*a, **kw)
+        eng._forward = slow
+    return eng
+
+
+def test_engine_keeps_drafting_where_it_pays_and_stops_where_it_does_not(base, prompts):
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    ref = reference(base.model, base.tokenizer, prompts[:1], params)
+    want = [(c.token_ids, c.finish_reason) for c in ref]
+    full = list(prompts[0]) + ref[0].token_ids
+
+    pays = _engine_with(base, full, slow_forward_s=0.02)  # 3 tokens per 20 ms step beat 1
+    got = run(pays, prompts[:1], params)
+    assert [(r.output_ids, r.finish_reason) for r in got] == want  # greedy output never changes
+    assert pays.spec_policy.table()[1]["best"] == 2, pays.spec_policy.table()
+    assert pays.stats()["spec_decode_acceptance_rate"] == 1.0
+
+    costly = _engine_with(base, full, slow_draft_s=0.05)  # drafting costs ~10 plain steps
+    got = run(costly, prompts[:1], params)
+    assert [(r.output_ids, r.finish_reason) for r in got] == want
+    assert costly.spec_policy.table()[1]["best"] == 0, (costly.spec_policy.table(), costly.num_steps)
+    # drafts only while measuring: 2 steps per draft length first, then 2 every 16 steps
+    assert costly.stats()["spec_decode_num_drafts_total"] <= 2 * 2 + 2 * (costly.num_steps // 16 + 1)
+    assert costly.stats()["spec_decode_draft_length"] in (0, 1, 2)
+
+
+def test_engine_policy_defaults():
+    """auto on CUDA, fixed on CPU (tests/test_spec_engine.py relies on drafting at every step)."""
+    import mogelm
+    from mogelm.config import from_name
+
+    model = mogelm.Transformer(from_name("debug"))
+    eng = Engine(model, None, max_batch=4, speculative="ngram")
+    assert isinstance(eng.spec_policy, FixedSpecPolicy) and eng.spec.max_batch == 64
+    eng = Engine(model, None, max_batch=4, speculative="ngram", spec_policy="auto")
+    assert isinstance(eng.spec_policy, AdaptiveSpecPolicy) and eng.spec.max_batch == 4
+    with pytest.raises(ValueError, match="spec_policy"):
+        Engine(model, None, max_batch=4, speculative="ngram", spec_policy="never")
