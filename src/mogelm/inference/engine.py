@@ -102,6 +102,7 @@ from mogelm.errors import UserError
 from mogelm.inference.block_manager import NULL_BLOCK, BlockManager
 from mogelm.inference.chat import Tokenizer
 from mogelm.inference.fuse import fuse_for_inference
+from mogelm.inference.graphs import PagedGraphs, StaticRows, decode_buckets
 from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache, PrefillChunk, calibrate_kv_scales
 from mogelm.inference.sampling import (
     PANGU_DEFAULTS,
@@ -113,8 +114,6 @@ from mogelm.inference.sampling import (
 )
 from mogelm.inference.scheduler import ScheduledBatch, Scheduler
 from mogelm.inference.spec_decode import DEFAULT_SPEC_MAX_BATCH, MTPRunner, SpecConfig, may_speculate, verify
-from mogelm.kernels import ops
-from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import Transformer
 
 log = logging.getLogger("mogelm.inference")
@@ -225,15 +224,6 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
-def decode_buckets(max_batch: int) -> list[int]:
-    """Batch sizes with a captured decode graph: powers of two up to max_batch, and max_batch."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return sizes + [max_batch]
-
-
 @dataclass
 class StepInputs:
     """One step's packed batch on the host (built by Engine._build_batch)."""
@@ -256,79 +246,28 @@ class StepInputs:
     row_starts: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
-class _EagerReplay:
-    """Stands in for a captured CUDA graph on a CPU (tests of the runner's bucketing and padding):
-    replay() runs the forward again and copies its results into the same output tensors."""
-
-    def __init__(self, fn: Callable[[], Tensor | tuple[Tensor, ...]]):
-        self.fn, self.out = fn, fn()
-
-    def replay(self) -> None:
-        new = self.fn()
-        for o, n in zip(*((x,) if isinstance(x, Tensor) else x for x in (self.out, new))):
-            o.copy_(n)
-
-
-class CUDAGraphRunner:
-    """Decode-only steps replayed from CUDA graphs, one per bucketed batch size.
-
-    Each graph runs the model on static buffers: ids/positions [1, b], pool slots [b], block tables
-    [b, max_blocks] and live lengths [b] (a PagedAttention over them, with the decode kernel's split
-    factor fixed for b). Before a replay the live rows are copied in; rows past them write to the
-    null block and have length 0 (their attention output is zero and their logits unused). On a CPU
-    (tests only; the engine captures graphs on CUDA alone) the "graphs" replay eagerly on the same
-    static buffers."""
+class CUDAGraphRunner(PagedGraphs):
+    """Decode-only steps of the model replayed from CUDA graphs, one per bucketed batch size
+    (graphs.PagedGraphs: the static buffers, buckets and padding rows; with the decode kernel's split
+    factor fixed per bucket). A call returns logits [R, V] (views of the static outputs); with_hidden
+    (MTP drafting) also the trunk's pre-norm hidden states [R, D]. On a CPU (tests only; the engine
+    captures graphs on CUDA alone) the "graphs" replay eagerly on the same static buffers."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, buckets: list[int], max_blocks: int,
                  with_hidden: bool = False):
         """with_hidden: the graphs also return the trunk's pre-norm hidden states (MTP drafting)."""
-        self.buckets, self.graphs, self.with_hidden = sorted(buckets), {}, with_hidden
-        device = cache.k[0].device
-        pool = None
-        for b in sorted(buckets, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            ids = torch.zeros(1, b, dtype=torch.long, device=device)
-            pos = torch.zeros(1, b, dtype=torch.long, device=device)
-            splits = ops.decode_attention_splits(b, cache.num_kv_heads, max_blocks * cache.block_size, device)
-            state = PagedAttention(cache, torch.zeros(b, dtype=torch.long, device=device),
-                                   torch.zeros(b, max_blocks, dtype=torch.int32, device=device),
-                                   torch.zeros(b, dtype=torch.int32, device=device), num_splits=splits)
+        self.with_hidden = with_hidden
 
-            def fwd(ids=ids, pos=pos, state=state):
+        def build(rows: StaticRows):
+            def fwd():
                 if not with_hidden:
-                    return model(ids, positions_BT=pos, kv_cache=state)[0]  # [b, V]
-                x = model(ids, positions_BT=pos, kv_cache=state, head=False,
+                    return model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state)[0]  # [b, V]
+                x = model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state, head=False,
                           return_hidden=True).trunk_hidden[0]
                 return model.lm_head(model.norm(x)), x  # [b, V], [b, D]
+            return fwd
 
-            if device.type != "cuda":  # CPU (tests): the same static buffers, replayed eagerly
-                graph = _EagerReplay(fwd)
-                self.graphs[b] = (graph, ids, pos, state, graph.out)
-                continue
-            graph, logits = capture_cuda_graph(fwd, pool=pool)
-            pool = graph.pool()
-            self.graphs[b] = (graph, ids, pos, state, logits)
-
-    def __call__(self, ids_R: Tensor, pos_R: Tensor, slots_R: Tensor, tables_RW: Tensor,
-                 lens_R: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits [R, V] of one decode step over R rows (host or device tensors); with_hidden:
-        (logits, trunk hidden [R, D])."""
-        R, W = tables_RW.shape
-        b = next(s for s in self.buckets if s >= R)
-        graph, ids, pos, state, logits = self.graphs[b]
-        ids[0, :R].copy_(ids_R)
-        pos[0, :R].copy_(pos_R)
-        state.slots_N[:R].copy_(slots_R)
-        state.tables_RM[:R, :W].copy_(tables_RW)  # columns past W are stale but never read (lengths)
-        state.lens_R[:R].copy_(lens_R)
-        if R < b:
-            ids[0, R:].zero_()
-            pos[0, R:].zero_()
-            state.slots_N[R:].fill_(NULL_BLOCK)  # slot 0 = offset 0 of the null block
-            state.lens_R[R:].zero_()
-        graph.replay()
-        if self.with_hidden:
-            return logits[0][:R], logits[1][:R]
-        return logits[:R]
+        super().__init__(cache, buckets, max_blocks, build)
 
 
 class Engine:
