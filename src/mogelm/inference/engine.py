@@ -382,6 +382,13 @@ class Engine:
                                                   self.max_blocks_per_seq, with_hidden=use_mtp)
             except Exception as e:  # a model op that cannot be captured: fall back to eager decode
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+        if self.graphs is not None and self.mtp is not None:  # MTP drafting rows: the same buckets
+            try:
+                with torch.inference_mode():
+                    self.mtp.capture(self.graphs.buckets, self.max_blocks_per_seq)
+            except Exception as e:
+                log.warning("CUDA graph capture of the MTP module failed (%s); drafting eagerly", e)
+                self.mtp.graphs = None
 
     MAX_BLOCKS = 1 << 20  # 16 M tokens at block size 16: plenty; keeps the host-side lists small
 
@@ -773,19 +780,23 @@ class Engine:
 
     def _mtp_chain(self, batch: ScheduledBatch) -> None:
         """Drafts 2..k of MTP verify rows: module 1 chained on its own output (spec_decode.py), one
-        batched forward per extra draft, at positions the scheduler just allocated."""
+        batched forward (a graph replay) per extra draft, at positions the scheduler just allocated."""
         reqs = [r for r, n in batch.rows
                 if r.num_draft > 1 and n == 1 + r.num_draft and r.mtp_hidden is not None]
-        hidden = {id(r): r.mtp_hidden for r in reqs}
-        for i in range(1, max((r.num_draft for r in reqs), default=1)):
-            reqs = [r for r in reqs if r.num_draft > i]
+        if not reqs:
+            return
+        hidden = torch.stack([r.mtp_hidden for r in reqs])  # [U, D]
+        tables = [self.blocks.tables[r.id] for r in reqs]
+        for i in range(1, max(r.num_draft for r in reqs)):
+            keep = [j for j, r in enumerate(reqs) if r.num_draft > i]
+            if len(keep) < len(reqs):  # fewer drafts for some (capped at max_tokens / the context)
+                hidden = hidden[torch.tensor(keep, device=hidden.device)]
+                reqs, tables = [reqs[j] for j in keep], [tables[j] for j in keep]
             a = [r.num_computed for r in reqs]  # the pending token's position; its drafts follow
-            out = self.mtp.run(torch.stack([hidden[id(r)] for r in reqs]),
-                               [r.token_ids[p + i] for r, p in zip(reqs, a)], [p + i - 1 for p in a],
-                               [self.blocks.tables[r.id] for r in reqs])
-            for j, (r, p, t) in enumerate(zip(reqs, a, self.mtp.draft(out))):
+            hidden, drafts = self.mtp.run(hidden, [r.token_ids[p + i] for r, p in zip(reqs, a)],
+                                          [p + i - 1 for p in a], tables, range(len(reqs)))
+            for r, p, t in zip(reqs, a, drafts):
                 r.token_ids[p + i + 1] = t
-                hidden[id(r)] = out[j]
 
     def _verify(self, logits: Tensor, inp: StepInputs) -> list[tuple[Request, RequestOutput]]:
         """The accept rule on every verify row, then per request: emit the accepted drafts and the
@@ -832,28 +843,32 @@ class Engine:
 
     def _mtp_rows(self, hidden_ND: Tensor, inp: StepInputs) -> None:
         """MTP module 1 over every position this step computed whose next token is now known (its KV
-        in the MTP layer), and the next draft of every request that goes on decoding."""
-        ids, pos, tables, rows, last = [], [], [], [], []
+        in the MTP layer), and the next draft of every request that goes on decoding. One replay of
+        the MTP graph (eager beyond its largest bucket) and one host copy for all drafts."""
+        ids, tables, starts, los, counts, last = [], [], [], [], [], []
         for req, lo, a in inp.row_starts:
-            if req.finish_reason is not None or req.num_computed <= a or not may_speculate(req):
+            n = req.num_computed - a
+            if req.finish_reason is not None or n <= 0 or not may_speculate(req):
                 continue
-            table = self.blocks.tables[req.id]
-            for p in range(a, req.num_computed):
-                ids.append(req.token_ids[p + 1])
-                pos.append(p)
-                tables.append(table)
-                rows.append(lo + p - a)
+            ids += req.token_ids[a + 1:a + 1 + n]  # row p: the token after position p
+            tables.append(self.blocks.tables[req.id])
+            starts.append(a)
+            los.append(lo)
+            counts.append(n)
             if len(req.token_ids) == req.num_computed + 1:  # decoding next: it needs a draft
                 last.append((req, len(ids) - 1))
             else:
                 req.mtp_draft = req.mtp_hidden = None
         if not ids:
             return
-        out = self.mtp.run(hidden_ND[torch.tensor(rows, device=hidden_ND.device)], ids, pos, tables)
-        if last:
-            at = torch.tensor([i for _, i in last], device=out.device)
-            for (req, _), t, h in zip(last, self.mtp.draft(out[at]), out[at]):
-                req.mtp_draft, req.mtp_hidden = t, h
+        counts_U = np.array(counts)
+        seq_M = np.repeat(np.arange(len(counts)), counts_U)  # the sequence of every MTP row
+        off_M = np.arange(len(ids)) - np.repeat(np.cumsum(counts_U) - counts_U, counts_U)
+        pos_M = np.array(starts)[seq_M] + off_M
+        packed = torch.from_numpy(np.array(los)[seq_M] + off_M).to(hidden_ND.device)  # rows of hidden_ND
+        out, drafts = self.mtp.run(hidden_ND[packed], ids, pos_M, tables, seq_M, [i for _, i in last])
+        for (req, _), t, h in zip(last, drafts, out.unbind(0)):
+            req.mtp_draft, req.mtp_hidden = t, h
 
     def _advance(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         """Account for one sampled token: stop token, max_tokens, context, stop strings, new text."""
