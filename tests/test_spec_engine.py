@@ -9,7 +9,11 @@ a request past max_tokens, a stop token or a stop string; penalised requests fal
 logprobs equal the non-speculative ones; MTP drafts equal the reference MTPDrafter's (draft 1) and
 full causal forwards of the chaining rule (drafts 2..k); sampled
 speculative decoding keeps the target distribution (chi-square over a tiny vocabulary, and a wrong
-accept rule fails the same bound); the CLI refuses --speculative mtp without MTP modules.
+accept rule fails the same bound); the CLI refuses --speculative mtp without MTP modules; MTP
+drafting through the graph runner (graphs.PagedGraphs, its eager stand-in on the CPU) gives the
+same outputs and drafts as the eager MTP path, padded buckets and calls beyond the largest bucket
+(eager fallback) included; on a GPU (marked gpu) the engine captures MTP graphs and its fp32 greedy
+output equals decoding without drafts.
 """
 
 import math
