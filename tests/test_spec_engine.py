@@ -9,7 +9,11 @@ a request past max_tokens, a stop token or a stop string; penalised requests fal
 logprobs equal the non-speculative ones; MTP drafts equal the reference MTPDrafter's (draft 1) and
 full causal forwards of the chaining rule (drafts 2..k); sampled
 speculative decoding keeps the target distribution (chi-square over a tiny vocabulary, and a wrong
-accept rule fails the same bound); the CLI refuses --speculative mtp without MTP modules.
+accept rule fails the same bound); the CLI refuses --speculative mtp without MTP modules; MTP
+drafting through the graph runner (graphs.PagedGraphs, its eager stand-in on the CPU) gives the
+same outputs and drafts as the eager MTP path, padded buckets and calls beyond the largest bucket
+(eager fallback) included; on a GPU (marked gpu) the engine captures MTP graphs and its fp32 greedy
+output equals decoding without drafts.
 """
 
 import math
@@ -503,3 +507,139 @@ def test_gpu_verify_steps_replay_cuda_graphs_with_equal_greedy_output(base, mtp_
     assert [r.output_ids for r in got] == want
     assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
     assert max(rows) > 4, "verify steps (more rows than sequences) went through the graphs"
+
+
+# --- MTP drafting through graphs (graphs.PagedGraphs; the eager stand-in on the CPU) --------------
+def runner_graph_vs_eager(eng: Engine, sizes: list[int], buckets: list[int]) -> None:
+    """MTPRunner.run through the graph path equals the eager path on the same rows: two sequences'
+    rows (their own block tables), random hidden states and tokens, M rows for each M in `sizes`
+    (padded to a bucket, or beyond the largest bucket: eager); draft rows picked and all rows."""
+    mtp, dev = eng.mtp, eng.device
+    cfg = mtp.model.cfg
+    gen = torch.Generator().manual_seed(1)
+    tables = [[1, 2, 3, 4], [5, 6, 7]]
+    mtp.capture(buckets, eng.max_blocks_per_seq)
+    graphs = mtp.graphs
+    for M in sizes:
+        half = M // 2
+        seq = [0] * half + [1] * (M - half)
+        pos = list(range(half)) + list(range(3, 3 + M - half))
+        hidden = torch.randn(M, cfg.hidden_size, generator=gen).to(dev, eng.cache.compute_dtype)
+        ids = torch.randint(0, cfg.vocab_size, (M,), generator=gen).tolist()
+        for want in ([half - 1, M - 1], None):
+            mtp.graphs = None
+            out_e, tok_e = mtp.run(hidden, ids, pos, tables, seq, want)
+            mtp.graphs = graphs
+            out_g, tok_g = mtp.run(hidden, ids, pos, tables, seq, want)
+            assert tok_g == tok_e and len(tok_g) == (M if want is None else 2), M
+            torch.testing.assert_close(out_g, out_e, atol=1e-4, rtol=1e-4)
+            if M <= graphs.max_rows:  # replayed the smallest bucket >= M, padded past M
+                b = next(s for s in graphs.buckets if s >= M)
+                _, _, _, state, (static_out, _) = graphs.graphs[b]
+                assert int(state.lens_R[M:].abs().sum()) == 0 and int(state.slots_N[M:].abs().sum()) == 0
+                assert not graphs.extras[b]["hidden"][M:].any()
+                if want is None:  # a tensor of its own: the next replay leaves it alone
+                    torch.testing.assert_close(static_out[:M], out_g, atol=0, rtol=0)
+                    assert out_g.data_ptr() != static_out.data_ptr()
+    assert max(sizes) > graphs.max_rows and any(s not in graphs.buckets for s in sizes)
+
+
+def test_mtp_runner_graph_path_equals_eager(base, mtp_model):
+    eng = Engine(mtp_model, base.tokenizer, max_batch=3, speculative="mtp", draft_tokens=2)
+    runner_graph_vs_eager(eng, [4, 3, 8, 11], [1, 2, 4, 8])  # 3 after 4: stale rows re-padded
+
+
+def test_mtp_drafting_through_graphs_equals_eager_drafting(base, mtp_model, prompts):
+    """The engine with MTP drafting through the graph runner (the eager stand-in on the CPU): the same
+    drafts, step for step, as eager MTP drafting, greedy output equal to decoding without drafts;
+    MTP calls of padded bucket sizes went through the graphs, larger ones (prefill chunks) eagerly."""
+    from mogelm.inference.engine import decode_buckets
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    want = [c.token_ids for c in reference(mtp_model, base.tokenizer, prompts, params)]
+
+    def drafting(graphs: bool):
+        eng = Engine(mtp_model, base.tokenizer, max_batch=3, chunk_size=8, speculative="mtp", draft_tokens=3)
+        if graphs:
+            eng.mtp.capture(decode_buckets(8), eng.max_blocks_per_seq)
+        seen, sizes, replayed = [], [], []
+        real_run, real_chain, real_graphs = eng.mtp.run, eng._mtp_chain, eng.mtp.graphs
+
+        def run_spy(hidden, ids, pos, *args):
+            sizes.append(len(pos))
+            return real_run(hidden, ids, pos, *args)
+
+        def chain_spy(batch):
+            real_chain(batch)
+            seen.append([(r.id, r.token_ids[-r.num_draft:]) for r, _ in batch.rows if r.num_draft])
+
+        class GraphSpy:
+            max_rows = real_graphs.max_rows if graphs else 0
+
+            def __call__(self, *args, **kw):
+                replayed.append(args[3].shape[0])
+                return real_graphs(*args, **kw)
+
+        eng.mtp.run, eng._mtp_chain = run_spy, chain_spy
+        if graphs:
+            eng.mtp.graphs = GraphSpy()
+        reqs = run(eng, prompts, params)
+        assert [r.output_ids for r in reqs] == want
+        assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
+        return seen, sizes, replayed
+
+    seen_e, sizes_e, replayed_e = drafting(False)
+    seen_g, sizes_g, replayed_g = drafting(True)
+    assert seen_g == seen_e and sum(len(s) for s in seen_g) > 20
+    assert not replayed_e and sizes_g == sizes_e
+    assert replayed_g == [s for s in sizes_g if s <= 8], "every call that fits a bucket replays"
+    assert any(s not in (1, 2, 4, 8) for s in replayed_g), "padded buckets"
+    assert any(s > 8 for s in sizes_g), "prefill rows beyond the largest bucket: eager"
+
+
+@pytest.mark.gpu
+def test_gpu_mtp_drafting_replays_cuda_graphs(base, mtp_model, prompts):
+    """fp32 on the GPU (so rounding cannot flip a greedy choice): the engine with MTP drafting captures
+    MTP graphs for the trunk's buckets, drafts through them (replays counted), and its greedy output
+    equals the engine without drafts; the runner's graph path equals its eager path (padded, exact
+    and beyond the largest bucket). Prints one MTP call's wall time, graph vs eager."""
+    import time
+
+    model = type(mtp_model)(mtp_model.cfg)
+    model.load_state_dict(mtp_model.state_dict())
+    model = model.to("cuda", torch.float32)
+    kw = dict(max_batch=4, block_size=16, chunk_size=16, kv_cache_tokens=8192)
+    params = SamplingParams(max_tokens=24, temperature=0)
+    want = [c.token_ids for c in Engine(model, base.tokenizer, **kw).generate(prompts, params)]
+    eng = Engine(model, base.tokenizer, speculative="mtp", draft_tokens=3, **kw)
+    assert eng.graphs is not None and eng.mtp.graphs is not None, "capture failed (see the log)"
+    assert eng.mtp.graphs.buckets == eng.graphs.buckets and eng.mtp.graphs.max_rows == 4 * 4
+    real, replayed = eng.mtp.graphs, []
+
+    class GraphSpy:
+        max_rows = real.max_rows
+
+        def __call__(self, *args, **kw):
+            replayed.append(args[3].shape[0])
+            return real(*args, **kw)
+
+    eng.mtp.graphs = GraphSpy()
+    got = run(eng, prompts, params)
+    assert [r.output_ids for r in got] == want
+    assert eng.stats()["spec_decode_accepted_tokens_total"] > 0 and len(replayed) > 10
+    eng.mtp.graphs = real
+    with torch.inference_mode():
+        runner_graph_vs_eager(eng, [4, 3, 16, 40], real.buckets)
+        mtp, M = eng.mtp, 4
+        args = (torch.randn(M, model.cfg.hidden_size, device="cuda"), [5] * M, list(range(M)), [[1]], [0] * M)
+        ms = {}
+        for name, graphs in (("graph", real), ("eager", None)):
+            mtp.graphs = graphs
+            for _ in range(3):
+                mtp.run(*args)
+            t0 = time.perf_counter()
+            for _ in range(50):
+                mtp.run(*args)  # ends in a host copy of the drafts: synchronised
+            ms[name] = (time.perf_counter() - t0) / 50 * 1e3
+    print(f"\nMTP drafting call, {M} rows, fp32 debug model: graph {ms['graph']:.3f} ms, "
+          f"eager {ms['eager']:.3f} ms")

@@ -103,6 +103,7 @@ from mogelm.errors import UserError
 from mogelm.inference.block_manager import NULL_BLOCK, BlockManager
 from mogelm.inference.chat import Tokenizer
 from mogelm.inference.fuse import fuse_for_inference
+from mogelm.inference.graphs import PagedGraphs, StaticRows, decode_buckets
 from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache, PrefillChunk, calibrate_kv_scales
 from mogelm.inference.sampling import (
     PANGU_DEFAULTS,
@@ -115,8 +116,6 @@ from mogelm.inference.sampling import (
 from mogelm.inference.scheduler import ScheduledBatch, Scheduler
 from mogelm.inference.spec_decode import DEFAULT_SPEC_MAX_BATCH, MTPRunner, SpecConfig, may_speculate, verify
 from mogelm.inference.spec_policy import POLICIES, make_policy
-from mogelm.kernels import ops
-from mogelm.kernels.cuda_graphs import capture_cuda_graph
 from mogelm.model import Transformer
 
 log = logging.getLogger("mogelm.inference")
@@ -227,15 +226,6 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
-def decode_buckets(max_batch: int) -> list[int]:
-    """Batch sizes with a captured decode graph: powers of two up to max_batch, and max_batch."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return sizes + [max_batch]
-
-
 @dataclass
 class StepInputs:
     """One step's packed batch on the host (built by Engine._build_batch)."""
@@ -258,79 +248,28 @@ class StepInputs:
     row_starts: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
-class _EagerReplay:
-    """Stands in for a captured CUDA graph on a CPU (tests of the runner's bucketing and padding):
-    replay() runs the forward again and copies its results into the same output tensors."""
-
-    def __init__(self, fn: Callable[[], Tensor | tuple[Tensor, ...]]):
-        self.fn, self.out = fn, fn()
-
-    def replay(self) -> None:
-        new = self.fn()
-        for o, n in zip(*((x,) if isinstance(x, Tensor) else x for x in (self.out, new))):
-            o.copy_(n)
-
-
-class CUDAGraphRunner:
-    """Decode-only steps replayed from CUDA graphs, one per bucketed batch size.
-
-    Each graph runs the model on static buffers: ids/positions [1, b], pool slots [b], block tables
-    [b, max_blocks] and live lengths [b] (a PagedAttention over them, with the decode kernel's split
-    factor fixed for b). Before a replay the live rows are copied in; rows past them write to the
-    null block and have length 0 (their attention output is zero and their logits unused). On a CPU
-    (tests only; the engine captures graphs on CUDA alone) the "graphs" replay eagerly on the same
-    static buffers."""
+class CUDAGraphRunner(PagedGraphs):
+    """Decode-only steps of the model replayed from CUDA graphs, one per bucketed batch size
+    (graphs.PagedGraphs: the static buffers, buckets and padding rows; with the decode kernel's split
+    factor fixed per bucket). A call returns logits [R, V] (views of the static outputs); with_hidden
+    (MTP drafting) also the trunk's pre-norm hidden states [R, D]. On a CPU (tests only; the engine
+    captures graphs on CUDA alone) the "graphs" replay eagerly on the same static buffers."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, buckets: list[int], max_blocks: int,
                  with_hidden: bool = False):
         """with_hidden: the graphs also return the trunk's pre-norm hidden states (MTP drafting)."""
-        self.buckets, self.graphs, self.with_hidden = sorted(buckets), {}, with_hidden
-        device = cache.k[0].device
-        pool = None
-        for b in sorted(buckets, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            ids = torch.zeros(1, b, dtype=torch.long, device=device)
-            pos = torch.zeros(1, b, dtype=torch.long, device=device)
-            splits = ops.decode_attention_splits(b, cache.num_kv_heads, max_blocks * cache.block_size, device)
-            state = PagedAttention(cache, torch.zeros(b, dtype=torch.long, device=device),
-                                   torch.zeros(b, max_blocks, dtype=torch.int32, device=device),
-                                   torch.zeros(b, dtype=torch.int32, device=device), num_splits=splits)
+        self.with_hidden = with_hidden
 
-            def fwd(ids=ids, pos=pos, state=state):
+        def build(rows: StaticRows):
+            def fwd():
                 if not with_hidden:
-                    return model(ids, positions_BT=pos, kv_cache=state)[0]  # [b, V]
-                x = model(ids, positions_BT=pos, kv_cache=state, head=False,
+                    return model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state)[0]  # [b, V]
+                x = model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state, head=False,
                           return_hidden=True).trunk_hidden[0]
                 return model.lm_head(model.norm(x)), x  # [b, V], [b, D]
+            return fwd
 
-            if device.type != "cuda":  # CPU (tests): the same static buffers, replayed eagerly
-                graph = _EagerReplay(fwd)
-                self.graphs[b] = (graph, ids, pos, state, graph.out)
-                continue
-            graph, logits = capture_cuda_graph(fwd, pool=pool)
-            pool = graph.pool()
-            self.graphs[b] = (graph, ids, pos, state, logits)
-
-    def __call__(self, ids_R: Tensor, pos_R: Tensor, slots_R: Tensor, tables_RW: Tensor,
-                 lens_R: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits [R, V] of one decode step over R rows (host or device tensors); with_hidden:
-        (logits, trunk hidden [R, D])."""
-        R, W = tables_RW.shape
-        b = next(s for s in self.buckets if s >= R)
-        graph, ids, pos, state, logits = self.graphs[b]
-        ids[0, :R].copy_(ids_R)
-        pos[0, :R].copy_(pos_R)
-        state.slots_N[:R].copy_(slots_R)
-        state.tables_RM[:R, :W].copy_(tables_RW)  # columns past W are stale but never read (lengths)
-        state.lens_R[:R].copy_(lens_R)
-        if R < b:
-            ids[0, R:].zero_()
-            pos[0, R:].zero_()
-            state.slots_N[R:].fill_(NULL_BLOCK)  # slot 0 = offset 0 of the null block
-            state.lens_R[R:].zero_()
-        graph.replay()
-        if self.with_hidden:
-            return logits[0][:R], logits[1][:R]
-        return logits[:R]
+        super().__init__(cache, buckets, max_blocks, build)
 
 
 class Engine:
@@ -455,6 +394,13 @@ class Engine:
                                                   self.max_blocks_per_seq, with_hidden=use_mtp)
             except Exception as e:  # a model op that cannot be captured: fall back to eager decode
                 log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+        if self.graphs is not None and self.mtp is not None:  # MTP drafting rows: the same buckets
+            try:
+                with torch.inference_mode():
+                    self.mtp.capture(self.graphs.buckets, self.max_blocks_per_seq)
+            except Exception as e:
+                log.warning("CUDA graph capture of the MTP module failed (%s); drafting eagerly", e)
+                self.mtp.graphs = None
 
     MAX_BLOCKS = 1 << 20  # 16 M tokens at block size 16: plenty; keeps the host-side lists small
 
@@ -857,19 +803,23 @@ class Engine:
 
     def _mtp_chain(self, batch: ScheduledBatch) -> None:
         """Drafts 2..k of MTP verify rows: module 1 chained on its own output (spec_decode.py), one
-        batched forward per extra draft, at positions the scheduler just allocated."""
+        batched forward (a graph replay) per extra draft, at positions the scheduler just allocated."""
         reqs = [r for r, n in batch.rows
                 if r.num_draft > 1 and n == 1 + r.num_draft and r.mtp_hidden is not None]
-        hidden = {id(r): r.mtp_hidden for r in reqs}
-        for i in range(1, max((r.num_draft for r in reqs), default=1)):
-            reqs = [r for r in reqs if r.num_draft > i]
+        if not reqs:
+            return
+        hidden = torch.stack([r.mtp_hidden for r in reqs])  # [U, D]
+        tables = [self.blocks.tables[r.id] for r in reqs]
+        for i in range(1, max(r.num_draft for r in reqs)):
+            keep = [j for j, r in enumerate(reqs) if r.num_draft > i]
+            if len(keep) < len(reqs):  # fewer drafts for some (capped at max_tokens / the context)
+                hidden = hidden[torch.tensor(keep, device=hidden.device)]
+                reqs, tables = [reqs[j] for j in keep], [tables[j] for j in keep]
             a = [r.num_computed for r in reqs]  # the pending token's position; its drafts follow
-            out = self.mtp.run(torch.stack([hidden[id(r)] for r in reqs]),
-                               [r.token_ids[p + i] for r, p in zip(reqs, a)], [p + i - 1 for p in a],
-                               [self.blocks.tables[r.id] for r in reqs])
-            for j, (r, p, t) in enumerate(zip(reqs, a, self.mtp.draft(out))):
+            hidden, drafts = self.mtp.run(hidden, [r.token_ids[p + i] for r, p in zip(reqs, a)],
+                                          [p + i - 1 for p in a], tables, range(len(reqs)))
+            for r, p, t in zip(reqs, a, drafts):
                 r.token_ids[p + i + 1] = t
-                hidden[id(r)] = out[j]
 
     def _verify(self, logits: Tensor, inp: StepInputs) -> list[tuple[Request, RequestOutput]]:
         """The accept rule on every verify row, then per request: emit the accepted drafts and the
@@ -916,28 +866,32 @@ class Engine:
 
     def _mtp_rows(self, hidden_ND: Tensor, inp: StepInputs) -> None:
         """MTP module 1 over every position this step computed whose next token is now known (its KV
-        in the MTP layer), and the next draft of every request that goes on decoding."""
-        ids, pos, tables, rows, last = [], [], [], [], []
+        in the MTP layer), and the next draft of every request that goes on decoding. One replay of
+        the MTP graph (eager beyond its largest bucket) and one host copy for all drafts."""
+        ids, tables, starts, los, counts, last = [], [], [], [], [], []
         for req, lo, a in inp.row_starts:
-            if req.finish_reason is not None or req.num_computed <= a or not may_speculate(req):
+            n = req.num_computed - a
+            if req.finish_reason is not None or n <= 0 or not may_speculate(req):
                 continue
-            table = self.blocks.tables[req.id]
-            for p in range(a, req.num_computed):
-                ids.append(req.token_ids[p + 1])
-                pos.append(p)
-                tables.append(table)
-                rows.append(lo + p - a)
+            ids += req.token_ids[a + 1:a + 1 + n]  # row p: the token after position p
+            tables.append(self.blocks.tables[req.id])
+            starts.append(a)
+            los.append(lo)
+            counts.append(n)
             if len(req.token_ids) == req.num_computed + 1:  # decoding next: it needs a draft
                 last.append((req, len(ids) - 1))
             else:
                 req.mtp_draft = req.mtp_hidden = None
         if not ids:
             return
-        out = self.mtp.run(hidden_ND[torch.tensor(rows, device=hidden_ND.device)], ids, pos, tables)
-        if last:
-            at = torch.tensor([i for _, i in last], device=out.device)
-            for (req, _), t, h in zip(last, self.mtp.draft(out[at]), out[at]):
-                req.mtp_draft, req.mtp_hidden = t, h
+        counts_U = np.array(counts)
+        seq_M = np.repeat(np.arange(len(counts)), counts_U)  # the sequence of every MTP row
+        off_M = np.arange(len(ids)) - np.repeat(np.cumsum(counts_U) - counts_U, counts_U)
+        pos_M = np.array(starts)[seq_M] + off_M
+        packed = torch.from_numpy(np.array(los)[seq_M] + off_M).to(hidden_ND.device)  # rows of hidden_ND
+        out, drafts = self.mtp.run(hidden_ND[packed], ids, pos_M, tables, seq_M, [i for _, i in last])
+        for (req, _), t, h in zip(last, drafts, out.unbind(0)):
+            req.mtp_draft, req.mtp_hidden = t, h
 
     def _advance(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         """Account for one sampled token: stop token, max_tokens, context, stop strings, new text."""

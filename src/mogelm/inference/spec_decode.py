@@ -51,6 +51,19 @@ docs/speculative.md. The MTP KV of a block found in the prefix cache, or shared 
 choices, may come from another sequence; that changes drafts, never the output. With an fp8 KV
 cache the MTP layer takes the widest of the trunk's calibrated per-head scales.
 
+MTP graphs. On CUDA each of these forwards is one CUDA-graph replay (`MTPRunner.capture`:
+graphs.PagedGraphs, the mechanism of the trunk's decode graphs, with the same buckets, up to
+max(max_batch, min(max_batch, spec_max_batch) x (k + 1)) rows): static hidden states [b, D],
+token ids, positions, pool slots, block tables and lengths [b]; the graph computes the block's
+output [b, D] and the greedy drafts lm_head(norm(out)).argmax [b], so a call costs a few host-to-
+device copies, one replay and one small device-to-host copy (one `.tolist()` for every draft of
+the call); padding rows write to the null block with length 0. Calls with more rows than the
+largest bucket (prefill chunks: a row for every prompt position) run eagerly, as everything does
+on a CPU (tests run the graph path there through the eager stand-in, graphs.EagerReplay). The host
+side builds each field with numpy (no per-row tensor ops). Why: eagerly the module costs ~20+
+kernel launches plus host tensor building per call, ~1 ms (estimate), more than the graphed decode
+step of a 1 B model, and MTP drafts lost at every batch size on one H200 (2026-12-02).
+
 Legend: N packed rows, D hidden, V vocabulary, R verify rows of one request (k + 1).
 """
 
@@ -63,6 +76,7 @@ import torch
 from torch import Tensor
 
 from mogelm.inference.block_manager import NULL_BLOCK
+from mogelm.inference.graphs import PagedGraphs, StaticRows
 from mogelm.inference.paged import PagedAttention, PagedKVCache
 from mogelm.inference.sampling import filter_logits, processed_logits
 from mogelm.inference.speculative import accept_sampled
@@ -91,43 +105,75 @@ def may_speculate(req) -> bool:
     return not req.params.has_penalties
 
 
-def _pad_tables(tables: list[list[int]]) -> Tensor:
+def _pad_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one int32 array [U, W], padded with the null block."""
     width = max((len(t) for t in tables), default=1)
-    padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
-    return torch.from_numpy(np.array(padded, dtype=np.int32).reshape(len(padded), width))
+    return np.array([t + [NULL_BLOCK] * (width - len(t)) for t in tables], dtype=np.int32).reshape(-1, width)
 
 
 class MTPRunner:
-    """Module 1 of the model's MTP stack over the paged pool (its KV in layer `layer`)."""
+    """Module 1 of the model's MTP stack over the paged pool (its KV in layer `layer`): eager, or
+    replayed from CUDA graphs once `capture` has run (module docstring, "MTP drafts")."""
 
     def __init__(self, model, cache: PagedKVCache, block_size: int):
         assert model.mtp is not None and len(cache.k) > model.cfg.num_layers
         self.model, self.module, self.cache = model, model.mtp[0], cache
         self.layer, self.block_size = model.cfg.num_layers, block_size
+        self.graphs: PagedGraphs | None = None
         if hasattr(self.module.block.mlp, "record_stats"):  # as fuse_for_inference does for the trunk
             self.module.block.mlp.record_stats = False
 
-    def run(self, hidden_MD: Tensor, token_ids: list[int], positions: list[int],
-            tables: list[list[int]]) -> Tensor:
-        """The module over M rows (row i: trunk or chained hidden state at positions[i], token
-        token_ids[i] = the token after it), writing their KV at their positions; returns the block's
-        output hidden states [M, D] (pre-norm)."""
-        dev, bs = hidden_MD.device, self.block_size
-        ids = torch.tensor(token_ids, device=dev)
-        pos = torch.tensor(positions, device=dev)
-        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], device=dev)
-        lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev)
-        state = PagedAttention(self.cache, slots, _pad_tables(tables).to(dev), lens)
+    def capture(self, buckets: list[int], max_blocks: int) -> None:
+        """Graphs of the module and its greedy draft for `buckets` rows (the trunk's decode buckets);
+        on a CPU the eager stand-in (tests). Calls with more rows than the largest bucket stay eager."""
+        D, dtype = self.model.cfg.hidden_size, self.model.embed_tokens.weight.dtype
+
+        def build(rows: StaticRows):
+            def fn():
+                out_bD = self._forward(rows.extra["hidden"], rows.ids_1b[0], rows.pos_1b[0], rows.state)
+                return out_bD, self._greedy(out_bD)
+            return fn
+
+        self.graphs = PagedGraphs(self.cache, buckets, max_blocks, build, extra={"hidden": ((D,), dtype)})
+
+    def _forward(self, hidden_MD: Tensor, ids_M: Tensor, pos_M: Tensor, state: PagedAttention) -> Tensor:
+        """The block's output hidden states [M, D] (pre-norm); writes the rows' KV."""
         m, model = self.module, self.model
-        cos, sin = model.rotary(pos[None])
-        emb = model.embed_tokens(ids)[None]
+        cos, sin = model.rotary(pos_M[None])
+        emb = model.embed_tokens(ids_M)[None]
         u = m.eh_proj(torch.cat([m.enorm(emb), m.hnorm(hidden_MD[None].to(emb.dtype))], dim=-1))
         out, _ = m.block(u, cos, sin, state.layer(self.layer))
         return out[0]
 
-    def draft(self, out_MD: Tensor) -> list[int]:
-        """Greedy draft tokens from the module's output rows."""
-        return self.model.lm_head(self.module.norm(out_MD)).argmax(dim=-1).tolist()
+    def _greedy(self, out_MD: Tensor) -> Tensor:
+        """Greedy draft tokens [M] from the module's output rows."""
+        return self.model.lm_head(self.module.norm(out_MD)).argmax(dim=-1)
+
+    def run(self, hidden_MD: Tensor, token_ids, positions, tables: list[list[int]], table_of_row,
+            want: list[int] | None = None) -> tuple[Tensor, list[int]]:
+        """The module over M rows, writing their KV at their positions. Row i: the trunk's (or a chained)
+        hidden state at positions[i], token_ids[i] = the token after it, block table
+        tables[table_of_row[i]] (one table per sequence, U in all). Returns, for the rows `want`
+        (default all, in that order), the block's output hidden states [W, D] (pre-norm; a tensor of
+        their own) and their greedy drafts (one host copy). A graph replay when M fits a bucket."""
+        dev, bs = hidden_MD.device, self.block_size
+        ids_M = np.asarray(token_ids, dtype=np.int64)
+        pos_M = np.asarray(positions, dtype=np.int64)
+        M = len(pos_M)
+        tables_MW = _pad_tables(tables)[np.asarray(table_of_row, dtype=np.int64)]
+        slots_M = tables_MW[np.arange(M), pos_M // bs].astype(np.int64) * bs + pos_M % bs
+        host = [torch.from_numpy(x) for x in (ids_M, pos_M, slots_M, tables_MW, (pos_M + 1).astype(np.int32))]
+        if self.graphs is not None and M <= self.graphs.max_rows:
+            out_MD, tokens_M = self.graphs(*host, hidden=hidden_MD)  # views of the static outputs
+            tokens = tokens_M.tolist()
+            if want is None:
+                return out_MD.clone(), tokens
+            return out_MD[torch.tensor(want, dtype=torch.long, device=dev)], [tokens[i] for i in want]
+        ids, pos, slots, tables_t, lens = (x.to(dev) for x in host)
+        out_MD = self._forward(hidden_MD, ids, pos, PagedAttention(self.cache, slots, tables_t, lens))
+        if want is not None:
+            out_MD = out_MD[torch.tensor(want, dtype=torch.long, device=dev)]
+        return out_MD, self._greedy(out_MD).tolist()
 
 
 def verify(logits_NV: Tensor, verifiers: list[tuple[object, int, int]]) -> list[tuple[int, int]]:
