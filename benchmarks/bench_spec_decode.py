@@ -14,9 +14,12 @@ printed last; the 72B section runs before the engine's, and no new measurement s
  2. engine: the checkpoint (trained with --mtp-depth 1) in the Engine with CUDA graphs, greedy,
     B held-out prompts of --prompt-tokens tokens (documents of the embedded corpus past
     --max-bytes, which training never saw), --gen-tokens new tokens each (ignore_eos), at batch
-    1, 16, 64, 256: without drafts, with n-gram and with MTP drafts for k = 1..3 (speculation forced
-    on at every batch: spec_max_batch = B), and with the engine's default switch-off rule (MTP,
-    k = 2). Decode tokens/s = tokens generated after every request has its first token / the wall
+    1, 16, 64, 256: without drafts, with n-gram and with MTP drafts for each k of --ks (speculation
+    forced on at every batch: spec_policy "fixed", spec_max_batch = B), and with the engine's
+    default on CUDA, the cost-aware policy (spec_policy "auto", inference/spec_policy.py: it measures
+    0..k drafts per batch bucket and keeps the best) for n-gram drafts with k = max(--ks) and MTP
+    with k = 2; its table of measured costs and its final choice go into the row. Decode tokens/s
+    = tokens generated after every request has its first token / the wall
     time of those steps (prefill excluded); acceptance rate and mean accepted length from
     Engine.stats(); `same_output`: the share of sequences identical to the run without drafts
     (bf16: a verify row's GEMM shapes differ from a decode step's, so rare divergences are
@@ -57,6 +60,7 @@ from mogelm.inference.bench_model import (
 from mogelm.inference.engine import CUDAGraphRunner, Engine
 from mogelm.inference.paged import PagedAttention
 from mogelm.inference.sampling import SamplingParams
+from mogelm.inference.spec_policy import batch_bucket
 from mogelm.kernels import ops
 
 T0 = time.time()
@@ -109,9 +113,9 @@ def held_out_prompts(tokenizer, n: int, length: int, max_bytes: int | None) -> l
 def engine_run(model, tok, prompts, B: int, method: str | None, k: int, gen: int, forced: bool,
                device) -> dict:
     P = max(len(p) for p in prompts)
+    spec = {} if method is None else dict(spec_policy="fixed" if forced else "auto", spec_max_batch=B)
     eng = Engine(model, tok, max_batch=B, chunk_size=min(B * P, 16384), fuse=False,
-                 kv_cache_tokens=B * (P + gen + k + 64), speculative=method, draft_tokens=k,
-                 spec_max_batch=B if forced else None)
+                 kv_cache_tokens=B * (P + gen + k + 64), speculative=method, draft_tokens=k, **spec)
     params = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True)
     # warm-up at the measured batch: every row count the timed steps use (decode, verify, MTP drafts)
     # compiles its Triton kernels here, not inside the timing (the first H200 run's MTP rows were
@@ -139,6 +143,9 @@ def engine_run(model, tok, prompts, B: int, method: str | None, k: int, gen: int
                acceptance_rate=d["accepted_tokens"] / d["draft_tokens"] if d["draft_tokens"] else None,
                mean_accepted_length=1 + d["accepted_tokens"] / d["num_drafts"] if d["num_drafts"] else None,
                outputs=[r.output_ids for r in reqs])
+    if method is not None and not forced:  # what the cost-aware policy measured and chose
+        row["policy"] = {str(b): v for b, v in eng.spec_policy.table().items()}
+        row["policy_choice"] = eng.spec_policy.table().get(batch_bucket(B), {}).get("best")
     del eng
     gc.collect()
     if device.type == "cuda":
@@ -176,7 +183,9 @@ def section_engine(args, res, out, device) -> None:
         methods = [(m, k) for m, k in methods if m != "mtp"]
     for B in args.batches:
         base = None
-        runs = [(m, k, True) for m, k in methods] + [("mtp" if model.mtp is not None else "ngram", 2, False)]
+        # the plain run first (the others' reference), then the engine's default (auto), then forced
+        auto = [("ngram", max(args.ks), False)] + ([("mtp", 2, False)] if model.mtp is not None else [])
+        runs = [(None, 0, True)] + auto + [(m, k, True) for m, k in methods if m is not None]
         for method, k, forced in runs:
             if time.time() - T0 > args.budget_s:
                 log(f"  budget of {args.budget_s} s spent: skipping the rest of the engine runs")
@@ -200,8 +209,9 @@ def section_engine(args, res, out, device) -> None:
             acc = "" if row["acceptance_rate"] is None else \
                 f" acc {row['acceptance_rate']:.3f} len {row['mean_accepted_length']:.2f}"
             gain = f" x{row['speedup']:.2f}" if "speedup" in row else ""
+            chose = f" (auto chose k={row['policy_choice']})" if "policy_choice" in row else ""
             log(f"  B={B:3d} {row['method']:5s} k={row['k']} {'forced' if forced else 'auto  '}: "
-                f"{row['tokens_per_s']:9.1f} tok/s{acc}{gain}")
+                f"{row['tokens_per_s']:9.1f} tok/s{acc}{gain}{chose}")
             write_json(out, res)
         if base is not None:
             base.pop("_outputs", None)
@@ -308,7 +318,7 @@ def predictions(res: dict) -> list[dict]:
 def table(res: dict) -> str:
     lines = ["", "engine (decode tokens/s; greedy; held-out prompts)",
              f"{'B':>4} {'method':6} {'k':>2} {'mode':6} {'tok/s':>10} {'speedup':>8} {'acc':>6} {'len':>5} "
-             f"{'same':>5}"]
+             f"{'same':>5} {'chose':>5}"]
     for r in res.get("engine", []):
         if "error" in r:
             lines.append(f"{r['batch']:>4} {r['method']:6} {r['k']:>2} error: {r['error'][:60]}")
@@ -317,7 +327,7 @@ def table(res: dict) -> str:
         lines.append(f"{r['batch']:>4} {r['method']:6} {r['k']:>2} {'forced' if r['forced'] else 'auto':6} "
                      f"{r['tokens_per_s']:>10.1f} {f(r.get('speedup'), 2):>8} "
                      f"{f(r['acceptance_rate'], 3):>6} {f(r['mean_accepted_length'], 2):>5} "
-                     f"{f(r.get('same_output'), 2):>5}")
+                     f"{f(r.get('same_output'), 2):>5} {r.get('policy_choice', ''):>5}")
     v = res.get("verify72b", {}).get("ms", {})
     if v:
         lines += ["", "72B verify step, ms (48 layers, scaled): rows B, columns q = k + 1"]
