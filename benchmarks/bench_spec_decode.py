@@ -127,8 +127,11 @@ def engine_run(model, tok, prompts, B: int, method: str | None, k: int, gen: int
         eng.step()
     sync(device)
     n0, s0, t0 = sum(r.num_generated for r in reqs), eng.num_steps, time.perf_counter()
+    step_s = []  # each decode step's wall time (eng.step() returns after the step's host sync)
     while eng.has_unfinished():
+        t = time.perf_counter()
         eng.step()
+        step_s.append(time.perf_counter() - t)
     sync(device)
     wall = time.perf_counter() - t0
     st = eng.stats()
@@ -138,6 +141,7 @@ def engine_run(model, tok, prompts, B: int, method: str | None, k: int, gen: int
     tokens = sum(r.num_generated for r in reqs) - n0
     row = dict(batch=B, method=method or "none", k=k if method else 0, forced=forced,
                decode_tokens=tokens, decode_s=wall, tokens_per_s=tokens / wall, steps=eng.num_steps - s0,
+               median_step_ms=1e3 * sorted(step_s)[len(step_s) // 2] if step_s else None,
                draft_tokens=d["draft_tokens"], accepted_tokens=d["accepted_tokens"],
                verify_rows=d["num_drafts"],
                acceptance_rate=d["accepted_tokens"] / d["draft_tokens"] if d["draft_tokens"] else None,

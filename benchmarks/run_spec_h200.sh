@@ -14,7 +14,7 @@
 # Writes $OUT/train.log, $OUT/bench.log, $OUT/bench_spec_decode.json (table at the end of bench.log).
 #
 # Knobs (environment): STEPS, TRAIN_TIMEOUT, BENCH_BUDGET (s), SECTIONS (engine,verify72b), BATCHES
-# (1,16,64,256), KS (draft lengths forced, 1,2,3).
+# (1,16,64,256), KS (draft lengths forced, 1,2,3), GEN (new tokens per request, 128).
 #
 #   OUT=benchmarks/results/spec_h200_$(date +%F) bash benchmarks/run_spec_h200.sh
 #   OUT=/tmp/s QUICK=1 bash benchmarks/run_spec_h200.sh       # CPU dry run of both steps (toy sizes)
@@ -49,7 +49,7 @@ EOF
     MODEL=(--config "$CFG")
     TRAIN=(--seq-len 1024 --batch-size 16 --lr 1e-3 --device cuda)
     BENCH=(--max-bytes "$MAX_BYTES" --budget-s "${BENCH_BUDGET:-240}" --sections "${SECTIONS:-engine,verify72b}"
-           --batches "${BATCHES:-1,16,64,256}" --ks "${KS:-1,2,3}")
+           --batches "${BATCHES:-1,16,64,256}" --ks "${KS:-1,2,3}" --gen-tokens "${GEN:-128}")
 fi
 
 echo "== train: $STEPS steps (log: $OUT/train.log)"

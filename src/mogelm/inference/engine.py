@@ -375,6 +375,7 @@ class Engine:
         self.num_steps = self.num_prompt_tokens = self.num_generated_tokens = 0
         self.spec_drafts = self.spec_accepted = self.spec_verifies = 0  # counters (stats())
         self.spec_draft_length = 0  # the policy's choice for the last step
+        self._step_accepts: list[int] = []  # drafts accepted per verify row of the current step
         self.mtp = MTPRunner(model, self.cache, block_size) if use_mtp else None
         if self.spec is not None and self.spec.method == "ngram":
             from mogelm.inference.drafters import NgramDrafter
@@ -616,7 +617,7 @@ class Engine:
             if self.mtp is not None and speculating:
                 self._mtp_chain(batch)
             inputs = self._build_batch(batch)
-            accepted_before = self.spec_accepted
+            self._step_accepts: list[int] = []  # drafts accepted per verify row (_verify)
             decode_only = batch.is_decode_only  # now: _verify resets the rows' num_draft it looks at
             logits, hidden = self._forward(inputs, decode_only, self.mtp is not None and speculating)
             verifying = {id(r) for r, _, _ in inputs.verifiers}
@@ -638,8 +639,9 @@ class Engine:
             self.num_steps += 1
             # what this draft length cost and earned (MTP's first step after a pause drafts nothing yet)
             if self.spec is not None and decode_only and (self.mtp is None or inputs.verifiers or not k_now):
-                self.spec_policy.record(num_running, k_now, time.perf_counter() - t0, len(batch.rows),
-                                        self.spec_accepted - accepted_before)
+                accepted = [sum(min(n, j) for n in self._step_accepts) for j in range(1, k_now + 1)]
+                seconds = time.perf_counter() - t0
+                self.spec_policy.record(num_running, k_now, seconds, len(batch.rows), accepted)
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.scheduler.finish(req)
         self._deliver(outputs)
@@ -834,6 +836,7 @@ class Engine:
             req.num_draft = 0
             self.spec_drafts += k
             self.spec_accepted += num_acc
+            self._step_accepts.append(num_acc)
             self.spec_verifies += 1
             emitted = drafts[:num_acc] + [nxt]
             entries: list[TokenLogprob | None] = [None] * len(emitted)

@@ -37,8 +37,8 @@ ranks timing their steps would choose differently and run mismatched collectives
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 POLICIES = ("auto", "fixed")
@@ -68,9 +68,16 @@ class FixedSpecPolicy:
 @dataclass
 class _Option:
     """What one draft length costs at one batch bucket."""
-    seconds_per_seq: float | None = None  # moving average
+    recent: deque = field(default_factory=lambda: deque(maxlen=5))  # seconds per sequence-step
     samples: int = 0
     last_step: int = -1  # the bucket's step count when last recorded
+    interval: int = 0  # steps between re-measurements (doubles while the option keeps losing)
+
+    @property
+    def seconds_per_seq(self) -> float | None:
+        """The median of the recent samples: one slow step (a collection, a first replay) moves it
+        little, a real change in cost moves it within a few steps."""
+        return statistics.median(self.recent) if self.recent else None
 
 
 @dataclass
@@ -80,20 +87,23 @@ class _Bucket:
     exploring: int | None = None  # the draft length being tried
     explore_left: int = 0  # recorded steps still wanted for it
     explore_tries: int = 0  # choose() calls spent on it (gives up on an option that never records)
-    refreshed_at: int = 0  # b.steps at the last periodic re-measurement
+    pruned_above: int | None = None  # first exploration: longer drafts than this are not tried
 
 
 class AdaptiveSpecPolicy:
     """The cost-aware rule of the module docstring."""
 
+    PRUNE = 0.8  # first exploration: an option below this share of the best rate ends the search upwards
+    GIVE_UP = 0.6  # an option below this share of the best rate after one sample is not sampled again now
+
     def __init__(self, k: int, max_batch: int, explore_every: int = 32, explore_steps: int = 2,
-                 alpha: float = 0.2, clock: Callable[[], float] = time.perf_counter):
+                 alpha: float = 0.2):
         self.k, self.max_batch = k, max_batch
         self.explore_every, self.explore_steps, self.alpha = explore_every, explore_steps, alpha
-        self.clock = clock
         self.buckets: dict[int, _Bucket] = {}
         self.tokens = {0: 1.0}  # draft length -> moving average of tokens per decoding sequence and step
 
+    # --- choosing ---------------------------------------------------------------------------------
     def choose(self, num_running: int) -> int:
         if num_running > self.max_batch or num_running == 0:
             return 0
@@ -103,15 +113,19 @@ class AdaptiveSpecPolicy:
             if b.explore_left > 0 and b.explore_tries <= 4 * self.explore_steps:
                 return b.exploring
             b.exploring = None
-        unmeasured = [j for j in range(self.k, -1, -1) if j not in b.options]
-        if unmeasured:
-            return self._explore(b, unmeasured[0])
+        for j in range(self.k + 1):  # first exploration: 0, 1, 2, ... until a length stops paying
+            if b.pruned_above is not None and j > b.pruned_above:
+                break
+            if j not in b.options:
+                return self._explore(b, j)
         best = self._best(b)
-        if b.steps - b.refreshed_at >= self.explore_every and len(b.options) > 1:
-            # every explore_every steps: measure the least recently measured other option again
-            b.refreshed_at = b.steps
-            stale = min((j for j in b.options if j != best), key=lambda j: b.options[j].last_step)
-            return self._explore(b, stale)
+        # now and then measure the neighbours of the best length again (local search over 0..k);
+        # a neighbour that keeps losing is measured half as often each time, down to 1 in 16 rounds
+        for j in (best + 1, best - 1):
+            o = b.options.get(j)
+            due = o is None or b.steps - o.last_step >= max(o.interval, self.explore_every)
+            if 0 <= j <= self.k and due:
+                return self._explore(b, j)
         return best
 
     def _explore(self, b: _Bucket, j: int) -> int:
@@ -119,36 +133,54 @@ class AdaptiveSpecPolicy:
         b.exploring, b.explore_left, b.explore_tries = j, self.explore_steps, 1
         return j
 
-    def _best(self, b: _Bucket) -> int:
-        def rate(j: int) -> float:
-            o = b.options[j]
-            if o.seconds_per_seq is None:
-                return 0.0
-            return self.tokens.get(j, 1.0) / max(o.seconds_per_seq, 1e-12)
-        return max(sorted(b.options), key=rate)  # ties: the fewest drafts
+    def _rate(self, b: _Bucket, j: int) -> float:
+        """Tokens per second per sequence of draft length j at this bucket (0 when unmeasured)."""
+        o = b.options.get(j)
+        if o is None or o.seconds_per_seq is None:
+            return 0.0
+        return self.tokens.get(j, 1.0) / max(o.seconds_per_seq, 1e-12)
 
-    def record(self, num_running: int, k: int, seconds: float, rows: int, accepted: int) -> None:
+    def _best(self, b: _Bucket) -> int:
+        return max(sorted(b.options), key=lambda j: self._rate(b, j))  # ties: the fewest drafts
+
+    # --- recording --------------------------------------------------------------------------------
+    def record(self, num_running: int, k: int, seconds: float, rows: int,
+               accepted: list[int] | int = 0) -> None:
         """One decode-only step that ran with draft length k: its wall time, its decoding sequences
-        (rows) and the drafts they accepted. Steps where the drafter found nothing count (their cost
-        is real); the engine leaves out MTP's first step after a pause, which has no draft yet."""
+        (rows) and, for each shorter-or-equal draft length j = 1..k, the drafts the rows would have
+        accepted with only j drafts: accepted[j - 1] = sum over rows of min(accepted, j) (drafts are
+        prefixes of each other, so a step with k drafts tells what 1..k-1 would have yielded; an int
+        is the total for k alone). Steps where the drafter found nothing count (their cost is real);
+        the engine leaves out MTP's first step after a pause, which has no draft yet."""
         if rows <= 0:
             return
         b = self.buckets.setdefault(batch_bucket(num_running), _Bucket())
         o = b.options.setdefault(k, _Option())
-        per_seq = seconds / rows
-        a = self.alpha if o.samples >= 2 else 1.0 / (o.samples + 1)  # average the first samples
-        old = per_seq if o.seconds_per_seq is None else o.seconds_per_seq
-        o.seconds_per_seq = (1 - a) * old + a * per_seq
+        o.recent.append(seconds / rows)
         o.samples += 1
         b.steps += 1
         o.last_step = b.steps
-        if k > 0:
-            t = 1.0 + accepted / rows
-            self.tokens[k] = t if k not in self.tokens else (1 - self.alpha) * self.tokens[k] + self.alpha * t
+        if isinstance(accepted, int):
+            accepted = [accepted] if k == 1 else ([] if k == 0 else [None] * (k - 1) + [accepted])
+        for j, acc in enumerate(accepted, start=1):
+            if acc is not None:
+                t, old = 1.0 + acc / rows, self.tokens.get(j)
+                self.tokens[j] = t if old is None else (1 - self.alpha) * old + self.alpha * t
+        best = self._best(b)
         if b.exploring == k:
             b.explore_left -= 1
+            if self._rate(b, k) < self.GIVE_UP * self._rate(b, best):
+                b.explore_left = 0  # clearly worse: one sample is enough for now
             if b.explore_left <= 0:
                 b.exploring = None
+                if b.pruned_above is None and k > 0 and self._rate(b, k) < self.PRUNE * self._rate(b, best):
+                    b.pruned_above = k  # first exploration: longer drafts would cost more still
+                if k != best:
+                    o.interval = min(2 * max(o.interval, self.explore_every), 16 * self.explore_every)
+        if k == best:
+            o.interval = 0
+        if b.pruned_above is None and all(j in b.options for j in range(self.k + 1)):
+            b.pruned_above = self.k  # every length measured once
 
     def table(self) -> dict:
         """{bucket: {draft length: (ms per sequence-step, tokens per sequence-step, samples)}} and the
