@@ -82,6 +82,21 @@ def test_adaptive_policy_follows_a_change_in_acceptance():
     assert drive(p, 4, cost, good, 600)[-20:].count(2) >= 17
 
 
+def test_adaptive_policy_compares_lengths_measured_at_different_times():
+    """Step costs grow during a generation (longer contexts). One draft costs 1.25x a plain step
+    and earns 1.2 tokens (a 4 % loss) at every moment; measured early, while steps were cheap,
+    and compared with plain steps measured later it would look like a gain without the drift
+    correction. The policy must stay at 0 drafts."""
+    p = AdaptiveSpecPolicy(k=1, max_batch=8, explore_every=32)
+    step = [0]
+
+    def cost(j):
+        step[0] += 1
+        return (1 + step[0] / 50) * (1.25 if j else 1.0)
+    chosen = drive(p, 4, cost, lambda j: 1.2 if j else 1.0, 1000)
+    assert chosen[-100:].count(0) >= 95 and p.table()[4]["best"] == 0
+
+
 def test_adaptive_policy_respects_the_cap_and_buckets_separately():
     p = AdaptiveSpecPolicy(k=2, max_batch=8)
     assert p.choose(9) == 0 and p.choose(0) == 0

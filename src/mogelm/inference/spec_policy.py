@@ -156,7 +156,15 @@ class AdaptiveSpecPolicy:
             return
         b = self.buckets.setdefault(batch_bucket(num_running), _Bucket())
         o = b.options.setdefault(k, _Option())
+        before = o.seconds_per_seq
         o.recent.append(seconds / rows)
+        if b.exploring != k and before:
+            # the settled choice's cost drifts (contexts grow, the batch within the bucket changes):
+            # the others' costs, measured earlier, move with it; only the measured ratios are kept
+            drift = o.seconds_per_seq / before
+            for j, other in b.options.items():
+                if j != k:
+                    other.recent = deque((t * drift for t in other.recent), maxlen=other.recent.maxlen)
         o.samples += 1
         b.steps += 1
         o.last_step = b.steps
