@@ -63,11 +63,13 @@ def test_adaptive_policy_finds_the_best_draft_length_and_explores_little(name, c
     chosen = drive(p, 16, cost, tokens, 2048)
     assert set(chosen[:8]) == tried, "lengths are measured in order until one stops paying"
     assert chosen[-1] == best and p.table()[16]["best"] == best
-    # after the first exploration only the best's neighbours are measured again, each less and
-    # less often while it keeps losing (1 in 32 steps, then 64, ... down to 1 in 512)
+    # after the first exploration only the best's neighbours are measured again: 2 steps every 32
+    # for one within 20 % of the best, less and less often for one clearly worse (down to 1 in 512)
     off_best = sum(j != best for j in chosen[8:])
-    assert off_best <= 2 * 2 * (1 + 1 + 2 + 4 + 8) + 2 * 2 * 3, (name, off_best)
+    assert off_best <= 2 * 2 * (len(chosen) // 32 + 1), (name, off_best)
     assert set(chosen[8:]) <= {best - 1, best, best + 1}
+    if name == "large batch":  # one draft is 21 % worse there: backed off
+        assert off_best <= 2 * (1 + 1 + 2 + 4 + 8 + 3), off_best
 
 
 def test_adaptive_policy_follows_a_change_in_acceptance():
@@ -94,7 +96,7 @@ def test_adaptive_policy_compares_lengths_measured_at_different_times():
         step[0] += 1
         return (1 + step[0] / 50) * (1.25 if j else 1.0)
     chosen = drive(p, 4, cost, lambda j: 1.2 if j else 1.0, 1000)
-    assert chosen[-100:].count(0) >= 95 and p.table()[4]["best"] == 0
+    assert chosen[-100:].count(0) >= 90 and p.table()[4]["best"] == 0  # 1 is close: re-measured 2 in 32
 
 
 def test_adaptive_policy_respects_the_cap_and_buckets_separately():

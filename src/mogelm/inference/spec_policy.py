@@ -95,6 +95,7 @@ class AdaptiveSpecPolicy:
 
     PRUNE = 0.8  # first exploration: an option below this share of the best rate ends the search upwards
     GIVE_UP = 0.6  # an option below this share of the best rate after one sample is not sampled again now
+    BACK_OFF = 0.8  # a neighbour below this share of the best rate is re-measured less and less often
 
     def __init__(self, k: int, max_batch: int, explore_every: int = 32, explore_steps: int = 2,
                  alpha: float = 0.2):
@@ -120,7 +121,8 @@ class AdaptiveSpecPolicy:
                 return self._explore(b, j)
         best = self._best(b)
         # now and then measure the neighbours of the best length again (local search over 0..k);
-        # a neighbour that keeps losing is measured half as often each time, down to 1 in 16 rounds
+        # a neighbour that keeps losing clearly is measured half as often each time, down to 1 in 16
+        # rounds (at large batch a verify step costs 2-3 plain ones); a close one every round
         for j in (best + 1, best - 1):
             o = b.options.get(j)
             due = o is None or b.steps - o.last_step >= max(o.interval, self.explore_every)
@@ -183,8 +185,11 @@ class AdaptiveSpecPolicy:
                 b.exploring = None
                 if b.pruned_above is None and k > 0 and self._rate(b, k) < self.PRUNE * self._rate(b, best):
                     b.pruned_above = k  # first exploration: longer drafts would cost more still
-                if k != best:
+                if k != best and self._rate(b, k) < self.BACK_OFF * self._rate(b, best):
+                    # clearly worse: measured half as often each time (what re-measuring costs)
                     o.interval = min(2 * max(o.interval, self.explore_every), 16 * self.explore_every)
+                elif k != best:  # close to the best: cheap to re-measure and may win as the text changes
+                    o.interval = self.explore_every
         if k == best:
             o.interval = 0
         if b.pruned_above is None and all(j in b.options for j in range(self.k + 1)):
