@@ -2,7 +2,7 @@
 and the verify step's accept rule for a batch of requests (the engine, engine.py, calls these).
 
     engine = Engine(model, tok, speculative="ngram", draft_tokens=3)       # or "mtp"
-    engine = Engine(model, tok, speculative="mtp", draft_tokens=2, spec_max_batch=64)
+    engine = Engine(model, tok, speculative="mtp", draft_tokens=2, spec_policy="fixed", spec_max_batch=64)
 
 One engine step with speculation (docs/speculative.md, "Stage 2"):
   1. every running request that is decoding (one pending token) and may speculate gets up to k
@@ -26,14 +26,12 @@ logit_bias are supported exactly (logprobs come from each emitted token's own lo
 choices speculate independently once forked. Sampled requests use the accept/resample rule with
 their own generator (deterministic drafts: q one-hot), so a seeded request is reproducible.
 
-Switch-off: a verify step computes k + 1 positions per sequence. At small batch a decode step
-is bound by reading the weights, so the extra positions are almost free; at large batch it is
-bound by compute and k + 1 times the tokens cost nearly k + 1 times the time while only
-1 + E[accepted] tokens come out. The engine therefore speculates only while the running batch has
-at most `spec_max_batch` sequences (default DEFAULT_SPEC_MAX_BATCH, from the H200 prediction in
-benchmarks/notes_spec.md); above it every request decodes normally and MTP drafting pauses too
-(its block would cost one layer per step; positions decoded meanwhile get no MTP KV, which only
-weakens those sequences' drafts once speculation resumes).
+When: the engine's speculation policy (spec_policy.py) picks the draft length of every step, 0..k:
+"auto" (the default on CUDA) measures what each length costs and earns per batch size, "fixed"
+drafts k while at most `spec_max_batch` sequences run (DEFAULT_SPEC_MAX_BATCH by default). When a
+step does not speculate, MTP drafting pauses too (its block would cost one layer per step;
+positions decoded meanwhile get no MTP KV, which only weakens those sequences' drafts once
+speculation resumes).
 
 MTP drafts (`MTPRunner`). The model's first MTP module (mogelm.mtp) predicts token t + 2 from the
 trunk's pre-norm hidden state at t and the embedding of token t + 1. Its transformer block has
@@ -82,7 +80,7 @@ from mogelm.inference.sampling import filter_logits, processed_logits
 from mogelm.inference.speculative import accept_sampled
 
 METHODS = ("ngram", "mtp")
-DEFAULT_SPEC_MAX_BATCH = 64  # benchmarks/notes_spec.md: 72B gain predicted through 64, marginal at 256
+DEFAULT_SPEC_MAX_BATCH = 64  # the fixed policy's cap (notes_spec.md: 72B gain predicted through 64)
 
 
 @dataclass(frozen=True)
