@@ -7,21 +7,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_inference import cpu_engine
-from test_spec_engine import TEXTS, reference, run
+import test_spec_engine
+from test_spec_engine import reference, run
 
 from mogelm.inference import Engine, SamplingParams
 from mogelm.inference.spec_policy import AdaptiveSpecPolicy, FixedSpecPolicy, batch_bucket, make_policy
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return cpu_engine(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def prompts(base):
-    return [base.tokenizer.encode(t) for t in TEXTS]
+base, prompts = test_spec_engine.base, test_spec_engine.prompts  # the same module fixtures
 
 
 def drive(policy, batch: int, cost, tokens, steps: int) -> list[int]:
