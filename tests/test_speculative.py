@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from mogelm.inference.drafters import NgramDrafter, ngram_propose
+from mogelm.inference.drafters import NgramDrafter, NgramIndex, ngram_propose
 from mogelm.inference.speculative import accept_greedy, accept_sampled
 
 
@@ -26,6 +26,7 @@ from mogelm.inference.speculative import accept_greedy, accept_sampled
 def test_ngram_hand_made(seq, k, want):
     assert ngram_propose(seq, k) == want
     assert NgramDrafter().propose(seq, k) == want
+    assert NgramIndex().propose(seq, k) == want
 
 
 def test_ngram_bounds():
@@ -56,6 +57,25 @@ def test_ngram_matches_brute_force_search():
         k, hi = rng.randrange(0, 6), rng.randrange(1, 5)
         lo = rng.randrange(1, hi + 1)
         assert ngram_propose(seq, k, hi, lo) == _brute_force(seq, k, hi, lo), (seq, k, hi, lo)
+
+
+def test_ngram_index_follows_a_growing_sequence_like_the_scan():
+    """The engine's incremental index (one per sequence, updated with the tokens added since the
+    last call) proposes exactly what ngram_propose's full scan does, as the sequence grows by one
+    token or several, and after it is cut (the index then rebuilds)."""
+    rng = random.Random(1)
+    for _ in range(200):
+        hi = rng.randrange(1, 5)
+        lo = rng.randrange(1, hi + 1)
+        index, seq, vocab = NgramIndex(hi, lo), [], rng.choice([2, 3, 6, 30])
+        for _ in range(40):
+            seq.extend(rng.randrange(vocab) for _ in range(rng.choice([1, 1, 1, 3, 7])))
+            if rng.random() < 0.05:
+                seq = seq[:rng.randrange(len(seq) + 1)]
+            k = rng.randrange(0, 5)
+            assert index.propose(seq, k) == ngram_propose(seq, k, hi, lo), (seq, k, hi, lo)
+    with pytest.raises(ValueError, match="min_ngram"):
+        NgramIndex(max_ngram=1, min_ngram=2)
 
 
 # greedy accept rule ---------------------------------------------------------------------------
