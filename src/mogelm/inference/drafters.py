@@ -16,7 +16,8 @@ always allowed: that step then advances by fewer tokens, never wrongly.
 - MTPDrafter: the model's own multi-token prediction modules (mogelm.mtp), greedy. This is the
   reference version: one full forward of the model per call. The engine drafts with MTP module 1
   over its paged cache instead (inference/spec_decode.py, MTPRunner), and its draft 1 equals this
-  class's (tests/test_spec_engine.py); the engine's n-gram drafts are NgramDrafter's.
+  class's (tests/test_spec_engine.py); the engine's n-gram drafts are NgramDrafter's, made through
+  one NgramIndex per request (incremental: only the tokens added since its last step are indexed).
 
 Pure code: no engine, no cache; the tests pin proposals on hand-made sequences.
 """
