@@ -431,6 +431,11 @@ def test_server_with_ngram_speculation_same_text_and_metrics(base, tmp_path_fact
     assert cli_main(["generate", "--model", str(ckpt), "--prompt", TEXTS[0], "--max-tokens", "12",
                      "--temperature", "0"]) == 0
     assert spec_out == capsys.readouterr().out
+    for policy in ("auto", "fixed"):  # either policy: the same greedy text
+        assert cli_main(["generate", "--model", str(ckpt), "--prompt", TEXTS[0], "--max-tokens", "12",
+                         "--temperature", "0", "--speculative", "ngram", "--spec-policy", policy,
+                         "--spec-max-batch", "2"]) == 0
+        assert capsys.readouterr().out == spec_out
 
 
 def test_gpu_bench_quick_smoke(tmp_path):
