@@ -12,20 +12,29 @@ batch a step is bound by reading the weights and the extra positions are nearly 
 batch it is bound by compute and the expert kernels see (k + 1)x the rows; the engine's host work
 per draft (drafting, the accept rule, rollback) weighs more the smaller the model; and the
 acceptance rate depends on the text. On one H200 (benchmarks/README.md, "Speculative decoding")
-n-gram drafts won 2.21x at batch 1 on a 1 B model and lost from batch 16, where the 72B layout
-was predicted to gain through 64 — so a fixed threshold is right for one model at best.
+n-gram drafts won 2.1-2.2x at batch 1 on a 1 B model and lost from batch 16, where the 72B layout
+is predicted to gain through 64 — so a fixed threshold is right for one model at best.
 
 The adaptive rule. Batch sizes fall into power-of-two buckets. For each bucket and each draft
-length j = 0..k it keeps a moving average of the wall time of a decode-only step per running
-sequence (prefill and mixed steps are not comparable and not recorded); for each j it keeps a
-moving average of the tokens a decoding sequence gets per step (1 + accepted drafts / rows, so
-sequences for which the drafter found nothing count too; j = 0 gives exactly 1). Before a step it
-picks the j with the most tokens per second, tokens(j) / time(bucket, j). An option never
-measured at a bucket is tried first (for `explore_steps` recorded steps, so an MTP drafter whose
-first step after a pause has no draft yet still gets measured), and every `explore_every`
-recorded steps at a bucket the least recently measured other option is tried again, so a
-change in the traffic (acceptance falls, the batch grows) is noticed; that costs at most
-explore_steps / explore_every of the steps at a worse setting.
+length j = 0..k it keeps the last few wall times of a decode-only step per running sequence
+(host work included; prefill and mixed steps are not comparable and not recorded) and uses their
+median, so one slow step moves it little; for each j it keeps a moving average of the tokens a
+decoding sequence gets per step (1 + accepted drafts / rows, so sequences for which the drafter
+found nothing count too; j = 0 gives exactly 1; a step with j drafts also tells what every
+shorter length would have yielded, drafts being prefixes of each other). Before a step it picks
+the j with the most tokens per second, tokens(j) / time(bucket, j).
+- Exploring a new bucket: j = 0, 1, 2, ... each for `explore_steps` recorded steps, stopping at the
+  first length that loses by more than 20 % to the best so far (at large batch a verify step costs
+  2-3 plain ones: longer drafts would cost more still); an option that loses by more than 40 %
+  after one step is not sampled again then.
+- Afterwards the best length's neighbours (best - 1, best + 1) are measured again, so a change in
+  the traffic (acceptance falls, the batch grows) is noticed: one within 20 % of the best every
+  `explore_every` recorded steps, one clearly worse half as often each time it loses again (down to
+  1 in 16 rounds). That costs a few percent of the steps at worst, less over a long run.
+- Costs measured at different times are compared through the drift of the settled choice: each
+  step of it that moves its median scales the other lengths' stored costs by the same factor
+  (during a generation every step grows slower as the contexts grow; without this an option
+  measured early would look cheap forever).
 
 Determinism. The choice depends on measured times, so two runs of the same requests may speculate
 on different steps. Greedy output does not change (speculation never changes a greedy token);
