@@ -4,6 +4,7 @@ switches speculation off when drafting costs more than it earns (and keeps it wh
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -13,7 +14,8 @@ from test_spec_engine import reference, run
 from mogelm.inference import Engine, SamplingParams
 from mogelm.inference.spec_policy import AdaptiveSpecPolicy, FixedSpecPolicy, batch_bucket, make_policy
 
-base, prompts = test_spec_engine.base, test_spec_engine.prompts  # the same module fixtures
+# the same module fixtures as tests/test_spec_engine.py
+base, prompts, mtp_model = test_spec_engine.base, test_spec_engine.prompts, test_spec_engine.mtp_model
 
 
 def drive(policy, batch: int, cost, tokens, steps: int) -> list[int]:
@@ -170,3 +172,33 @@ def test_engine_policy_defaults():
     assert isinstance(eng.spec_policy, AdaptiveSpecPolicy) and eng.spec.max_batch == 4
     with pytest.raises(ValueError, match="spec_policy"):
         Engine(model, None, max_batch=4, speculative="ngram", spec_policy="never")
+
+
+class RandomLengths:
+    """A policy that picks a random draft length 0..k every step (seeded): the engine must decode
+    exactly the same greedy text however the length changes from step to step (MTP drafting pauses
+    at 0 and resumes; chained drafts appear and vanish)."""
+
+    def __init__(self, k: int, seed: int):
+        self.k, self.rng, self.chosen = k, random.Random(seed), []
+
+    def choose(self, num_running: int) -> int:
+        self.chosen.append(self.rng.randrange(self.k + 1))
+        return self.chosen[-1]
+
+    def record(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_greedy_output_does_not_depend_on_the_draft_length_of_each_step(base, mtp_model, prompts, method):
+    model = mtp_model if method == "mtp" else base.model
+    params = SamplingParams(max_tokens=24, temperature=0)
+    ref = reference(model, base.tokenizer, prompts, params)
+    eng = Engine(model, base.tokenizer, max_batch=3, chunk_size=8, speculative=method, draft_tokens=3)
+    eng.spec_policy = RandomLengths(3, seed=7)
+    reqs = run(eng, prompts, params)  # checks the block accounting after every step
+    assert [r.output_ids for r in reqs] == [c.token_ids for c in ref]
+    assert [r.finish_reason for r in reqs] == [c.finish_reason for c in ref]
+    assert set(eng.spec_policy.chosen) == {0, 1, 2, 3}
+    assert eng.stats()["spec_decode_accepted_tokens_total"] > 0
