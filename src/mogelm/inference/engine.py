@@ -266,9 +266,8 @@ class CUDAGraphRunner(PagedGraphs):
             def fwd():
                 if not with_hidden:
                     return model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state)[0]  # [b, V]
-                x = model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state, head=False,
-                          return_hidden=True).trunk_hidden[0]
-                return model.lm_head(model.norm(x)), x  # [b, V], [b, D]
+                out = model(rows.ids_1b, positions_BT=rows.pos_1b, kv_cache=rows.state, return_hidden=True)
+                return out.logits[0], out.trunk_hidden[0]  # [b, V], [b, D] (the final norm once)
             return fwd
 
         super().__init__(cache, buckets, max_blocks, build)
