@@ -141,3 +141,40 @@ def gate_up_accumulate(
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     return acc_g, acc_u
+
+
+@triton.jit
+def weight_accumulate(
+    a_ptrs,  # [BM, BLOCK_K] activation tile at reduction offset 0 (unit stride along K)
+    b_ptrs,  # [BLOCK_K, BN] weight tile (a transposed view of weight rows), unit stride along K
+    acc,  # [BM, BN] fp32 accumulator
+    offs_k,  # [BLOCK_K] tl.arange(0, BLOCK_K)
+    K,  # reduction length
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks in the loop
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    W_TO_X: tl.constexpr,  # weight-only fp8: convert weight tiles to the activation dtype before the dot
+    FP16_DOT: tl.constexpr,  # with W_TO_X and 16-bit activations: dot in fp16 (e4m3 -> fp16 is exact)
+    PRECISION: tl.constexpr,  # tl.dot input_precision
+):
+    """acc += a @ b over the whole reduction, BLOCK_K columns a step: gate_up_accumulate with one
+    weight (the MoE down projection, the fp8 weight-only linear). Masked tails read zeros."""
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kin = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kin[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        elif W_TO_X:
+            if FP16_DOT:
+                a = a.to(tl.float16)
+            b = b.to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc

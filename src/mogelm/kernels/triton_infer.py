@@ -28,7 +28,14 @@ import triton  # ImportError here when triton is missing
 import triton.language as tl
 from torch import Tensor
 
-from mogelm.kernels.triton_common import FP8, INTERPRET, fp16_dot, gate_up_accumulate, precision
+from mogelm.kernels.triton_common import (
+    FP8,
+    INTERPRET,
+    fp16_dot,
+    gate_up_accumulate,
+    precision,
+    weight_accumulate,
+)
 
 
 def _row_warps(block: int) -> int:
@@ -305,24 +312,8 @@ def _fp8_linear_kernel(
         u = acc_u * tl.load(s_ptr + N + offs_n)[None, :]
         out = g * tl.sigmoid(g) * u
     else:
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(g_ptrs)
-            else:
-                kin = offs_k < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
-                b = tl.load(g_ptrs, mask=kin[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            else:
-                if FP16_DOT:
-                    a = a.to(tl.float16)
-                b = b.to(a.dtype)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
+        acc = weight_accumulate(a_ptrs, g_ptrs, acc, offs_k, K, BLOCK_K, EVEN_K, UPCAST, True, FP16_DOT,
+                                PRECISION)
         out = acc * tl.load(s_ptr + offs_n)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n)[None, :].to(tl.float32)

@@ -53,6 +53,7 @@ from mogelm.kernels.triton_common import (
     fp16_dot,
     gate_up_accumulate,
     precision,
+    weight_accumulate,
 )
 from mogelm.kernels.triton_common import tile_ids as _tile_ids
 from mogelm.kernels.triton_decode import DecodeConfig, decode
@@ -155,24 +156,8 @@ def _down_kernel(
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hp + offs_k[None, :]
     b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, tl.cdiv(F, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kin = offs_k < F - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=kin[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kin[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        elif W_TO_X:
-            if FP16_DOT:
-                a = a.to(tl.float16)
-            b = b.to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = weight_accumulate(a_ptrs, b_ptrs, acc, offs_k, F, BLOCK_K, EVEN_K, UPCAST, W_TO_X, FP16_DOT,
+                            PRECISION)
     if W_SCALE:
         acc = acc * tl.load(w_scale_ptr + expert * D + offs_n)[None, :]
     if X_SCALE:
