@@ -52,7 +52,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -61,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from mogelm.config import from_name
+from mogelm.inference.bench_model import fixed_count_ms
 from mogelm.inference.engine import CUDAGraphRunner
 from mogelm.inference.fuse import fuse_for_inference
 from mogelm.inference.paged import PagedAttention, PagedKVCache
@@ -125,23 +125,7 @@ def sync(cuda: bool) -> None:
 def time_fixed(fn, iters: int, warmup: int, cuda: bool) -> float:
     """Median ms of `iters` calls after `warmup`: fixed counts on every rank (each call may hold
     collectives, so every rank must make the same calls; do_bench picks its own counts)."""
-    for _ in range(warmup):
-        fn()
-    sync(cuda)
-    times = []
-    for _ in range(iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return fixed_count_ms(fn, torch.device("cuda" if cuda else "cpu"), iters, warmup)
 
 
 def ceilings(cuda: bool) -> dict:

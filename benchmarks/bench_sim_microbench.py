@@ -24,22 +24,13 @@ import time
 
 
 def _time_cuda(fn, iters: int = 50, warmup: int = 10) -> float:
-    """Median milliseconds of fn() over `iters` runs, each bracketed by CUDA events."""
+    """Median milliseconds of fn() over `iters` runs, each bracketed by CUDA events (fixed counts:
+    the collectives timed here must run as often on every rank)."""
     import torch
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    from mogelm.inference.bench_model import fixed_count_ms
+
+    return fixed_count_ms(fn, torch.device("cuda"), iters, warmup)
 
 
 def ceilings() -> dict:

@@ -147,6 +147,29 @@ def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.
     return ms
 
 
+def fixed_count_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Median ms of `iters` calls after `warmup`, each bracketed by CUDA events on a GPU (wall clock
+    elsewhere). Fixed counts, unlike do_bench's: calls holding collectives must be made the same
+    number of times on every rank."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def wall_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median wall-clock ms of fn with the device synchronised around each call."""
     times = []
