@@ -17,7 +17,8 @@ always allowed: that step then advances by fewer tokens, never wrongly.
   reference version: one full forward of the model per call. The engine drafts with MTP module 1
   over its paged cache instead (inference/spec_decode.py, MTPRunner), and its draft 1 equals this
   class's (tests/test_spec_engine.py); the engine's n-gram drafts are NgramDrafter's, made through
-  one NgramIndex per request (incremental: only the tokens added since its last step are indexed).
+  one NgramIndex per request (for_sequence; incremental: only the tokens added since the last step
+  are indexed).
 
 Pure code: no engine, no cache; the tests pin proposals on hand-made sequences.
 """
@@ -72,6 +73,10 @@ class NgramDrafter:
     def propose(self, seq_ids: Sequence[int], k: int) -> list[int]:
         return ngram_propose(seq_ids, k, self.max_ngram, self.min_ngram)
 
+    def for_sequence(self) -> NgramIndex:
+        """The incremental index of one growing sequence (what the engine drafts with)."""
+        return NgramIndex(self.max_ngram, self.min_ngram)
+
 
 class NgramIndex:
     """ngram_propose's answer for ONE growing sequence, kept up to date incrementally: the most
@@ -113,6 +118,14 @@ class NgramIndex:
             if s is not None:
                 return list(seq_ids[s + n:s + n + k])
         return []
+
+
+def for_sequence(drafter: Drafter) -> Drafter:
+    """The drafter one sequence should call at every step: the drafter's own per-sequence state
+    when it keeps one (`drafter.for_sequence()`: NgramDrafter gives an NgramIndex, same proposals at
+    O(new tokens) a call), else the drafter itself (stateless drafters, tests' stand-ins)."""
+    make = getattr(drafter, "for_sequence", None)
+    return make() if make is not None else drafter
 
 
 class MTPDrafter:

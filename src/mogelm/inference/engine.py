@@ -102,7 +102,7 @@ from torch import Tensor
 from mogelm.errors import UserError
 from mogelm.inference.block_manager import NULL_BLOCK, BlockManager
 from mogelm.inference.chat import Tokenizer
-from mogelm.inference.drafters import NgramDrafter, NgramIndex
+from mogelm.inference.drafters import Drafter, NgramDrafter, for_sequence
 from mogelm.inference.fuse import fuse_for_inference
 from mogelm.inference.graphs import PagedGraphs, StaticRows, decode_buckets
 from mogelm.inference.paged import FP8, PagedAttention, PagedKVCache, PrefillChunk, calibrate_kv_scales
@@ -191,7 +191,7 @@ class Request:
     num_draft: int = 0
     mtp_draft: int | None = None
     mtp_hidden: Tensor | None = None
-    ngram_index: NgramIndex | None = None  # n-gram drafts: this sequence's index, updated as it grows
+    drafter: Drafter | None = None  # n-gram drafts: this sequence's drafter (drafters.for_sequence)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
@@ -379,7 +379,7 @@ class Engine:
         self._step_accepts: list[int] = []  # drafts accepted per verify row of the current step
         self.mtp = MTPRunner(model, self.cache, block_size) if use_mtp else None
         if self.spec is not None and self.spec.method == "ngram":
-            self.ngram = NgramDrafter()  # its proposals, made through each request's NgramIndex
+            self.ngram = NgramDrafter()  # each request drafts through its own index (for_sequence)
         use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.graphs: CUDAGraphRunner | None = None
         if use_graphs:
@@ -616,7 +616,7 @@ class Engine:
             if self.mtp is not None and speculating:
                 self._mtp_chain(batch)
             inputs = self._build_batch(batch)
-            self._step_accepts: list[int] = []  # drafts accepted per verify row (_verify)
+            self._step_accepts = []  # drafts accepted per verify row (_verify)
             decode_only = batch.is_decode_only  # now: _verify resets the rows' num_draft it looks at
             logits, hidden = self._forward(inputs, decode_only, self.mtp is not None and speculating)
             verifying = {id(r) for r, _, _ in inputs.verifiers}
@@ -796,12 +796,10 @@ class Engine:
                 continue
             if self.mtp is not None:  # draft 1 from the last step; the rest chained after scheduling
                 drafts = [] if req.mtp_draft is None else [req.mtp_draft] * k
-            elif type(self.ngram) is NgramDrafter:  # the same drafts, O(new tokens) per step
-                if req.ngram_index is None:
-                    req.ngram_index = NgramIndex(self.ngram.max_ngram, self.ngram.min_ngram)
-                drafts = req.ngram_index.propose(req.token_ids, k)
-            else:  # another drafter put in its place (tests)
-                drafts = self.ngram.propose(req.token_ids, k)
+            else:
+                if req.drafter is None:
+                    req.drafter = for_sequence(self.ngram)
+                drafts = req.drafter.propose(req.token_ids, k)
             req.token_ids += drafts
             req.num_draft = len(drafts)
         return True
